@@ -1,0 +1,24 @@
+"""mcm_prob: multi-step consistency models with exact ground truth.
+
+Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> exact flow maps
+(`flow_map`, `ExactFlow`) -> ... See DESIGN.md for the conventions.
+"""
+
+from . import data
+from .flow import ExactFlow, flow_map, pf_flow, pf_ode_velocity
+from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OU",
+    "OrnsteinUhlenbeck",
+    "alpha",
+    "sigma",
+    "joint_model",
+    "data",
+    "flow_map",
+    "pf_flow",
+    "pf_ode_velocity",
+    "ExactFlow",
+]

@@ -1,0 +1,478 @@
+r"""Data distributions as NumPyro programs, with their exact OU marginals and scores.
+
+Every family has `.dim`, `.regime` (``"smooth"`` or ``"nonsmooth"``), `.model(n)` (a NumPyro
+program with site ``"x0"``), `.sample(key, n)`, `.marginal(t)` (a NumPyro distribution equal to
+$p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$) and `.score(x, t)` $= \nabla_x \log p_t(x)$.
+
+Gaussian mixtures (Diracs are Gaussians with zero covariance) use the eigendecomposition
+$\Sigma_k = U_k \operatorname{diag}(\lambda_k) U_k^\top$, computed once in float64, so that
+$\Sigma_{k,t} = U_k \operatorname{diag}(\nu_{k,t}) U_k^\top$ with
+$\nu_{k,t} = \alpha_t^2 \lambda_k + \sigma_t^2$ and all terms are evaluated in that basis (stable for singular $\Sigma_k$ and small t).
+
+Regimes: a family is ``"smooth"`` when its score is Lipschitz down to t = 0 (all covariances
+positive definite); otherwise ``"nonsmooth"``, and then `marginal(0)` and `score(x, 0)` raise:
+$p_0$ has no Lebesgue density, and samplers must stop early at some delta > 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax.scipy.special import log_ndtr
+from jaxtyping import Array, ArrayLike
+from numpyro.distributions import constraints
+
+from ._checks import check_points, check_time, real_array
+from .forward import alpha, sigma
+
+__all__ = [
+    "DataDistribution",
+    "Gaussian",
+    "GaussianMixture",
+    "DiracMixture",
+    "UniformBox",
+    "NoisyUniform",
+]
+
+_LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+def _eigh_psd(name: str, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric PSD check and eigendecomposition in float64.
+
+    Eigenvalues below `dim * eps * max|lambda|` (numerical rank tolerance, as in
+    `numpy.linalg.matrix_rank`) are set to exactly 0; clearly negative ones raise.
+    """
+    d = cov.shape[-1]
+    scale = max(float(np.max(np.abs(cov))), np.finfo(np.float64).tiny)
+    if not np.allclose(cov, np.swapaxes(cov, -1, -2), rtol=0.0, atol=1e-10 * scale):
+        raise ValueError(f"`{name}` must be symmetric")
+    lam, vecs = np.linalg.eigh(cov)
+    tol = d * np.finfo(np.float64).eps * np.max(np.abs(lam), axis=-1, keepdims=True)
+    if np.any(lam < -np.maximum(tol, 1e-12 * scale)):
+        raise ValueError(
+            f"`{name}` must be positive semi-definite, got eigenvalue {float(lam.min()):.3g} < 0"
+        )
+    lam = np.where(lam <= tol, 0.0, lam)
+    return lam, vecs
+
+
+def _weights(weights, k: int | None = None) -> np.ndarray:
+    w = real_array("weights", weights, ndim=1)
+    if w.size == 0:
+        raise ValueError("`weights` must be non-empty")
+    if k is not None and w.size != k:
+        raise ValueError(f"`weights` has {w.size} entries but there are {k} components")
+    if np.any(w < 0):
+        raise ValueError("`weights` must be non-negative")
+    if abs(w.sum() - 1.0) > 1e-8:
+        raise ValueError(f"`weights` must sum to 1 (within 1e-8), got sum {w.sum():.12g}")
+    return w / w.sum()
+
+
+def _mixture_terms(x: Array, t: ArrayLike, means: Array, lam: Array, vecs: Array | None):
+    r"""Per-component log-densities and scores of $N(\alpha_t \mu_k, \Sigma_{k,t})$ at x.
+
+    x: (..., d); means, lam: (K, d); vecs: (K, d, d) eigenvectors (columns) or None for the
+    identity. Returns (logpdf (..., K), score (..., K, d)).
+    """
+    a, s = alpha(t), sigma(t)
+    nu = a**2 * lam + s**2
+    diff = x[..., None, :] - a * means
+    proj = diff if vecs is None else jnp.einsum("...kd,kde->...ke", diff, vecs)
+    d = means.shape[-1]
+    logpdf = -0.5 * (jnp.sum(proj**2 / nu, -1) + jnp.sum(jnp.log(nu), -1) + d * _LOG_2PI)
+    white = proj / nu
+    score = -(white if vecs is None else jnp.einsum("kde,...ke->...kd", vecs, white))
+    return logpdf, score
+
+
+def _mixture_score(x, t, log_w, means, lam, vecs) -> Array:
+    logpdf, scores = _mixture_terms(x, t, means, lam, vecs)
+    resp = jax.nn.softmax(log_w + logpdf, axis=-1)
+    return jnp.einsum("...k,...kd->...d", resp, scores)
+
+
+def _cov_t(t, lam: Array, vecs: Array) -> Array:
+    nu = alpha(t) ** 2 * lam + sigma(t) ** 2
+    return jnp.einsum("...ij,...j,...kj->...ik", vecs, nu, vecs)
+
+
+class DataDistribution(eqx.Module):
+    """Common interface of the data families (see the module docstring)."""
+
+    regime: eqx.AbstractVar[str]
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def _x0_distribution(self) -> dist.Distribution:
+        raise NotImplementedError
+
+    def _marginal(self, t) -> dist.Distribution:
+        raise NotImplementedError
+
+    def _score(self, x: Array, t) -> Array:
+        raise NotImplementedError
+
+    def model(self, n: int | None = None) -> Array:
+        """NumPyro program sampling site ``"x0"``: shape (dim,) or (n, dim) in plate ``"data"``."""
+        plate = contextlib.nullcontext() if n is None else numpyro.plate("data", _count(n))
+        with plate:
+            return numpyro.sample("x0", self._x0_distribution())
+
+    def sample(self, key: Array, n: int) -> Array:
+        """n exact draws from the data law with an explicit key: shape (n, dim)."""
+        return numpyro.handlers.seed(self.model, key)(_count(n))
+
+    def _check_t(self, t) -> None:
+        check_time("t", t)
+        if self.regime == "nonsmooth":
+            try:
+                check_time("t", t, positive=True)
+            except ValueError as err:
+                raise ValueError(
+                    f"{type(self).__name__} is non-smooth: p_0 has no density, so `t` must be > 0 "
+                    "(stop early at some delta > 0)"
+                ) from err
+
+    def marginal(self, t: ArrayLike) -> dist.Distribution:
+        r"""$p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$ (event shape (dim,))."""
+        self._check_t(t)
+        return self._marginal(t)
+
+    def score(self, x: ArrayLike, t: ArrayLike) -> Array:
+        r"""$\nabla_x \log p_t(x)$ for x of shape (..., dim); returns shape (..., dim)."""
+        self._check_t(t)
+        check_points("x", x, self.dim)
+        return self._score(jnp.asarray(x), t)
+
+
+def _count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"`n` must be a positive integer, got {n!r}")
+    return int(n)
+
+
+class Gaussian(DataDistribution):
+    r"""$N(m, \Sigma)$ with $\Sigma$ symmetric PSD. Smooth when $\Sigma$ is PD, non-smooth when
+    singular (then $p_0$ lives on an affine subspace and only t > 0 has a density).
+
+    Exact: $p_t = N(\alpha_t m, \alpha_t^2 \Sigma + \sigma_t^2 I)$,
+    $\nabla \log p_t(x) = -\Sigma_t^{-1}(x - \alpha_t m)$.
+    """
+
+    mean: Array
+    cov: Array
+    eigvals: Array
+    eigvecs: Array
+    regime: str = eqx.field(static=True)
+
+    def __init__(self, mean: ArrayLike, cov: ArrayLike):
+        m = real_array("mean", mean, ndim=1)
+        c = real_array("cov", cov, ndim=2)
+        if c.shape != (m.size, m.size):
+            raise ValueError(
+                f"`cov` must have shape ({m.size}, {m.size}) to match `mean`, got {c.shape}"
+            )
+        if m.size == 0:
+            raise ValueError("`mean` must be non-empty")
+        lam, vecs = _eigh_psd("cov", c)
+        self.mean, self.cov = jnp.asarray(m), jnp.asarray(c)
+        self.eigvals, self.eigvecs = jnp.asarray(lam), jnp.asarray(vecs)
+        self.regime = "smooth" if np.all(lam > 0) else "nonsmooth"
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[-1]
+
+    def _x0_distribution(self):
+        if self.regime == "smooth":
+            return dist.MultivariateNormal(self.mean, scale_tril=jnp.linalg.cholesky(self.cov))
+        return DegenerateNormal(self.mean, self.eigvecs * jnp.sqrt(self.eigvals))
+
+    def cov_t(self, t: ArrayLike) -> Array:
+        r"""$\Sigma_t = \alpha_t^2\Sigma + \sigma_t^2 I$, shape (dim, dim)."""
+        return _cov_t(t, self.eigvals, self.eigvecs)
+
+    def _marginal(self, t):
+        cov = self.cov_t(t)
+        return dist.MultivariateNormal(alpha(t) * self.mean, scale_tril=jnp.linalg.cholesky(cov))
+
+    def _score(self, x, t):
+        _, score = _mixture_terms(x, t, self.mean[None], self.eigvals[None], self.eigvecs[None])
+        return score[..., 0, :]
+
+
+class GaussianMixture(DataDistribution):
+    r"""$\sum_k w_k N(\mu_k, \Sigma_k)$; smooth when every $\Sigma_k$ is PD.
+
+    Exact: $p_t = \sum_k w_k N(\alpha_t\mu_k, \Sigma_{k,t})$ and
+    $\nabla\log p_t = \sum_k r_k(x)\,(-\Sigma_{k,t}^{-1}(x - \alpha_t\mu_k))$ with responsibilities
+    $r_k = \operatorname{softmax}_k(\log w_k + \log N_k(x))$ (log-sum-exp arithmetic).
+    """
+
+    weights: Array
+    means: Array
+    covs: Array
+    eigvals: Array
+    eigvecs: Array
+    regime: str = eqx.field(static=True)
+
+    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
+        mu = real_array("means", means, ndim=2)
+        c = real_array("covs", covs, ndim=3)
+        k, d = mu.shape
+        if d == 0:
+            raise ValueError("`means` must have a non-empty data dimension")
+        if c.shape != (k, d, d):
+            raise ValueError(
+                f"`covs` must have shape ({k}, {d}, {d}) to match `means`, got {c.shape}"
+            )
+        w = _weights(weights, k)
+        lam, vecs = zip(*(_eigh_psd(f"covs[{i}]", ci) for i, ci in enumerate(c)), strict=True)
+        lam = np.stack(lam)
+        self.weights, self.means, self.covs = jnp.asarray(w), jnp.asarray(mu), jnp.asarray(c)
+        self.eigvals, self.eigvecs = jnp.asarray(lam), jnp.asarray(np.stack(vecs))
+        self.regime = "smooth" if np.all(lam > 0) else "nonsmooth"
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[-1]
+
+    def _x0_distribution(self):
+        if self.regime == "smooth":
+            comp = dist.MultivariateNormal(self.means, scale_tril=jnp.linalg.cholesky(self.covs))
+        else:
+            comp = DegenerateNormal(self.means, self.eigvecs * jnp.sqrt(self.eigvals)[..., None, :])
+        return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
+
+    def _marginal(self, t):
+        tril = jnp.linalg.cholesky(_cov_t(t, self.eigvals, self.eigvecs))
+        comp = dist.MultivariateNormal(alpha(t) * self.means, scale_tril=tril)
+        return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
+
+    def _score(self, x, t):
+        return _mixture_score(x, t, jnp.log(self.weights), self.means, self.eigvals, self.eigvecs)
+
+
+class DiracMixture(DataDistribution):
+    r"""$\sum_k w_k \delta_{a_k}$ (an empirical measure for equal weights); always non-smooth.
+
+    Exact: $p_t = \sum_k w_k N(\alpha_t a_k, \sigma_t^2 I)$ for t > 0; the score is the
+    responsibility-weighted $-(x - \alpha_t a_k)/\sigma_t^2$, evaluated with log-sum-exp so that
+    small t (e.g. 1e-4) gives finite values.
+    """
+
+    atoms: Array
+    weights: Array
+    regime: str = eqx.field(static=True)
+
+    def __init__(self, atoms: ArrayLike, weights: ArrayLike | None = None):
+        a = real_array("atoms", atoms, ndim=2)
+        k, d = a.shape
+        if k == 0 or d == 0:
+            raise ValueError(f"`atoms` must have shape (K, dim) with K, dim >= 1, got {a.shape}")
+        w = np.full(k, 1.0 / k) if weights is None else _weights(weights, k)
+        self.atoms, self.weights = jnp.asarray(a), jnp.asarray(w)
+        self.regime = "nonsmooth"
+
+    @property
+    def dim(self) -> int:
+        return self.atoms.shape[-1]
+
+    def _x0_distribution(self):
+        return dist.MixtureSameFamily(
+            dist.Categorical(probs=self.weights), dist.Delta(self.atoms, event_dim=1)
+        )
+
+    def _marginal(self, t):
+        comp = dist.Normal(alpha(t) * self.atoms, sigma(t)).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
+
+    def _score(self, x, t):
+        zeros = jnp.zeros_like(self.atoms)
+        return _mixture_score(x, t, jnp.log(self.weights), self.atoms, zeros, None)
+
+
+class UniformBox(DataDistribution):
+    r"""Uniform on the box $\prod_i [l_i, h_i]$; non-smooth (the density jumps at the faces).
+
+    $p_t$ is a product of 1-d laws `NoisyUniform` of $\alpha_t U + \sigma_t Z$, with density
+    $\big(\Phi(\tfrac{x - \alpha_t l}{\sigma_t}) - \Phi(\tfrac{x - \alpha_t h}{\sigma_t})\big) /
+    (\alpha_t (h - l))$, evaluated in log space (see `NoisyUniform`).
+    """
+
+    low: Array
+    high: Array
+    regime: str = eqx.field(static=True)
+
+    def __init__(self, low: ArrayLike, high: ArrayLike):
+        lo = real_array("low", low, ndim=1)
+        hi = real_array("high", high, ndim=1)
+        if lo.shape != hi.shape or lo.size == 0:
+            raise ValueError(
+                f"`low` and `high` must be non-empty with equal shapes, got {lo.shape}, {hi.shape}"
+            )
+        if np.any(lo >= hi):
+            raise ValueError("need `low` < `high` in every coordinate")
+        self.low, self.high = jnp.asarray(lo), jnp.asarray(hi)
+        self.regime = "nonsmooth"
+
+    @property
+    def dim(self) -> int:
+        return self.low.shape[-1]
+
+    def _x0_distribution(self):
+        return dist.Uniform(self.low, self.high).to_event(1)
+
+    def _marginal(self, t):
+        return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).to_event(1)
+
+    def _score(self, x, t):
+        return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).score(x)
+
+
+def _log1mexp(u: Array) -> Array:
+    """log(1 - exp(u)) for u < 0, accurate on both sides of -log 2."""
+    return jnp.where(u > -np.log(2.0), jnp.log(-jnp.expm1(u)), jnp.log1p(-jnp.exp(u)))
+
+
+def _log_phi(z: Array) -> Array:
+    return -0.5 * z**2 - 0.5 * _LOG_2PI
+
+
+def _log_ndtr_diff(a: Array, w: Array) -> Array:
+    r"""$\log(\Phi(a) - \Phi(a - w))$ for w > 0, stable in both tails and for tiny w.
+
+    The width w is passed, not recomputed as a difference (which would lose its digits for tiny
+    w). Reflects to the lower tail ($\Phi(a)-\Phi(b) = \Phi(-b)-\Phi(-a)$ when a + b > 0); for
+    w < 1e-3 uses the midpoint expansion
+    $w\,\varphi(m)\,(1 + w^2(m^2-1)/24 + w^4(m^4-6m^2+3)/1920)$, relative error O(w^6 m^6).
+    """
+    b = a - w
+    flip = a + b > 0
+    hi, lo = jnp.where(flip, -b, a), jnp.where(flip, -a, b)
+    la, lb = log_ndtr(hi), log_ndtr(lo)
+    direct = la + _log1mexp(jnp.minimum(lb - la, -jnp.finfo(la.dtype).tiny))
+    m, ws = a - 0.5 * w, jnp.minimum(w, 1e-3)
+    series = (
+        jnp.log(ws)
+        + _log_phi(m)
+        + jnp.log1p(ws**2 * (m**2 - 1) / 24 + ws**4 * (m**4 - 6 * m**2 + 3) / 1920)
+    )
+    return jnp.where(w < 1e-3, series, direct)
+
+
+class NoisyUniform(dist.Distribution):
+    r"""Law of $\alpha U + \sigma Z$ with $U \sim \mathrm{Uniform}(l, h)$, $Z \sim N(0, 1)$
+    (elementwise; $\alpha, \sigma > 0$). This is the OU marginal of a uniform coordinate.
+
+    log-density: $\log(\Phi(a) - \Phi(b)) - \log(\alpha (h - l))$ with $a = (x - \alpha l)/\sigma$,
+    $b = (x - \alpha h)/\sigma$. Score: $(\varphi(a) - \varphi(b)) / (\sigma(\Phi(a) - \Phi(b)))$,
+    where $\varphi(a) - \varphi(b)$ is formed as $-\varphi(a)\,\mathrm{expm1}(c)$ or
+    $\varphi(b)\,\mathrm{expm1}(-c)$, $c = (a - b)(a + b)/2$, $a - b = \alpha(h-l)/\sigma$, so that
+    neither cancellation nor overflow occurs.
+    """
+
+    arg_constraints = {
+        "low": constraints.real,
+        "high": constraints.real,
+        "scale": constraints.positive,
+        "noise": constraints.positive,
+    }
+    support = constraints.real
+    reparametrized_params = ["low", "high", "scale", "noise"]
+
+    def __init__(self, low, high, scale, noise, *, validate_args=None):
+        self.low, self.high, self.scale, self.noise = jnp.broadcast_arrays(
+            *(jnp.asarray(v) for v in (low, high, scale, noise))
+        )
+        super().__init__(batch_shape=jnp.shape(self.low), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        k1, k2 = jax.random.split(key)
+        shape = sample_shape + self.batch_shape
+        u = jax.random.uniform(k1, shape, minval=self.low, maxval=self.high)
+        return self.scale * u + self.noise * jax.random.normal(k2, shape)
+
+    def _aw(self, x):
+        a = (x - self.scale * self.low) / self.noise
+        return a, self.scale * (self.high - self.low) / self.noise
+
+    def log_prob(self, value):
+        a, w = self._aw(value)
+        return _log_ndtr_diff(a, w) - jnp.log(self.scale * (self.high - self.low))
+
+    def score(self, value) -> Array:
+        """d/dx log density, elementwise."""
+        a, w = self._aw(value)
+        m = a - 0.5 * w  # (a + b) / 2
+        c = w * m
+        left = c <= 0
+        log_piv = _log_phi(jnp.where(left, a, a - w)) - _log_ndtr_diff(a, w)
+        factor = jnp.where(left, -jnp.expm1(jnp.minimum(c, 0.0)), jnp.expm1(-jnp.maximum(c, 0.0)))
+        return jnp.exp(log_piv) * factor / self.noise
+
+    @property
+    def mean(self):
+        return 0.5 * self.scale * (self.low + self.high)
+
+    @property
+    def variance(self):
+        return (self.scale * (self.high - self.low)) ** 2 / 12 + self.noise**2
+
+
+class DegenerateNormal(dist.Distribution):
+    r"""$N(m, F F^\top)$ for a (possibly rank-deficient) factor F of shape (..., d, r): the
+    law of $m + F\,\varepsilon$, $\varepsilon \sim N(0, I_r)$.
+
+    Used as the t = 0 law of Gaussians with singular covariance, which have no Lebesgue density:
+    `log_prob` is the density on the support (w.r.t. Lebesgue measure on the span of F's
+    non-zero columns) for points on it and -inf off it (relative tolerance 1e-8).
+    """
+
+    arg_constraints = {"loc": constraints.real_vector}
+    support = constraints.real_vector
+    reparametrized_params = ["loc"]
+
+    def __init__(self, loc, factor, *, validate_args=None):
+        self.loc, self.factor = jnp.asarray(loc), jnp.asarray(factor)
+        batch = jnp.broadcast_shapes(self.loc.shape[:-1], self.factor.shape[:-2])
+        super().__init__(
+            batch_shape=batch, event_shape=self.loc.shape[-1:], validate_args=validate_args
+        )
+
+    def sample(self, key, sample_shape=()):
+        eps = jax.random.normal(key, sample_shape + self.batch_shape + self.factor.shape[-1:])
+        return self.loc + jnp.einsum("...ij,...j->...i", self.factor, eps)
+
+    def log_prob(self, value):
+        col_norm = jnp.linalg.norm(self.factor, axis=-2)  # (..., r): sqrt of eigenvalues
+        active = col_norm > 0
+        safe = jnp.where(active, col_norm, 1.0)
+        basis = self.factor / safe[..., None, :]
+        diff = value - self.loc
+        coef = jnp.einsum("...ij,...i->...j", basis, diff) * active
+        resid = diff - jnp.einsum("...ij,...j->...i", basis, coef)
+        z = coef / safe
+        r = jnp.sum(active, -1)
+        logp = -0.5 * jnp.sum(z**2, -1) - jnp.sum(jnp.log(safe), -1) - 0.5 * r * _LOG_2PI
+        scale = jnp.maximum(jnp.max(col_norm, -1), 1.0)
+        on_support = jnp.linalg.norm(resid, axis=-1) <= 1e-8 * scale
+        return jnp.where(on_support, logp, -jnp.inf)
+
+    @property
+    def mean(self):
+        return jnp.broadcast_to(self.loc, self.batch_shape + self.event_shape)
+
+    @property
+    def covariance_matrix(self):
+        return jnp.einsum("...ij,...kj->...ik", self.factor, self.factor)
