@@ -4,9 +4,12 @@ Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> 
 (`flow_map`, `ExactFlow`) -> ... See DESIGN.md for the conventions.
 """
 
-from . import data
+from . import data, metrics
 from .flow import ExactFlow, flow_map, pf_flow, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
+from .metrics import consistency_error
+from .networks import ConsistencyNet
+from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid
 
 __version__ = "0.1.0"
 
@@ -21,4 +24,12 @@ __all__ = [
     "pf_flow",
     "pf_ode_velocity",
     "ExactFlow",
+    "ConsistencyNet",
+    "TrainConfig",
+    "TrainingDiverged",
+    "fit",
+    "fit_grid",
+    "FittedGrid",
+    "metrics",
+    "consistency_error",
 ]

@@ -1,0 +1,422 @@
+r"""Fitting consistency functions with an explicit discretization step $\Delta$.
+
+**Time grid.** $t_n = \delta + n\Delta$, $n = 0, \dots, N$, $N = \lfloor (T - \delta)/\Delta \rfloor$
+(so $\Delta$ is exact and $t_N \le T$). Each training example draws an index $n \in \{1..N\}$,
+sets $t = t_n$, $t - \Delta = t_{n-1}$, and a target time $s = t_m$ with $m$ uniform in
+$\{0..n-1\}$ ($m = n-1$ gives $s = t - \Delta$, where the target is the boundary value itself).
+
+**Losses.** With $x_t = \alpha_t x_0 + \sigma_t z$, $x_0 \sim p_0$, $z \sim N(0, I)$:
+
+* consistency distillation (``method="cd"``): $\hat x_{t-\Delta} = \Psi_\Delta(x_t, t)$, one
+  teacher step of the PF-ODE $\dot x = -x - \nabla\log p_t(x)$ with the exact score:
+  Euler $\hat x = x_t - \Delta v(x_t, t)$; Heun (trapezoidal corrector); or the exact flow
+  $\Phi_{t\to t-\Delta}$ (``"exact"``: isolates learning error from solver error);
+* consistency training (``method="ct"``): $\hat x_{t-\Delta} = \alpha_{t-\Delta}x_0 + \sigma_{t-\Delta}z$
+  with the same $(x_0, z)$ (unbiased only as $\Delta \to 0$);
+
+$$L(\theta) = E\, d\big(f_\theta(x_t, t, s),\; \mathrm{sg}[f_{\theta^-}(\hat x_{t-\Delta}, t-\Delta, s)]\big),$$
+
+with $d$ the squared L2 distance or pseudo-Huber $\sqrt{\|u\|^2 + c^2} - c$ (iCT:
+$c = 0.00054\sqrt{d}$), and $\theta^-$ the online weights (``target_decay=0``, improved CT) or
+an EMA of them. The fixed point of CD is the composition of teacher steps along the grid, so
+the learned map inherits the teacher's discretization error; with the exact teacher only
+learning error remains.
+
+**Time sampling.** ``"uniform"`` over $n$, or ``"lognormal"``: $t$ drawn from a lognormal
+($\log t \sim N(\mu, s^2)$) truncated to $(\delta, t_N]$ and rounded up to the grid, i.e.
+$P(n) \propto \Phi(\frac{\log t_n - \mu}{s}) - \Phi(\frac{\log t_{n-1} - \mu}{s})$ (iCT).
+
+**Fitting.** Every model of a grid of $(\Delta, \text{seed})$ pairs is trained in one
+`jax.jit`-compiled program: `jax.vmap` over models, `lax.scan` over iterations, chunked for a
+progress bar. A non-finite loss or gradient freezes that model (its later losses are NaN) and
+records the iteration; `fit` then raises, `fit_grid` marks the model as failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.scipy.special import ndtr, ndtri
+from tqdm.auto import tqdm
+
+from .data import DataDistribution
+from .flow import flow_map
+from .forward import alpha, sigma
+from .networks import ConsistencyNet
+
+__all__ = ["TrainConfig", "fit", "fit_grid", "FittedGrid", "TrainingDiverged"]
+
+_CHOICES = {
+    "method": ("cd", "ct"),
+    "teacher": ("euler", "heun", "exact"),
+    "lr_schedule": ("constant", "cosine"),
+    "loss": ("l2", "pseudo_huber"),
+    "time_sampling": ("uniform", "lognormal"),
+    "dtype": ("float32", "float64"),
+}
+
+
+class TrainingDiverged(FloatingPointError):
+    """A model's loss or gradient became NaN/inf during training."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one consistency-model fit (see the module docstring for the maths).
+
+    - `method`: ``"cd"`` (distillation with the exact score) or ``"ct"`` (training).
+    - `step`: the discretization step Delta > 0 of the time grid.
+    - `teacher`: CD teacher step, ``"euler"``, ``"heun"`` or ``"exact"`` (ignored by CT).
+    - `T`, `delta`: the grid covers [delta, T]; delta > 0 for non-smooth data.
+    - `iterations`, `batch_size`: optimisation length and examples per iteration.
+    - `width`, `depth`, `n_freq`: MLP width, hidden layers, Fourier features per time.
+    - `learning_rate`, `lr_schedule` (``"constant"``/``"cosine"``), `warmup_iterations`,
+      `grad_clip` (global-norm clipping, None = off): Adam via optax.
+    - `ema_decay`: EMA of the weights returned for evaluation (0 = return the online weights),
+      warmed up as min(ema_decay, (1 + i) / (10 + i)) at iteration i so that short runs are not
+      dominated by the initial weights.
+    - `target_decay`: 0 = target is the stop-gradient online net (iCT); > 0 = EMA target.
+    - `loss`: ``"l2"`` (squared distance) or ``"pseudo_huber"`` with `huber_c` (None = iCT's).
+    - `time_sampling`: ``"uniform"`` or ``"lognormal"`` (`lognormal_loc`, `lognormal_scale`).
+    - `teacher_rtol`, `teacher_atol`: ODE tolerances of the exact teacher for non-Gaussian data.
+    - `dtype`: parameter and network dtype, ``"float32"`` (default) or ``"float64"``.
+    - `chunk_size`: iterations per compiled chunk (progress-bar granularity); `progress`: show it.
+    """
+
+    method: str = "cd"
+    step: float = 0.1
+    teacher: str = "heun"
+    T: float = 4.0
+    delta: float = 0.01
+    iterations: int = 2000
+    batch_size: int = 256
+    width: int = 128
+    depth: int = 3
+    n_freq: int = 4
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_iterations: int = 0
+    grad_clip: float | None = None
+    ema_decay: float = 0.999
+    target_decay: float = 0.0
+    loss: str = "l2"
+    huber_c: float | None = None
+    time_sampling: str = "uniform"
+    lognormal_loc: float = -0.5
+    lognormal_scale: float = 1.2
+    teacher_rtol: float = 1e-6
+    teacher_atol: float = 1e-6
+    dtype: str = "float32"
+    chunk_size: int = 250
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, options in _CHOICES.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"`{name}` must be one of {options}, got {getattr(self, name)!r}")
+        for name, low in (
+            ("iterations", 1),
+            ("batch_size", 1),
+            ("width", 1),
+            ("depth", 0),
+            ("n_freq", 0),
+            ("warmup_iterations", 0),
+            ("chunk_size", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        positive = ["step", "T", "learning_rate", "lognormal_scale", "teacher_rtol", "teacher_atol"]
+        for name in positive + ["grad_clip", "huber_c"]:
+            value = getattr(self, name)
+            if value is None and name in ("grad_clip", "huber_c"):
+                continue
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < self.T):
+            raise ValueError(f"`delta` must satisfy 0 <= delta < T = {self.T}, got {self.delta!r}")
+        if not math.isfinite(self.lognormal_loc):
+            raise ValueError(f"`lognormal_loc` must be finite, got {self.lognormal_loc!r}")
+        for name in ("ema_decay", "target_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
+        self.grid_size(self.step)
+
+    def grid_size(self, step: float | None = None) -> int:
+        """N = floor((T - delta) / Delta): the number of grid intervals (>= 1 required)."""
+        step = self.step if step is None else step
+        n = math.floor((self.T - self.delta) / step + 1e-9)
+        if n < 1:
+            raise ValueError(
+                f"`step` = {step} is larger than T - delta = {self.T - self.delta}: the grid has "
+                "no interval; use 0 < step <= T - delta"
+            )
+        return n
+
+    def to_json(self) -> str:
+        """The config as a JSON string (for provenance attrs)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _distance(diff: jax.Array, cfg: TrainConfig) -> jax.Array:
+    sq = jnp.sum(diff**2, -1)
+    if cfg.loss == "l2":
+        return sq
+    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * math.sqrt(diff.shape[-1])
+    return jnp.sqrt(sq + c**2) - c
+
+
+def _teacher(data: DataDistribution, cfg: TrainConfig, x, t, t_prev):
+    """One backward PF-ODE step from t to t_prev = t - Delta, per sample (x: (B, d), t: (B,))."""
+    score = jax.vmap(data._score)
+
+    if cfg.teacher == "exact":
+        one = lambda xi, ti, tpi: flow_map(  # noqa: E731
+            data, xi, ti, tpi, rtol=cfg.teacher_rtol, atol=cfg.teacher_atol
+        )
+        return jax.vmap(one)(x, t, t_prev)
+    h = (t - t_prev)[:, None]
+    v1 = -x - score(x, t)
+    x_euler = x - h * v1
+    if cfg.teacher == "euler":
+        return x_euler
+    v2 = -x_euler - score(x_euler, t_prev)
+    return x - 0.5 * h * (v1 + v2)
+
+
+def _time_indices(key, cfg: TrainConfig, step, n_max, shape):
+    """Grid indices n in {1..N} (N = n_max, possibly traced), uniform or lognormal-in-index."""
+    if cfg.time_sampling == "uniform":
+        n = jnp.floor(jax.random.uniform(key, shape) * n_max) + 1
+    else:
+        t_top = cfg.delta + n_max * step
+        lo = ndtr(
+            (jnp.log(jnp.maximum(cfg.delta, 1e-30)) - cfg.lognormal_loc) / cfg.lognormal_scale
+        )
+        hi = ndtr((jnp.log(t_top) - cfg.lognormal_loc) / cfg.lognormal_scale)
+        u = lo + (hi - lo) * jax.random.uniform(key, shape)
+        t = jnp.exp(cfg.lognormal_loc + cfg.lognormal_scale * ndtri(u))
+        n = jnp.ceil((t - cfg.delta) / step - 1e-6)
+    return jnp.clip(n, 1, n_max)
+
+
+def _batch(data: DataDistribution, cfg: TrainConfig, step, key):
+    """One training batch: (x_t, t, x_hat_{t-Delta}, t - Delta, s), in the data's dtype."""
+    k_x0, k_z, k_n, k_m = jax.random.split(key, 4)
+    b = cfg.batch_size
+    x0 = data.sample(k_x0, b)
+    dtype = x0.dtype
+    step = jnp.asarray(step, dtype)
+    n_max = jnp.floor((cfg.T - cfg.delta) / step + 1e-9)
+    n = _time_indices(k_n, cfg, step, n_max, (b,)).astype(dtype)
+    m = jnp.floor(jax.random.uniform(k_m, (b,), dtype) * n)
+    t, t_prev, s = cfg.delta + n * step, cfg.delta + (n - 1) * step, cfg.delta + m * step
+    z = jax.random.normal(k_z, x0.shape, dtype)
+    x_t = alpha(t)[:, None] * x0 + sigma(t)[:, None] * z
+    if cfg.method == "ct":
+        x_prev = alpha(t_prev)[:, None] * x0 + sigma(t_prev)[:, None] * z
+    else:
+        x_prev = _teacher(data, cfg, x_t, t, t_prev)
+    return x_t, t, x_prev, t_prev, s
+
+
+def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    if cfg.lr_schedule == "constant":
+        lr = cfg.learning_rate
+        if cfg.warmup_iterations:
+            lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_iterations)
+    else:
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.learning_rate, cfg.warmup_iterations, cfg.iterations
+        )
+    adam = optax.adam(lr)
+    return (
+        adam
+        if cfg.grad_clip is None
+        else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
+    )
+
+
+def _ema(decay, avg, new):
+    return jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p, avg, new)
+
+
+def _select(ok, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+@eqx.filter_jit
+def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
+    """Advance every model by len(its) iterations: vmap over models, lax.scan over iterations."""
+    opt = _optimizer(cfg)
+
+    def loss_fn(params, target_params, batch):
+        x_t, t, x_prev, t_prev, s = batch
+        model, target = eqx.combine(params, static), eqx.combine(target_params, static)
+        pred = jax.vmap(model.single)(x_t, t, s)
+        tgt = jax.lax.stop_gradient(jax.vmap(target.single)(x_prev, t_prev, s))
+        return jnp.mean(_distance(pred - tgt, cfg))
+
+    def per_model(st, step, key):
+        def body(st, it):
+            params, opt_state, ema, target, failed, failed_at = st
+            batch = _batch(data, cfg, step, jax.random.fold_in(key, it))
+            tgt_params = params if cfg.target_decay == 0 else target
+            loss, grads = jax.value_and_grad(loss_fn)(params, tgt_params, batch)
+            ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & ~failed
+            updates, new_opt = opt.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            new = (
+                new_params,
+                new_opt,
+                _ema(jnp.minimum(cfg.ema_decay, (1.0 + it) / (10.0 + it)), ema, new_params),
+                _ema(cfg.target_decay, target, new_params),
+            )
+            params, opt_state, ema, target = _select(ok, new, (params, opt_state, ema, target))
+            failed_at = jnp.where(~ok & ~failed, it, failed_at)
+            recorded = jnp.where(failed, jnp.nan, loss)
+            return (params, opt_state, ema, target, failed | ~ok, failed_at), recorded
+
+        return jax.lax.scan(body, st, its)
+
+    return jax.vmap(per_model)(state, steps, keys)
+
+
+def _check_data(data: DataDistribution, cfg: TrainConfig) -> None:
+    if not isinstance(data, DataDistribution):
+        raise TypeError(f"`data` must be a family from mcm_prob.data, got {type(data).__name__}")
+    if data.regime == "nonsmooth" and cfg.delta <= 0:
+        raise ValueError(
+            f"{type(data).__name__} is non-smooth: `delta` must be > 0 (early stopping), got {cfg.delta}"
+        )
+    if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError('`dtype="float64"` needs jax.config.update("jax_enable_x64", True) first')
+
+
+def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str):
+    """Train len(steps) models (one per (Delta, key)); returns (models, losses, failed_at, wall)."""
+    start = time.perf_counter()
+    dtype = jnp.dtype(cfg.dtype)
+    init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    make = lambda k: ConsistencyNet(  # noqa: E731
+        data.dim, width=cfg.width, depth=cfg.depth, n_freq=cfg.n_freq, key=k, dtype=dtype
+    )
+    params, static = eqx.partition(eqx.filter_vmap(make)(init_keys), eqx.is_inexact_array)
+    opt_state = jax.vmap(_optimizer(cfg).init)(params)
+    m = len(steps)
+    state = (params, opt_state, params, params, jnp.zeros(m, bool), jnp.full(m, -1, jnp.int32))
+    steps_arr = jnp.asarray(steps, dtype=jnp.result_type(float))
+    losses = []
+    n_chunks = math.ceil(cfg.iterations / cfg.chunk_size)
+    bounds = np.linspace(0, cfg.iterations, n_chunks + 1).round().astype(int)
+    with tqdm(total=cfg.iterations, desc=desc, disable=not cfg.progress, leave=False) as bar:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            its = jnp.arange(lo, hi, dtype=jnp.int32)
+            state, chunk_loss = _run_chunk(state, data, static, cfg, steps_arr, train_keys, its)
+            chunk_loss = np.asarray(chunk_loss)
+            losses.append(chunk_loss)
+            bar.update(int(hi - lo))
+            last = chunk_loss[:, -1]
+            if np.any(np.isfinite(last)):
+                bar.set_postfix(loss=f"{np.nanmean(last):.3g}")
+    params, _, ema, _, _, failed_at = state
+    final = ema if cfg.ema_decay > 0 else params
+    models = eqx.combine(final, static)
+    return (
+        models,
+        np.concatenate(losses, axis=1),
+        np.asarray(failed_at),
+        time.perf_counter() - start,
+    )
+
+
+def fit(data: DataDistribution, config: TrainConfig, key: jax.Array):
+    """Fit one consistency function f(x, t, s) to `data` with discretization step `config.step`.
+
+    **Returns:** `(model, history)`: the fitted `ConsistencyNet` (EMA weights when
+    `config.ema_decay > 0`) and a dict with ``"loss"`` (shape (iterations,)) and ``"wall_time"``
+    (seconds). Raises `TrainingDiverged` naming the iteration if the loss becomes non-finite.
+    """
+    _check_data(data, config)
+    models, losses, failed_at, wall = _train(
+        data, config, np.array([config.step]), jnp.stack([key]), desc=f"fit step={config.step}"
+    )
+    if failed_at[0] >= 0:
+        raise TrainingDiverged(
+            f"training diverged: non-finite loss or gradient at iteration {int(failed_at[0])} "
+            f"with config {config.to_json()}; lower `learning_rate`, set `grad_clip`, or check the data"
+        )
+    model = jax.tree_util.tree_map(lambda a: a[0] if eqx.is_array(a) else a, models)
+    return model, {"loss": losses[0], "wall_time": wall}
+
+
+class FittedGrid(eqx.Module):
+    """Models fitted on a (Delta, seed) grid; leaves carry leading axes (n_steps, n_seeds).
+
+    `grid[i, j]` is the `ConsistencyNet` of `steps[i]` and `seeds[j]`; `grid(x, t, s)` evaluates
+    every model on the same x and returns shape (n_steps, n_seeds, *x.shape).
+    """
+
+    models: ConsistencyNet
+    steps: tuple[float, ...] = eqx.field(static=True)
+    seeds: tuple[int, ...] = eqx.field(static=True)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.steps), len(self.seeds)
+
+    def __getitem__(self, index: tuple[int, int]) -> ConsistencyNet:
+        i, j = index
+        return jax.tree_util.tree_map(lambda a: a[i, j] if eqx.is_array(a) else a, self.models)
+
+    def __call__(self, x, t, s):
+        params, static = eqx.partition(self.models, eqx.is_array)
+        call = lambda p: eqx.combine(p, static)(x, t, s)  # noqa: E731
+        return jax.vmap(jax.vmap(call))(params)
+
+
+def fit_grid(
+    data: DataDistribution, config: TrainConfig, *, steps, seeds
+) -> tuple[FittedGrid, dict]:
+    """Fit one model per (Delta, seed) pair as a single compiled program.
+
+    `steps`: the Delta values (overriding `config.step`); `seeds`: integer seeds, model (i, j)
+    uses `jax.random.key(seeds[j])`, so `fit(data, replace(config, step=steps[i]),
+    jax.random.key(seeds[j]))` gives the same model (to float tolerance).
+
+    **Returns:** `(grid, history)` with `history["loss"]` of shape (n_steps, n_seeds, iterations),
+    `history["failed_at"]` (n_steps, n_seeds: the iteration at which a model's loss became
+    non-finite and its training stopped, or -1) and `history["wall_time"]`.
+    """
+    steps = tuple(float(v) for v in np.atleast_1d(np.asarray(steps, dtype=float)))
+    seeds = tuple(np.atleast_1d(np.asarray(seeds)).tolist())
+    if not steps or not seeds:
+        raise ValueError("`steps` and `seeds` must be non-empty")
+    if not all(isinstance(v, int) for v in seeds):
+        raise ValueError(f"`seeds` must be integers, got {seeds}")
+    for v in steps:
+        dataclasses.replace(config, step=v)  # validates each Delta before any work
+    _check_data(data, config)
+    ns, nk = len(steps), len(seeds)
+    flat_steps = np.repeat(np.array(steps), nk)
+    keys = jnp.stack([jax.random.key(seeds[j]) for _ in range(ns) for j in range(nk)])
+    models, losses, failed_at, wall = _train(
+        data, config, flat_steps, keys, desc=f"fit_grid {ns}x{nk}"
+    )
+    models = jax.tree_util.tree_map(
+        lambda a: a.reshape(ns, nk, *a.shape[1:]) if eqx.is_array(a) else a, models
+    )
+    history = {
+        "loss": losses.reshape(ns, nk, -1),
+        "failed_at": failed_at.reshape(ns, nk),
+        "wall_time": wall,
+    }
+    return FittedGrid(models, steps, seeds), history
