@@ -9,6 +9,16 @@ from .flow import ExactFlow, flow_map, pf_flow, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
 from .networks import ConsistencyNet
+from .sampling import (
+    SamplerOutput,
+    affine_error,
+    sample,
+    sample_deterministic,
+    sample_gamma,
+    sample_song,
+    sampler_law,
+    sampler_times,
+)
 from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid
 
 __version__ = "0.1.0"
@@ -32,4 +42,12 @@ __all__ = [
     "FittedGrid",
     "metrics",
     "consistency_error",
+    "sample",
+    "sample_deterministic",
+    "sample_song",
+    "sample_gamma",
+    "sampler_times",
+    "sampler_law",
+    "affine_error",
+    "SamplerOutput",
 ]

@@ -70,3 +70,20 @@ def check_points(name: str, x, dim: int) -> None:
     arr = concrete(x)
     if arr is not None and not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
+
+
+def finite_or_raise(x, message: str):
+    """Return x, raising `FloatingPointError(message)` if it holds NaN or inf.
+
+    Eagerly this is a Python exception; under `jax.jit` it becomes an `equinox.error_if`
+    runtime error with the same message. Nothing non-finite leaves silently.
+    """
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    bad = ~jnp.all(jnp.isfinite(x))
+    if isinstance(bad, jax.core.Tracer):
+        return eqx.error_if(x, bad, message)
+    if bool(bad):
+        raise FloatingPointError(message)
+    return x

@@ -1,4 +1,8 @@
-r"""Metrics: consistency error of any f(x, t, s) against the exact flow map.
+r"""Metrics: distances between Gaussian laws, and consistency error against the exact flow map.
+
+Gaussian laws (closed forms, numpy float64): `kl_gaussian` and `w2_gaussian`.
+
+Consistency error of any f(x, t, s):
 
 $$\mathcal E(t, s) = E_{x\sim p_t}\,\|f(x, t, s) - \Phi_{t\to s}(x)\|^2,$$
 
@@ -10,6 +14,7 @@ noise.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -20,7 +25,69 @@ from ._checks import check_times
 from .data import DataDistribution
 from .flow import flow_map
 
-__all__ = ["ConsistencyError", "consistency_error", "default_time_pairs"]
+__all__ = [
+    "kl_gaussian",
+    "w2_gaussian",
+    "ConsistencyError",
+    "consistency_error",
+    "default_time_pairs",
+]
+
+
+def _moments(law, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        mean, cov = np.asarray(law.mean, np.float64), np.asarray(law.covariance_matrix, np.float64)
+    except AttributeError as err:
+        raise TypeError(
+            f"`{name}` must be a Gaussian law with `.mean` and `.covariance_matrix` "
+            f"(e.g. numpyro MultivariateNormal), got {type(law).__name__}"
+        ) from err
+    if mean.ndim != 1 or cov.shape != (mean.size, mean.size):
+        raise ValueError(f"`{name}` must be a single (unbatched) law, got mean shape {mean.shape}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
+        raise ValueError(f"`{name}` has non-finite parameters")
+    return mean, 0.5 * (cov + cov.T)
+
+
+def kl_gaussian(p, q) -> float:
+    r"""$KL(p\,\|\,q)$ for two Gaussian laws (numpyro `MultivariateNormal`), in float64.
+
+    With $L_q$ the Cholesky factor of $\Sigma_q$ and $e_i$ the eigenvalues of
+    $M = L_q^{-1}\Sigma_p L_q^{-\top}$,
+    $KL = \tfrac12\big[\sum_i (e_i - 1 - \log e_i) + \|L_q^{-1}(\mu_q - \mu_p)\|^2\big]$, where
+    $u - \log(1 + u)$ is evaluated on $u_i = e_i - 1$ (eigenvalues of $M - I$) so that tiny
+    KL values (1e-20, say) keep their relative accuracy instead of cancelling.
+    """
+    mp_, cp = _moments(p, "p")
+    mq, cq = _moments(q, "q")
+    if mp_.size != mq.size:
+        raise ValueError(f"`p` and `q` must have the same dimension, got {mp_.size} and {mq.size}")
+    lq = np.linalg.cholesky(cq)
+    lq_inv = np.linalg.solve(lq, np.eye(mq.size))
+    u = np.linalg.eigvalsh(lq_inv @ (cp - cq) @ lq_inv.T)
+    if np.any(u <= -1):
+        raise ValueError("`p` must have a positive-definite covariance")
+    diff = lq_inv @ (mq - mp_)
+    return 0.5 * float(np.sum(u - np.log1p(u)) + diff @ diff)
+
+
+def _sqrtm_psd(c: np.ndarray) -> np.ndarray:
+    lam, vecs = np.linalg.eigh(c)
+    return (vecs * np.sqrt(np.clip(lam, 0.0, None))) @ vecs.T
+
+
+def w2_gaussian(p, q) -> float:
+    r"""2-Wasserstein distance between Gaussian laws (closed form, float64):
+    $W_2^2 = \|\mu_p - \mu_q\|^2 + \operatorname{tr}\big(\Sigma_p + \Sigma_q -
+    2(\Sigma_q^{1/2}\Sigma_p\Sigma_q^{1/2})^{1/2}\big)$. Singular covariances are allowed."""
+    mp_, cp = _moments(p, "p")
+    mq, cq = _moments(q, "q")
+    if mp_.size != mq.size:
+        raise ValueError(f"`p` and `q` must have the same dimension, got {mp_.size} and {mq.size}")
+    rq = _sqrtm_psd(cq)
+    cross = _sqrtm_psd(rq @ cp @ rq)
+    w2sq = float(np.sum((mp_ - mq) ** 2) + np.trace(cp + cq - 2 * cross))
+    return math.sqrt(max(w2sq, 0.0))
 
 
 class ConsistencyError(NamedTuple):

@@ -274,12 +274,14 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
             ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & ~failed
             updates, new_opt = opt.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
-            new = (
-                new_params,
-                new_opt,
-                _ema(jnp.minimum(cfg.ema_decay, (1.0 + it) / (10.0 + it)), ema, new_params),
-                _ema(cfg.target_decay, target, new_params),
-            )
+            new_ema, new_target = ema, target  # static switches: no work when unused
+            if cfg.ema_decay > 0:
+                new_ema = _ema(
+                    jnp.minimum(cfg.ema_decay, (1.0 + it) / (10.0 + it)), ema, new_params
+                )
+            if cfg.target_decay > 0:
+                new_target = _ema(cfg.target_decay, target, new_params)
+            new = (new_params, new_opt, new_ema, new_target)
             params, opt_state, ema, target = _select(ok, new, (params, opt_state, ema, target))
             failed_at = jnp.where(~ok & ~failed, it, failed_at)
             recorded = jnp.where(failed, jnp.nan, loss)

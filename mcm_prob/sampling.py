@@ -1,0 +1,199 @@
+r"""Multi-step consistency sampling (DESIGN.md's definition) and its exact law for Gaussian data.
+
+With step h, K = `steps`, re-noising length $\tau$ and stop time $\delta$: $t_k = \delta + (K-k)h$
+for k = 0..K; $x \sim N(0, I)$ at $t_0$; for k = 0..K-1, $s_k = \max(t_{k+1} - \tau, \delta)$,
+$y = f(x, t_k, s_k)$ and, if k < K-1, $x = \alpha_{t_{k+1}-s_k} y + \sigma_{t_{k+1}-s_k}\xi$
+(the OU transition from $s_k$ to $t_{k+1}$). The output is the last y, a draw meant to follow
+$p_\delta$. $\tau = 0$ composes flow maps deterministically; $\tau = \infty$ is Song et al.'s
+multistep Algorithm 1; intermediate $\tau$ is CTM's gamma-sampling in OU time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jaxtyping import Array
+
+from ._checks import finite_or_raise, real_array
+from .data import Gaussian
+from .forward import alpha, sigma
+
+__all__ = [
+    "SamplerOutput",
+    "sample",
+    "sample_deterministic",
+    "sample_song",
+    "sample_gamma",
+    "sampler_times",
+    "sampler_law",
+    "affine_error",
+]
+
+
+class SamplerOutput(NamedTuple):
+    """Samples of shape (n, dim) and the number of function (network) evaluations used."""
+
+    samples: Array
+    nfe: int
+
+
+def _check_schedule(delta, h, steps, tau) -> None:
+    for name, value in (("delta", delta), ("h", h)):
+        if not (
+            isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    if not (isinstance(tau, (int, float, np.floating)) and tau >= 0 and not math.isnan(tau)):
+        raise ValueError(f"`tau` must be >= 0 (math.inf allowed), got {tau!r}")
+
+
+def sampler_times(*, delta: float, h: float, steps: int, tau: float = 0.0):
+    """The schedule as numpy float64 arrays: t_k (K + 1,), s_k (K,), and re-noise lengths
+    t_{k+1} - s_k (K - 1,)."""
+    _check_schedule(delta, h, steps, tau)
+    t = delta + (steps - np.arange(steps + 1)) * float(h)
+    t[-1] = delta
+    s = np.maximum(t[1:] - tau, delta)
+    return t, s, t[1:-1] - s[:-1]
+
+
+def sample(
+    f, key: Array, n: int, *, dim: int, delta: float, h: float, steps: int, tau: float = 0.0
+) -> SamplerOutput:
+    """Run the multi-step consistency sampler with any consistency function f(x, t, s).
+
+    **Arguments:** `f` maps x of shape (n, dim) and scalar times to shape (n, dim); `key` (typed
+    JAX key); `n` samples; `dim`; `delta` > 0 stop time; `h` > 0 step; `steps` = K >= 1;
+    `tau` >= 0 re-noising length (`math.inf` for Algorithm 1).
+
+    **Returns:** `SamplerOutput(samples (n, dim), nfe=steps)`. The loop is a `lax.scan`, so the
+    whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"`n` must be a positive integer, got {n!r}")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
+    t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
+    gap = np.append(gap, 0.0)  # no re-noising after the last step
+    dtype = jnp.result_type(float)
+    k_init, k_noise = jax.random.split(key)
+    x = jax.random.normal(k_init, (n, dim), dtype)
+
+    def body(carry, inputs):
+        x, _ = carry
+        k, t_k, s_k, g_k = inputs
+        y = jnp.asarray(f(x, t_k, s_k), dtype)
+        xi = jax.random.normal(jax.random.fold_in(k_noise, k), x.shape, dtype)
+        return (alpha(g_k) * y + sigma(g_k) * xi, y), None
+
+    xs = (jnp.arange(steps), *(jnp.asarray(a, dtype) for a in (t[:-1], s, gap)))
+    (_, y), _ = jax.lax.scan(body, (x, x), xs)
+    y = finite_or_raise(y, "the sampler produced non-finite values; check f and the schedule")
+    return SamplerOutput(y, int(steps))
+
+
+def sample_deterministic(f, key, n, *, dim, delta, h, steps) -> SamplerOutput:
+    """tau = 0: composition of flow maps from t_0 down to delta (one noise draw at the start)."""
+    return sample(f, key, n, dim=dim, delta=delta, h=h, steps=steps, tau=0.0)
+
+
+def sample_song(f, key, n, *, dim, delta, h, steps) -> SamplerOutput:
+    """tau = inf: Song et al.'s multistep Algorithm 1 (jump to delta, re-noise to t_{k+1})."""
+    return sample(f, key, n, dim=dim, delta=delta, h=h, steps=steps, tau=math.inf)
+
+
+def sample_gamma(f, key, n, *, dim, delta, h, steps, gamma: float) -> SamplerOutput:
+    r"""CTM's gamma-sampling in OU time: jump to $s_k = t_{k+1} - \gamma h$, re-noise back.
+
+    gamma in [0, 1] maps to tau = gamma h (gamma = 0 deterministic; gamma = 1 jumps one step
+    further than the next time; larger jumps use `sample_song`)."""
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"`gamma` must be in [0, 1], got {gamma!r}")
+    return sample(f, key, n, dim=dim, delta=delta, h=h, steps=steps, tau=gamma * h)
+
+
+def _affine(perturbation, d: int):
+    if perturbation is None:
+        return np.zeros((d, d)), np.zeros(d)
+    a, b = perturbation
+    a = real_array("perturbation[0] (A)", a, ndim=2)
+    b = real_array("perturbation[1] (b)", b, ndim=1)
+    if a.shape != (d, d) or b.shape != (d,):
+        raise ValueError(
+            f"`perturbation` must be (A, b) with shapes ({d}, {d}), ({d},), got {a.shape}, {b.shape}"
+        )
+    return a, b
+
+
+def _gaussian_parts(data: Gaussian):
+    if not isinstance(data, Gaussian):
+        raise TypeError(f"`data` must be a mcm_prob.data.Gaussian, got {type(data).__name__}")
+    return (np.asarray(v, np.float64) for v in (data.mean, data.eigvals, data.eigvecs))
+
+
+def sampler_law(
+    data: Gaussian,
+    *,
+    delta: float,
+    h: float,
+    steps: int,
+    tau: float = 0.0,
+    perturbation: tuple | None = None,
+) -> dist.MultivariateNormal:
+    r"""Exact law of `sample` driven by the exact flow map (optionally perturbed) on Gaussian data.
+
+    With $\Phi_{t\to s}(x) = \alpha_s m + A_{t,s}(x - \alpha_t m)$,
+    $A_{t,s} = U\operatorname{diag}(\sqrt{\nu_s/\nu_t})U^\top$, and the affine perturbation
+    $\hat f = \Phi + A x + b$ (`perturbation=(A, b)`, constant in time), every stage is affine in
+    a Gaussian, so the law stays Gaussian: $y = (A_{t,s} + A)x + c$ gives
+    $\mu \mapsto (A_{t,s}+A)\mu + c$, $C \mapsto (A_{t,s}+A) C (A_{t,s}+A)^\top$, and re-noising
+    $x = a y + b\xi$ gives $\mu \mapsto a\mu$, $C \mapsto a^2 C + b^2 I$. Computed in numpy
+    float64 (singular data covariances included; delta > 0 keeps the law non-degenerate).
+
+    **Returns:** a `numpyro.distributions.MultivariateNormal` (use x64 for float64 arrays).
+    """
+    m, lam, u = _gaussian_parts(data)
+    t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
+    d = m.size
+    a_pert, b_pert = _affine(perturbation, d)
+    mu, cov = np.zeros(d), np.eye(d)
+    for k in range(steps):
+        nu_t = np.exp(-2 * t[k]) * lam - np.expm1(-2 * t[k])
+        nu_s = np.exp(-2 * s[k]) * lam - np.expm1(-2 * s[k])
+        lin = (u * np.sqrt(nu_s / nu_t)) @ u.T + a_pert
+        shift = np.exp(-s[k]) * m - (u * np.sqrt(nu_s / nu_t)) @ u.T @ (np.exp(-t[k]) * m) + b_pert
+        mu, cov = lin @ mu + shift, lin @ cov @ lin.T
+        if k < steps - 1:
+            a, sd = np.exp(-gap[k]), np.sqrt(-np.expm1(-2 * gap[k]))
+            mu, cov = a * mu, a**2 * cov + sd**2 * np.eye(d)
+    return _gaussian_law(mu, cov)
+
+
+def _gaussian_law(mean: np.ndarray, cov: np.ndarray) -> dist.MultivariateNormal:
+    cov = 0.5 * (cov + cov.T)
+    return dist.MultivariateNormal(
+        jnp.asarray(mean), scale_tril=jnp.asarray(np.linalg.cholesky(cov))
+    )
+
+
+def affine_error(data: Gaussian, perturbation: tuple, t) -> np.ndarray:
+    r"""Size of the perturbation in $L^2(p_t)$: $E_{x\sim p_t}\|Ax + b\|^2 =
+    \operatorname{tr}(A\Sigma_t A^\top) + \|A m_t + b\|^2$, for each t in `t` (any shape)."""
+    m, lam, u = _gaussian_parts(data)
+    a_pert, b_pert = _affine(perturbation, m.size)
+    t = real_array("t", t)
+    if np.any(t < 0):
+        raise ValueError("`t` must be >= 0")
+    out = np.empty(t.shape)
+    for idx, tk in np.ndenumerate(t):
+        cov_t = (u * (np.exp(-2 * tk) * lam - np.expm1(-2 * tk))) @ u.T
+        mean_t = a_pert @ (np.exp(-tk) * m) + b_pert
+        out[idx] = np.trace(a_pert @ cov_t @ a_pert.T) + mean_t @ mean_t
+    return out
