@@ -116,8 +116,8 @@ def minimal_loop(n_models: int, iterations: int, steps: np.ndarray):
         return jax.lax.scan(body, (params, opt.init(params)), jnp.arange(iterations))
 
     run = jax.jit(jax.vmap(train_one))
-    keys = jax.random.split(jax.random.key(0), n_models)
-    return lambda: jax.block_until_ready(run(keys, jnp.asarray(steps, jnp.float32)))
+    args = (jax.random.split(jax.random.key(0), n_models), jnp.asarray(steps, jnp.float32))
+    return run, args
 
 
 def timed(fn, repeats: int) -> float:
@@ -138,7 +138,8 @@ def throughput(n_models: int, iterations: int, repeats: int) -> dict:
         lambda: jax.block_until_ready(mp.fit_grid(data, cfg, steps=steps, seeds=[0])[0].models),
         repeats,
     )
-    hand = timed(minimal_loop(n_models, iterations, steps), repeats)
+    run, args = minimal_loop(n_models, iterations, steps)
+    hand = timed(lambda: jax.block_until_ready(run(*args)), repeats)
     work = n_models * iterations
     return {
         "device": str(jax.devices()[0]),

@@ -76,18 +76,26 @@ def _weights(weights, k: int | None = None) -> np.ndarray:
     return w / w.sum()
 
 
+def _x0_factor(cov: np.ndarray, lam: np.ndarray, vecs: np.ndarray, regime: str) -> np.ndarray:
+    """Sampling factor F with cov = F F^T, computed once: Cholesky (PD) or U sqrt(lambda)."""
+    return np.linalg.cholesky(cov) if regime == "smooth" else vecs * np.sqrt(lam)
+
+
 def _mixture_terms(x: Array, t: ArrayLike, means: Array, lam: Array, vecs: Array | None):
     r"""Per-component log-densities and scores of $N(\alpha_t \mu_k, \Sigma_{k,t})$ at x.
 
-    x: (..., d); means, lam: (K, d); vecs: (K, d, d) eigenvectors (columns) or None for the
-    identity. Returns (logpdf (..., K), score (..., K, d)).
+    x: (..., d); t: scalar or shape (...) (one time per point); means, lam: (K, d); vecs:
+    (K, d, d) eigenvectors (columns) or None for the identity. Returns (logpdf (..., K),
+    score (..., K, d)).
     """
+    t = jnp.asarray(t)[..., None, None]
     a, s = alpha(t), sigma(t)
     nu = a**2 * lam + s**2
     diff = x[..., None, :] - a * means
     proj = diff if vecs is None else jnp.einsum("...kd,kde->...ke", diff, vecs)
     d = means.shape[-1]
     logpdf = -0.5 * (jnp.sum(proj**2 / nu, -1) + jnp.sum(jnp.log(nu), -1) + d * _LOG_2PI)
+    logpdf = jnp.broadcast_to(logpdf, diff.shape[:-1])
     white = proj / nu
     score = -(white if vecs is None else jnp.einsum("kde,...ke->...kd", vecs, white))
     return logpdf, score
@@ -120,6 +128,7 @@ class DataDistribution(eqx.Module):
         raise NotImplementedError
 
     def _score(self, x: Array, t) -> Array:
+        """Unvalidated score; t is a scalar or has shape x.shape[:-1] (a time per point)."""
         raise NotImplementedError
 
     def model(self, n: int | None = None) -> Array:
@@ -173,6 +182,7 @@ class Gaussian(DataDistribution):
     cov: Array
     eigvals: Array
     eigvecs: Array
+    factor: Array  # Cholesky factor of cov (smooth) or eigvecs * sqrt(eigvals) (singular)
     regime: str = eqx.field(static=True)
 
     def __init__(self, mean: ArrayLike, cov: ArrayLike):
@@ -188,6 +198,7 @@ class Gaussian(DataDistribution):
         self.mean, self.cov = jnp.asarray(m), jnp.asarray(c)
         self.eigvals, self.eigvecs = jnp.asarray(lam), jnp.asarray(vecs)
         self.regime = "smooth" if np.all(lam > 0) else "nonsmooth"
+        self.factor = jnp.asarray(_x0_factor(c, lam, vecs, self.regime))
 
     @property
     def dim(self) -> int:
@@ -195,8 +206,13 @@ class Gaussian(DataDistribution):
 
     def _x0_distribution(self):
         if self.regime == "smooth":
-            return dist.MultivariateNormal(self.mean, scale_tril=jnp.linalg.cholesky(self.cov))
-        return DegenerateNormal(self.mean, self.eigvecs * jnp.sqrt(self.eigvals))
+            return dist.MultivariateNormal(self.mean, scale_tril=self.factor)
+        return DegenerateNormal(self.mean, self.factor)
+
+    def sample(self, key: Array, n: int) -> Array:
+        """n exact draws m + F z (F F^T = cov, z ~ N(0, I)): the law of `model`, one matmul."""
+        z = jax.random.normal(key, (_count(n), self.dim), self.mean.dtype)
+        return self.mean + z @ self.factor.T
 
     def cov_t(self, t: ArrayLike) -> Array:
         r"""$\Sigma_t = \alpha_t^2\Sigma + \sigma_t^2 I$, shape (dim, dim)."""
@@ -224,6 +240,7 @@ class GaussianMixture(DataDistribution):
     covs: Array
     eigvals: Array
     eigvecs: Array
+    factors: Array  # per component, as `Gaussian.factor`
     regime: str = eqx.field(static=True)
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
@@ -242,6 +259,9 @@ class GaussianMixture(DataDistribution):
         self.weights, self.means, self.covs = jnp.asarray(w), jnp.asarray(mu), jnp.asarray(c)
         self.eigvals, self.eigvecs = jnp.asarray(lam), jnp.asarray(np.stack(vecs))
         self.regime = "smooth" if np.all(lam > 0) else "nonsmooth"
+        self.factors = jnp.asarray(
+            np.stack([_x0_factor(*args, self.regime) for args in zip(c, lam, vecs, strict=True)])
+        )
 
     @property
     def dim(self) -> int:
@@ -249,9 +269,9 @@ class GaussianMixture(DataDistribution):
 
     def _x0_distribution(self):
         if self.regime == "smooth":
-            comp = dist.MultivariateNormal(self.means, scale_tril=jnp.linalg.cholesky(self.covs))
+            comp = dist.MultivariateNormal(self.means, scale_tril=self.factors)
         else:
-            comp = DegenerateNormal(self.means, self.eigvecs * jnp.sqrt(self.eigvals)[..., None, :])
+            comp = DegenerateNormal(self.means, self.factors)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
     def _marginal(self, t):
@@ -337,6 +357,7 @@ class UniformBox(DataDistribution):
         return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).to_event(1)
 
     def _score(self, x, t):
+        t = jnp.asarray(t)[..., None]
         return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).score(x)
 
 

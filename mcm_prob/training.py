@@ -28,7 +28,7 @@ $P(n) \propto \Phi(\frac{\log t_n - \mu}{s}) - \Phi(\frac{\log t_{n-1} - \mu}{s}
 
 **Fitting.** Every model of a grid of $(\Delta, \text{seed})$ pairs is trained in one
 `jax.jit`-compiled program: `jax.vmap` over models, `lax.scan` over iterations, chunked for a
-progress bar. A non-finite loss or gradient freezes that model (its later losses are NaN) and
+progress bar. A non-finite loss freezes that model (its later losses are NaN) and
 records the iteration; `fit` then raises, `fit_grid` marks the model as failed.
 """
 
@@ -65,7 +65,7 @@ _CHOICES = {
 
 
 class TrainingDiverged(FloatingPointError):
-    """A model's loss or gradient became NaN/inf during training."""
+    """A model's loss became NaN/inf during training."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _distance(diff: jax.Array, cfg: TrainConfig) -> jax.Array:
 
 def _teacher(data: DataDistribution, cfg: TrainConfig, x, t, t_prev):
     """One backward PF-ODE step from t to t_prev = t - Delta, per sample (x: (B, d), t: (B,))."""
-    score = jax.vmap(data._score)
+    score = data._score  # one time per point
 
     if cfg.teacher == "exact":
         one = lambda xi, ti, tpi: flow_map(  # noqa: E731
@@ -249,10 +249,6 @@ def _ema(decay, avg, new):
     return jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p, avg, new)
 
 
-def _select(ok, new, old):
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-
 @eqx.filter_jit
 def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
     """Advance every model by len(its) iterations: vmap over models, lax.scan over iterations."""
@@ -271,18 +267,17 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
             batch = _batch(data, cfg, step, jax.random.fold_in(key, it))
             tgt_params = params if cfg.target_decay == 0 else target
             loss, grads = jax.value_and_grad(loss_fn)(params, tgt_params, batch)
-            ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & ~failed
-            updates, new_opt = opt.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            new_ema, new_target = ema, target  # static switches: no work when unused
-            if cfg.ema_decay > 0:
-                new_ema = _ema(
-                    jnp.minimum(cfg.ema_decay, (1.0 + it) / (10.0 + it)), ema, new_params
-                )
+            ok = jnp.isfinite(loss) & ~failed
+            updates, opt_state = opt.update(grads, opt_state, params)
+            # a failed model keeps its weights for good (its optimiser state is then unused);
+            # non-finite gradients make the next loss non-finite and are caught there. Masking
+            # the update (not selecting between old and new weights) keeps the update in place.
+            updates = jax.tree_util.tree_map(lambda u: jnp.where(ok, u, 0), updates)
+            params = optax.apply_updates(params, updates)
+            if cfg.ema_decay > 0:  # static switches: no work when unused
+                ema = _ema(jnp.minimum(cfg.ema_decay, (1.0 + it) / (10.0 + it)), ema, params)
             if cfg.target_decay > 0:
-                new_target = _ema(cfg.target_decay, target, new_params)
-            new = (new_params, new_opt, new_ema, new_target)
-            params, opt_state, ema, target = _select(ok, new, (params, opt_state, ema, target))
+                target = _ema(cfg.target_decay, target, params)
             failed_at = jnp.where(~ok & ~failed, it, failed_at)
             recorded = jnp.where(failed, jnp.nan, loss)
             return (params, opt_state, ema, target, failed | ~ok, failed_at), recorded
@@ -303,18 +298,24 @@ def _check_data(data: DataDistribution, cfg: TrainConfig) -> None:
         raise ValueError('`dtype="float64"` needs jax.config.update("jax_enable_x64", True) first')
 
 
-def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str):
-    """Train len(steps) models (one per (Delta, key)); returns (models, losses, failed_at, wall)."""
-    start = time.perf_counter()
-    dtype = jnp.dtype(cfg.dtype)
+@eqx.filter_jit
+def _init(dim: int, cfg: TrainConfig, keys: jax.Array):
+    """Initial training state of len(keys) models, as one compiled program."""
     init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     make = lambda k: ConsistencyNet(  # noqa: E731
-        data.dim, width=cfg.width, depth=cfg.depth, n_freq=cfg.n_freq, key=k, dtype=dtype
+        dim, width=cfg.width, depth=cfg.depth, n_freq=cfg.n_freq, key=k, dtype=jnp.dtype(cfg.dtype)
     )
     params, static = eqx.partition(eqx.filter_vmap(make)(init_keys), eqx.is_inexact_array)
     opt_state = jax.vmap(_optimizer(cfg).init)(params)
-    m = len(steps)
+    m = keys.shape[0]
     state = (params, opt_state, params, params, jnp.zeros(m, bool), jnp.full(m, -1, jnp.int32))
+    return state, static, train_keys
+
+
+def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str):
+    """Train len(steps) models (one per (Delta, key)); returns (models, losses, failed_at, wall)."""
+    start = time.perf_counter()
+    state, static, train_keys = _init(data.dim, cfg, keys)
     steps_arr = jnp.asarray(steps, dtype=jnp.result_type(float))
     losses = []
     n_chunks = math.ceil(cfg.iterations / cfg.chunk_size)
@@ -353,7 +354,7 @@ def fit(data: DataDistribution, config: TrainConfig, key: jax.Array):
     )
     if failed_at[0] >= 0:
         raise TrainingDiverged(
-            f"training diverged: non-finite loss or gradient at iteration {int(failed_at[0])} "
+            f"training diverged: non-finite loss at iteration {int(failed_at[0])} "
             f"with config {config.to_json()}; lower `learning_rate`, set `grad_clip`, or check the data"
         )
     model = jax.tree_util.tree_map(lambda a: a[0] if eqx.is_array(a) else a, models)
@@ -409,7 +410,7 @@ def fit_grid(
     _check_data(data, config)
     ns, nk = len(steps), len(seeds)
     flat_steps = np.repeat(np.array(steps), nk)
-    keys = jnp.stack([jax.random.key(seeds[j]) for _ in range(ns) for j in range(nk)])
+    keys = jax.vmap(jax.random.key)(jnp.tile(jnp.asarray(seeds, jnp.uint32), ns))
     models, losses, failed_at, wall = _train(
         data, config, flat_steps, keys, desc=f"fit_grid {ns}x{nk}"
     )
