@@ -4,7 +4,7 @@ Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> 
 (`flow_map`, `ExactFlow`) -> ... See DESIGN.md for the conventions.
 """
 
-from . import data, metrics
+from . import accuracy, data, diffusion, gridlaw, metrics
 from .flow import ExactFlow, flow_map, pf_flow, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
@@ -50,4 +50,7 @@ __all__ = [
     "sampler_law",
     "affine_error",
     "SamplerOutput",
+    "diffusion",
+    "gridlaw",
+    "accuracy",
 ]
