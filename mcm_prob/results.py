@@ -1,0 +1,129 @@
+"""Results I/O: provenance attributes and atomic netCDF-4 files holding an `xarray.DataTree`.
+
+Files are written with h5netcdf to a temporary file in the target folder and renamed over the
+target (`os.replace`), so a reader never sees a half-written file and an interrupted write
+leaves the previous version intact. They open with `xarray.open_datatree` and netCDF4-python.
+Attribute values are kept to netCDF-safe types (str, int, float, numpy arrays); anything else
+(dicts, lists of strings, booleans, None) is stored as JSON text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["provenance", "save_tree", "load_tree", "PACKAGES"]
+
+PACKAGES = (
+    "mcm_prob",
+    "jax",
+    "jaxlib",
+    "numpyro",
+    "equinox",
+    "optax",
+    "diffrax",
+    "xarray",
+    "numpy",
+    "scipy",
+    "h5netcdf",
+    "arviz-base",
+    "arviz-stats",
+)
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance(*, config_json: str, seeds, dtype: str, wall_time: float, study: str) -> dict:
+    """Global provenance attributes: versions, config, seeds, dtype, device, timestamp, wall time."""
+    import jax
+
+    return {
+        "study": study,
+        "config": config_json,
+        "seeds": json.dumps([int(s) for s in seeds]),
+        "dtype": dtype,
+        "device": str(jax.devices()[0]),
+        "jax_x64": int(bool(jax.config.jax_enable_x64)),
+        "python": platform.python_version(),
+        "versions": json.dumps({name: _version(name) for name in PACKAGES}),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "wall_time_s": float(wall_time),
+    }
+
+
+def _safe_attrs(attrs: dict) -> dict:
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, (bool, np.bool_)) or value is None:
+            out[key] = json.dumps(None if value is None else bool(value))
+        elif isinstance(value, (str, int, float, np.integer, np.floating)):
+            out[key] = value
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+            out[key] = value
+        else:
+            out[key] = json.dumps(value)
+    return out
+
+
+def _clean(tree: xr.DataTree) -> xr.DataTree:
+    def fix(ds: xr.Dataset) -> xr.Dataset:
+        ds = ds.copy()
+        ds.attrs = _safe_attrs(ds.attrs)
+        for name in ds.variables:
+            var = ds[name]
+            var.attrs = _safe_attrs(var.attrs)
+            if var.dtype == bool:
+                ds[name] = var.astype(np.int8).assign_attrs(var.attrs | {"boolean": 1})
+        return ds
+
+    return tree.map_over_datasets(fix)
+
+
+def save_tree(tree: xr.DataTree | xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write `tree` atomically as a netCDF-4 file (h5netcdf engine); returns the path."""
+    path = Path(path)
+    if isinstance(tree, xr.Dataset):
+        tree = xr.DataTree(tree)
+    tree = _clean(tree)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tree.to_netcdf(tmp, engine="h5netcdf", invalid_netcdf=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tree(path: str | os.PathLike) -> xr.DataTree:
+    """Read a file written by `save_tree` fully into memory (the file is closed afterwards);
+    variables stored from booleans come back as booleans."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such results file: {path}")
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        tree = tree.load()
+
+    def fix(ds: xr.Dataset) -> xr.Dataset:
+        for name in list(ds.data_vars):
+            if ds[name].attrs.get("boolean") == 1:
+                attrs = {k: v for k, v in ds[name].attrs.items() if k != "boolean"}
+                ds[name] = ds[name].astype(bool).assign_attrs(attrs)
+        return ds
+
+    return tree.map_over_datasets(fix)
