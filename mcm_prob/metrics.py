@@ -37,6 +37,7 @@ __all__ = [
     "mmd2",
     "ConsistencyError",
     "consistency_error",
+    "reference_flows",
     "default_time_pairs",
 ]
 
@@ -118,8 +119,33 @@ def default_time_pairs(delta: float, T: float) -> list[tuple[float, float]]:
     return [(t, s) for t in ts for s in (delta, 0.5 * (t + delta))]
 
 
+def reference_flows(data: DataDistribution, pairs, *, key: jax.Array, n: int = 2048, **flow_kwargs):
+    """Evaluation draws and exact flows for `consistency_error`: a list of (x, Phi_{t->s}(x)),
+    x ~ p_t (n draws from `fold_in(key, pair index)`), one entry per (t, s) pair. Compute once
+    and pass as `reference=` to evaluate many models on the same points."""
+    pairs = [(float(t), float(s)) for t, s in pairs]
+    if not pairs:
+        raise ValueError("`pairs` must contain at least one (t, s) pair")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"`n` must be an integer >= 2, got {n!r}")
+    for t, s in pairs:
+        check_times(t, s, s_positive=data.regime == "nonsmooth")
+    out = []
+    for i, (t, s) in enumerate(pairs):
+        x = data.marginal(t).sample(jax.random.fold_in(key, i), (n,))
+        out.append((x, flow_map(data, x, t, s, **flow_kwargs)))
+    return out
+
+
 def consistency_error(
-    f, data: DataDistribution, pairs, *, key: jax.Array, n: int = 2048, **flow_kwargs
+    f,
+    data: DataDistribution,
+    pairs,
+    *,
+    key: jax.Array,
+    n: int = 2048,
+    reference=None,
+    **flow_kwargs,
 ) -> ConsistencyError:
     """Consistency error of `f` against the exact flow map of `data` on (t, s) `pairs`.
 
@@ -129,24 +155,21 @@ def consistency_error(
     - `pairs`: sequence of (t, s) with 0 <= s <= t (s > 0 for non-smooth data).
     - `key`: draws x ~ p_t; the same key gives the same draws (common random numbers).
     - `n`: draws per pair; `flow_kwargs`: passed to `flow_map` (tolerances).
+    - `reference`: the output of `reference_flows` for these pairs (skips recomputing them).
     """
     pairs = [(float(t), float(s)) for t, s in pairs]
-    if not pairs:
-        raise ValueError("`pairs` must contain at least one (t, s) pair")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"`n` must be an integer >= 2, got {n!r}")
-    for t, s in pairs:
-        check_times(t, s, s_positive=data.regime == "nonsmooth")
+    if reference is None:
+        reference = reference_flows(data, pairs, key=key, n=n, **flow_kwargs)
+    if len(reference) != len(pairs):
+        raise ValueError(f"`reference` has {len(reference)} entries for {len(pairs)} pairs")
     means, ses = [], []
-    for i, (t, s) in enumerate(pairs):
-        x = data.marginal(t).sample(jax.random.fold_in(key, i), (n,))
-        truth = flow_map(data, x, t, s, **flow_kwargs)
+    for (t, s), (x, truth) in zip(pairs, reference, strict=True):
         pred = jnp.asarray(f(x, t, s), truth.dtype)
         sq = np.asarray(jnp.sum((pred - truth) ** 2, -1))
         if not np.all(np.isfinite(sq)):
             raise FloatingPointError(f"f returned non-finite values at (t, s) = ({t}, {s})")
         means.append(sq.mean(-1))
-        ses.append(sq.std(-1, ddof=1) / np.sqrt(n))
+        ses.append(sq.std(-1, ddof=1) / np.sqrt(sq.shape[-1]))
     per_pair, stderr = np.stack(means, -1), np.stack(ses, -1)
     t_arr, s_arr = (np.array([p[i] for p in pairs]) for i in (0, 1))
     return ConsistencyError(t_arr, s_arr, per_pair, stderr, per_pair.mean(-1))

@@ -120,7 +120,8 @@ def load_tree(path: str | os.PathLike) -> xr.DataTree:
         tree = tree.load()
 
     def fix(ds: xr.Dataset) -> xr.Dataset:
-        for name in list(ds.data_vars):
+        ds = ds.copy()
+        for name in list(ds.variables):
             if ds[name].attrs.get("boolean") == 1:
                 attrs = {k: v for k, v in ds[name].attrs.items() if k != "boolean"}
                 ds[name] = ds[name].astype(bool).assign_attrs(attrs)

@@ -52,7 +52,7 @@ from .flow import flow_map
 from .forward import alpha, sigma
 from .networks import ConsistencyNet
 
-__all__ = ["TrainConfig", "fit", "fit_grid", "FittedGrid", "TrainingDiverged"]
+__all__ = ["TrainConfig", "fit", "fit_grid", "FittedGrid", "TrainingDiverged", "teacher_map"]
 
 _CHOICES = {
     "method": ("cd", "ct"),
@@ -176,20 +176,62 @@ def _distance(diff: jax.Array, cfg: TrainConfig) -> jax.Array:
 
 def _teacher(data: DataDistribution, cfg: TrainConfig, x, t, t_prev):
     """One backward PF-ODE step from t to t_prev = t - Delta, per sample (x: (B, d), t: (B,))."""
-    score = data._score  # one time per point
+    return _teacher_step(data, cfg.teacher, cfg.teacher_rtol, cfg.teacher_atol, x, t, t_prev)
 
-    if cfg.teacher == "exact":
-        one = lambda xi, ti, tpi: flow_map(  # noqa: E731
-            data, xi, ti, tpi, rtol=cfg.teacher_rtol, atol=cfg.teacher_atol
-        )
+
+def _teacher_step(data, teacher: str, rtol, atol, x, t, t_prev):
+    score = data._score  # one time per point
+    if teacher == "exact":
+        one = lambda xi, ti, tpi: flow_map(data, xi, ti, tpi, rtol=rtol, atol=atol)  # noqa: E731
         return jax.vmap(one)(x, t, t_prev)
     h = (t - t_prev)[:, None]
     v1 = -x - score(x, t)
     x_euler = x - h * v1
-    if cfg.teacher == "euler":
+    if teacher == "euler":
         return x_euler
     v2 = -x_euler - score(x_euler, t_prev)
     return x - 0.5 * h * (v1 + v2)
+
+
+@eqx.filter_jit
+def _teacher_chain(data, teacher: str, rtol, atol, x, t, step, n: int):
+    def body(k, x):
+        tk = jnp.full(x.shape[:1], t - k * step, x.dtype)
+        return _teacher_step(data, teacher, rtol, atol, x, tk, tk - step)
+
+    return jax.lax.fori_loop(0, n, body, x)
+
+
+def teacher_map(
+    data: DataDistribution,
+    x,
+    t: float,
+    s: float,
+    *,
+    step: float,
+    teacher: str = "euler",
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+):
+    r"""The teacher's own map from t down to s: n = (t - s)/Delta composed teacher steps.
+
+    This is the fixed point that CD with this teacher converges to on the grid, so
+    $E\|\Psi^{(n)}_\Delta(x) - \Phi_{t\to s}(x)\|^2$ is the discretization part of a learned
+    model's error (no learning involved). x: (n_points, dim); (t - s)/step must be an integer.
+    """
+    if teacher not in _CHOICES["teacher"]:
+        raise ValueError(f"`teacher` must be one of {_CHOICES['teacher']}, got {teacher!r}")
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"`step` must be a finite number > 0, got {step!r}")
+    if not 0 <= s <= t:
+        raise ValueError(f"need 0 <= s <= t, got s={s}, t={t}")
+    n = round((t - s) / step)
+    if abs(n * step - (t - s)) > 1e-9 * max(1.0, t):
+        raise ValueError(f"(t - s) / step must be an integer, got ({t} - {s}) / {step}")
+    x = jnp.asarray(x)
+    return _teacher_chain(
+        data, teacher, rtol, atol, x, jnp.asarray(t, x.dtype), jnp.asarray(step, x.dtype), n
+    )
 
 
 def _time_indices(key, cfg: TrainConfig, step, n_max, shape):
