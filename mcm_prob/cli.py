@@ -173,9 +173,9 @@ def _report_sampling(tree, path: Path) -> list[str]:
     lines.append(
         "NFE to reach KL <= eps^2, diffusion baselines with the exact score (Gaussian data)"
     )
-    for m in res["method"].values:
+    for m in res["baseline"].values:
         for d in res["dim"].values:
-            row = res["nfe_to_eps_baseline"].sel(method=m, dim=d).values
+            row = res["nfe_to_eps_baseline"].sel(baseline=m, dim=d).values
             lines.append(
                 f"{m:<20} {d:>4} " + " ".join(f"{('-' if np.isnan(v) else int(v)):>9}" for v in row)
             )

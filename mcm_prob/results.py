@@ -123,8 +123,9 @@ def load_tree(path: str | os.PathLike) -> xr.DataTree:
         ds = ds.copy()
         for name in list(ds.variables):
             if ds[name].attrs.get("boolean") == 1:
-                attrs = {k: v for k, v in ds[name].attrs.items() if k != "boolean"}
-                ds[name] = ds[name].astype(bool).assign_attrs(attrs)
+                var = ds[name].astype(bool)
+                var.attrs = {k: v for k, v in ds[name].attrs.items() if k != "boolean"}
+                ds[name] = var
         return ds
 
     return tree.map_over_datasets(fix)

@@ -659,7 +659,7 @@ def run_sampling(
                     {"long_name": "exact KL(sampler law || p_delta), exact flow", "units": "nats"},
                 ),
                 "kl_baseline": (
-                    ("method", "dim", "baseline_steps"),
+                    ("baseline", "dim", "baseline_steps"),
                     nan(len(c.baselines), len(c.dims), len(c.baseline_steps)),
                     {
                         "long_name": "exact KL(baseline law || p_delta), Gaussian data",
@@ -672,7 +672,7 @@ def run_sampling(
                     {"long_name": "smallest steps with KL <= eps^2 (NaN: more than max_steps)"},
                 ),
                 "nfe_to_eps_baseline": (
-                    ("method", "dim", "eps"),
+                    ("baseline", "dim", "eps"),
                     nan(len(c.baselines), len(c.dims), len(c.eps)),
                     {"long_name": "smallest NFE with KL <= eps^2 (NaN: more than 4096 steps)"},
                 ),
@@ -701,8 +701,8 @@ def run_sampling(
                     },
                 ),
                 "steps": ("steps", steps, {"long_name": "sampler steps K (NFE)"}),
-                "method": (
-                    "method",
+                "baseline": (
+                    "baseline",
                     list(c.baselines),
                     {"long_name": "diffusion baseline with the exact score"},
                 ),
