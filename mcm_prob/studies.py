@@ -115,7 +115,7 @@ class EstimationConfig:
     seeds: tuple = tuple(range(8))
     method: str = "cd"
     teacher: str = "euler"
-    iterations: int = 2000
+    iterations: int = 6000
     batch_size: int = 256
     width: int = 64
     depth: int = 2
