@@ -33,10 +33,11 @@ def error_injection(
     h=1.0,
     delta=0.01,
     tau=0.0,
-    eps=np.geomspace(1e-4, 1e-1, 13),
+    eps=None,
     seed=0,
 ):
     """Exact KL and injected error for every (steps, eps): an xarray Dataset with fitted slopes."""
+    eps = np.geomspace(1e-4, 1e-1, 13) if eps is None else np.asarray(eps)
     rng = np.random.default_rng(seed)
     data = mp.data.Gaussian(np.full(dim, 0.5), np.diag(np.linspace(0.5, 2.0, dim)))
     a, b = rng.normal(size=(dim, dim)) / np.sqrt(dim), rng.normal(size=dim)
