@@ -138,6 +138,8 @@ def _report_estimation(tree, path: Path) -> list[str]:
         title="multi-step sampler quality",
     )
     for ax in axes:
+        ax.set_xticks(res["step"].values, [f"{v:g}" for v in res["step"].values])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.tight_layout()
     png = path.with_name(path.stem + "_error_vs_step.png")
