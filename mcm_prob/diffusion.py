@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import math
 
-import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
 from ._checks import finite_or_raise
-from .data import DataDistribution
-from .forward import alpha, sigma, snr_ratio, time_from_snr_ratio
-from .sampling import SamplerOutput
+from .data import DataDistribution, Gaussian
+from .flow import _ode_solve
+from .sampling import SamplerOutput, _gaussian_law
 
 __all__ = ["sample_sde", "sample_ode", "sample_ode_adaptive", "baseline_law", "BASELINES"]
 
@@ -126,28 +124,6 @@ def sample_ode(
     return SamplerOutput(_finite(x, f"sample_ode({method!r})"), int(nfe))
 
 
-@eqx.filter_jit
-def _adaptive(data, x, T, delta, rtol, atol, max_steps):
-    def vector_field(rho, y, args):
-        tau = time_from_snr_ratio(rho)
-        return -sigma(tau) * data._score(alpha(tau) * y, tau)
-
-    def solve(x1):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vector_field),
-            diffrax.Tsit5(),
-            t0=snr_ratio(T),
-            t1=snr_ratio(delta),
-            dt0=None,
-            y0=x1 / alpha(T),
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-            max_steps=max_steps,
-        )
-        return alpha(delta) * sol.ys[-1], sol.stats["num_steps"]
-
-    return jax.vmap(solve)(x)
-
-
 def sample_ode_adaptive(
     data: DataDistribution,
     key: Array,
@@ -168,7 +144,8 @@ def sample_ode_adaptive(
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"`rtol` and `atol` must be > 0, got {rtol}, {atol}")
     x = jax.random.normal(key, (n, data.dim), jnp.result_type(float))
-    y, num_steps = _adaptive(data, x, T, delta, rtol, atol, max_steps)
+    t0, t1 = jnp.asarray(T, x.dtype), jnp.asarray(delta, x.dtype)
+    y, num_steps = _ode_solve(data, x, t0, t1, rtol, atol, max_steps)
     nfe = math.ceil(float(jnp.mean(6 * num_steps + 1)))
     return SamplerOutput(_finite(y, "sample_ode_adaptive"), nfe)
 
@@ -183,9 +160,6 @@ def baseline_law(data, method: str, *, T: float, delta: float, steps: int):
     Heun: the trapezoidal composition of the affine velocities. Returns a MultivariateNormal
     (numpy float64 arithmetic).
     """
-    from .data import Gaussian
-    from .sampling import _gaussian_law
-
     if not isinstance(data, Gaussian):
         raise TypeError(f"`data` must be a mcm_prob.data.Gaussian, got {type(data).__name__}")
     if method not in BASELINES[:-1]:

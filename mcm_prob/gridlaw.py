@@ -20,6 +20,10 @@ normal quantiles, which concentrates points where $p_\delta$ has its mass (aroun
 small delta). KL is $\int p_\delta\,(r \log r - r + 1)$ by the trapezoidal rule: equal to
 $\int q \log(q/p)$ when both integrate to 1, with a non-negative integrand of size
 $(r-1)^2/2$, so quadrature errors in the masses do not swamp small KL values.
+
+Accuracy: on 1-d Gaussian data, where the exact law is known, the grid KL agrees with the exact
+one to about 1e-10 absolute (n_grid = 4001; tests: relative 1e-3 at KL ~ 1e-6). Values below
+about 1e-9 are at this quadrature floor, which grows slowly with the number of steps.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
@@ -98,7 +103,7 @@ def grid_law_1d(
         raise ValueError(f"`n_grid` must be an integer >= 101, got {n_grid!r}")
     t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
     if half_width is None:
-        extent = np.abs(np.asarray(data.sample(_KEY(), 4096))).max()
+        extent = np.abs(np.asarray(data.sample(jax.random.key(0), 4096))).max()
         half_width = 8.0 + float(extent)
     x = _grid(data, delta, n_grid, half_width)
     w = _trapezoid_weights(x)
@@ -138,9 +143,3 @@ def product_kl(
             cache[id(f)] = grid_law_1d(f, delta=delta, h=h, steps=steps, tau=tau, **grid_kwargs).kl
         total += cache[id(f)]
     return total
-
-
-def _KEY():
-    import jax
-
-    return jax.random.key(0)
