@@ -65,7 +65,12 @@ _CHOICES = {
 
 
 class TrainingDiverged(FloatingPointError):
-    """A model's loss became NaN/inf during training."""
+    """A model's loss became NaN/inf during training. `.iteration` is where, `.history` holds
+    the losses up to then (NaN afterwards), so nothing computed is lost."""
+
+    def __init__(self, message: str, *, iteration: int = -1, history: dict | None = None):
+        super().__init__(message)
+        self.iteration, self.history = iteration, history
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,7 +402,9 @@ def fit(data: DataDistribution, config: TrainConfig, key: jax.Array):
     if failed_at[0] >= 0:
         raise TrainingDiverged(
             f"training diverged: non-finite loss at iteration {int(failed_at[0])} "
-            f"with config {config.to_json()}; lower `learning_rate`, set `grad_clip`, or check the data"
+            f"with config {config.to_json()}; lower `learning_rate`, set `grad_clip`, or check the data",
+            iteration=int(failed_at[0]),
+            history={"loss": losses[0], "wall_time": wall},
         )
     model = jax.tree_util.tree_map(lambda a: a[0] if eqx.is_array(a) else a, models)
     return model, {"loss": losses[0], "wall_time": wall}
@@ -445,8 +452,8 @@ def fit_grid(
     seeds = tuple(np.atleast_1d(np.asarray(seeds)).tolist())
     if not steps or not seeds:
         raise ValueError("`steps` and `seeds` must be non-empty")
-    if not all(isinstance(v, int) for v in seeds):
-        raise ValueError(f"`seeds` must be integers, got {seeds}")
+    if not all(isinstance(v, int) and 0 <= v < 2**32 for v in seeds):
+        raise ValueError(f"`seeds` must be integers in [0, 2**32), got {seeds}")
     for v in steps:
         dataclasses.replace(config, step=v)  # validates each Delta before any work
     _check_data(data, config)

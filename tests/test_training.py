@@ -121,8 +121,12 @@ def test_grid_equals_individual_fits(method, teacher, sampling):
 
 def test_divergence_is_reported():
     cfg = mp.TrainConfig(learning_rate=1e30, iterations=30, width=16, depth=1, progress=False)
-    with pytest.raises(mp.TrainingDiverged, match=r"iteration \d+ with config .*learning_rate"):
+    with pytest.raises(
+        mp.TrainingDiverged, match=r"iteration \d+ with config .*learning_rate"
+    ) as info:
         mp.fit(GAUSS, cfg, jax.random.key(0))
+    assert info.value.history["loss"].shape == (30,)
+    assert np.all(np.isfinite(info.value.history["loss"][: info.value.iteration]))
     grid, history = mp.fit_grid(GAUSS, cfg, steps=[0.1], seeds=[0, 1])
     assert np.all(history["failed_at"] >= 0)
     i = int(history["failed_at"][0, 0])
@@ -195,7 +199,8 @@ def test_bad_fit_arguments():
         mp.fit("gaussian", mp.TrainConfig(progress=False), jax.random.key(0))
     with pytest.raises(ValueError, match="larger than T - delta"):
         mp.fit_grid(GAUSS, mp.TrainConfig(progress=False), steps=[0.1, 50.0], seeds=[0])
-    with pytest.raises(ValueError, match="`seeds` must be integers"):
-        mp.fit_grid(GAUSS, mp.TrainConfig(progress=False), steps=[0.1], seeds=[0.5])
+    for bad in ([0.5], [-1]):
+        with pytest.raises(ValueError, match="`seeds` must be integers"):
+            mp.fit_grid(GAUSS, mp.TrainConfig(progress=False), steps=[0.1], seeds=bad)
     with pytest.raises(ValueError, match="s <= t"):
         mp.consistency_error(lambda x, t, s: x, GAUSS, [(0.1, 0.5)], key=jax.random.key(0))
