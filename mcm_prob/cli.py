@@ -172,6 +172,16 @@ def _report_sampling(tree, path: Path) -> list[str]:
                     f"{g:<10} {d:>4} {tau:>6g} "
                     + " ".join(f"{('-' if np.isnan(v) else int(v)):>9}" for v in row)
                 )
+    lines.append("fit steps ~ a + b log(d / eps) over the table (smooth-data claim: O(log(d/eps)))")
+    for g in res["regime"].values:
+        for tau in res["tau"].values:
+            k = res["steps_to_eps"].sel(regime=g, tau=tau)
+            x = np.log(k["dim"].values[:, None] / k["eps"].values[None, :]).ravel()
+            y = k.values.ravel()
+            ok = np.isfinite(y)
+            if ok.sum() >= 3 and np.ptp(x[ok]) > 0:
+                b, a = np.polyfit(x[ok], y[ok], 1)
+                lines.append(f"{g:<10} tau={tau:<6g} b = {b:.2f}, a = {a:.2f} ({ok.sum()} cells)")
     lines.append(
         "NFE to reach KL <= eps^2, diffusion baselines with the exact score (Gaussian data)"
     )
