@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +84,17 @@ def sample(
     t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
     gap = np.append(gap, 0.0)  # no re-noising after the last step
     dtype = jnp.result_type(float)
+    times = tuple(jnp.asarray(a, dtype) for a in (t[:-1], s, gap))
+    y = _run_sampler(f, key, int(n), int(dim), *times)
+    y = finite_or_raise(y, "the sampler produced non-finite values; check f and the schedule")
+    return SamplerOutput(y, int(steps))
+
+
+@eqx.filter_jit
+def _run_sampler(f, key, n: int, dim: int, t, s, gap):
+    """The sampler loop as one compiled program (times are traced: no recompilation when only
+    delta, h or tau change; f is a pytree argument or, for plain callables, static)."""
+    dtype = t.dtype
     k_init, k_noise = jax.random.split(key)
     x = jax.random.normal(k_init, (n, dim), dtype)
 
@@ -93,10 +105,8 @@ def sample(
         xi = jax.random.normal(jax.random.fold_in(k_noise, k), x.shape, dtype)
         return (alpha(g_k) * y + sigma(g_k) * xi, y), None
 
-    xs = (jnp.arange(steps), *(jnp.asarray(a, dtype) for a in (t[:-1], s, gap)))
-    (_, y), _ = jax.lax.scan(body, (x, x), xs)
-    y = finite_or_raise(y, "the sampler produced non-finite values; check f and the schedule")
-    return SamplerOutput(y, int(steps))
+    (_, y), _ = jax.lax.scan(body, (x, x), (jnp.arange(t.shape[0]), t, s, gap))
+    return y
 
 
 def sample_deterministic(f, key, n, *, dim, delta, h, steps) -> SamplerOutput:

@@ -35,7 +35,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,9 +318,6 @@ def _save(out: Path, groups: dict, attrs: dict) -> None:
     save_tree(tree, out)
 
 
-_sample_jit = eqx.filter_jit(sample)
-
-
 # ------------------------------------------------------------------ estimation
 def estimation_data(regime: str):
     """The default 2-d data of each regime of the estimation study."""
@@ -463,7 +459,7 @@ def _sample_quality(f, data, cfg: EstimationConfig, regime: str, key):
     delta = cfg.delta(regime)
     h = cfg.horizon / cfg.sampler_steps
     k1, k2 = jax.random.split(key)
-    x = _sample_jit(
+    x = sample(
         f,
         k1,
         cfg.sample_size,
