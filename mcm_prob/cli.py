@@ -49,6 +49,13 @@ def _run(args) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"mcm-prob: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"\nmcm-prob: interrupted; finished cells are saved in {out}. Continue with the same "
+            "command plus --resume.",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"wrote {out} ({tree.attrs.get('status')}, wall time {tree.attrs.get('wall_time_s', float('nan')):.1f} s)"
     )
