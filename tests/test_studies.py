@@ -208,3 +208,12 @@ def test_quick_main_job_end_to_end(tmp_path):
     for word in ("smooth", "nonsmooth", "bootstrap CI", "HDI", "r_hat", "ESS"):
         assert word in rep.stdout
     assert (tmp_path / "x_error_vs_step.png").exists()
+
+
+def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies, "run_sampling", interrupted)
+    assert cli.main(["run", "sampling", "--quick", "--out", str(tmp_path / "i.nc")]) == 130
+    assert "--resume" in capsys.readouterr().err
