@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from jax.scipy.special import log_ndtr
+from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array, ArrayLike
 from numpyro.distributions import constraints
 
@@ -38,6 +38,8 @@ __all__ = [
     "DiracMixture",
     "UniformBox",
     "NoisyUniform",
+    "Atoms",
+    "DegenerateNormal",
 ]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
@@ -309,12 +311,12 @@ class DiracMixture(DataDistribution):
         return self.atoms.shape[-1]
 
     def _x0_distribution(self):
-        return dist.MixtureSameFamily(
-            dist.Categorical(probs=self.weights), dist.Delta(self.atoms, event_dim=1)
-        )
+        return Atoms(self.atoms, self.weights)
 
     def _marginal(self, t):
-        comp = dist.Normal(alpha(t) * self.atoms, sigma(t)).to_event(1)
+        # MultivariateNormal components: NumPyro's mixtures need a parameter-free support
+        tril = sigma(t) * jnp.eye(self.dim, dtype=self.atoms.dtype)
+        comp = dist.MultivariateNormal(alpha(t) * self.atoms, scale_tril=tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
     def _score(self, x, t):
@@ -449,6 +451,30 @@ class NoisyUniform(dist.Distribution):
     @property
     def variance(self):
         return (self.scale * (self.high - self.low)) ** 2 / 12 + self.noise**2
+
+
+class Atoms(dist.Distribution):
+    r"""$\sum_k w_k \delta_{a_k}$ on $R^d$ (atoms (K, d), weights (K,)): `sample` picks atoms;
+    `log_prob` is $\log \sum_{k: a_k = x} w_k$ (the mass at x), -inf off the atoms."""
+
+    arg_constraints = {"weights": constraints.simplex}
+    support = constraints.real_vector
+
+    def __init__(self, atoms, weights, *, validate_args=None):
+        self.atoms, self.weights = jnp.asarray(atoms), jnp.asarray(weights)
+        super().__init__(event_shape=self.atoms.shape[-1:], validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        idx = jax.random.categorical(key, jnp.log(self.weights), shape=sample_shape)
+        return self.atoms[idx]
+
+    def log_prob(self, value):
+        hit = jnp.all(value[..., None, :] == self.atoms, axis=-1)
+        return logsumexp(jnp.where(hit, jnp.log(self.weights), -jnp.inf), axis=-1)
+
+    @property
+    def mean(self):
+        return self.weights @ self.atoms
 
 
 class DegenerateNormal(dist.Distribution):

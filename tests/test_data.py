@@ -274,3 +274,16 @@ def test_jit_through_data_pytrees():
     data = make("mixture")
     f = jax.jit(lambda d, x, t: d.score(x, t))
     np.testing.assert_allclose(f(data, POINTS, 0.3), data.score(POINTS, 0.3), rtol=1e-13)
+
+
+def test_dirac_data_law_atoms(key):
+    """Draws of a Dirac mixture hit the atoms with the weights' frequencies (5 binomial SE,
+    n = 20,000); the t = 0 law's log_prob is log w at an atom and -inf elsewhere."""
+    data = make("dirac")
+    x = np.asarray(data.sample(key, 20_000))
+    counts = np.array([np.all(x == a, axis=1).sum() for a in ATOMS]) / 20_000
+    assert counts.sum() == 1.0
+    assert np.all(np.abs(counts - DIRAC_W) < 5 * np.sqrt(DIRAC_W * (1 - DIRAC_W) / 20_000))
+    law = data._x0_distribution()
+    np.testing.assert_allclose(law.log_prob(jnp.asarray(ATOMS)), np.log(DIRAC_W), rtol=1e-14)
+    assert law.log_prob(jnp.array([0.0, 0.1])) == -np.inf
