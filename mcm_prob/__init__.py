@@ -5,7 +5,7 @@ Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> 
 """
 
 from . import accuracy, data, diffusion, gridlaw, metrics
-from .flow import ExactFlow, flow_map, pf_flow, pf_ode_velocity
+from .flow import ExactFlow, flow_map, pf_flow, pf_ode_step, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
 from .networks import ConsistencyNet
@@ -33,6 +33,7 @@ __all__ = [
     "flow_map",
     "pf_flow",
     "pf_ode_velocity",
+    "pf_ode_step",
     "ExactFlow",
     "ConsistencyNet",
     "TrainConfig",

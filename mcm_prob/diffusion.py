@@ -24,7 +24,7 @@ from jaxtyping import Array
 
 from ._checks import finite_or_raise
 from .data import DataDistribution, Gaussian
-from .flow import _ode_solve
+from .flow import _ode_solve, pf_ode_step
 from .sampling import SamplerOutput, _gaussian_law
 
 __all__ = ["sample_sde", "sample_ode", "sample_ode_adaptive", "baseline_law", "BASELINES"]
@@ -108,16 +108,9 @@ def sample_ode(
     t = _grid(T, delta, steps)
     dtype = jnp.result_type(float)
     x = jax.random.normal(key, (n, data.dim), dtype)
-    velocity = lambda x, t: -x - data._score(x, t)  # noqa: E731
 
     def body(x, inputs):
-        t_k, t_next = inputs
-        h = t_k - t_next
-        v1 = velocity(x, t_k)
-        x_euler = x - h * v1
-        if method == "euler":
-            return x_euler, None
-        return x - 0.5 * h * (v1 + velocity(x_euler, t_next)), None
+        return pf_ode_step(data, x, *inputs, method), None
 
     x, _ = jax.lax.scan(body, x, (jnp.asarray(t[:-1], dtype), jnp.asarray(t[1:], dtype)))
     nfe = steps if method == "euler" else 2 * steps

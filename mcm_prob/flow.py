@@ -28,7 +28,7 @@ from ._checks import check_points, check_time, check_times
 from .data import DataDistribution, Gaussian
 from .forward import alpha, sigma, snr_ratio, time_from_snr_ratio
 
-__all__ = ["flow_map", "pf_flow", "ExactFlow", "pf_ode_velocity"]
+__all__ = ["flow_map", "pf_flow", "ExactFlow", "pf_ode_velocity", "pf_ode_step"]
 
 _METHODS = ("auto", "closed_form", "ode")
 
@@ -36,6 +36,25 @@ _METHODS = ("auto", "closed_form", "ode")
 def pf_ode_velocity(data: DataDistribution, x: ArrayLike, t: ArrayLike) -> Array:
     r"""PF-ODE velocity $v(x, t) = -x - \nabla\log p_t(x)$; x of shape (..., dim)."""
     return -jnp.asarray(x) - data.score(x, t)
+
+
+def pf_ode_step(data: DataDistribution, x: Array, t, t_next, method: str = "heun") -> Array:
+    r"""One fixed PF-ODE step from t to t_next with the exact score (either direction).
+
+    Euler: $x - h\,v(x, t)$ with $h = t - t_{next}$; Heun: the trapezoidal corrector
+    $x - \tfrac h2 (v(x, t) + v(\tilde x, t_{next}))$ on the Euler predictor $\tilde x$.
+    x: (..., dim); t, t_next: scalars or shape x.shape[:-1] (a time per point). Unvalidated: the
+    building block of the CD teachers and the fixed-step ODE baselines.
+    """
+    if method not in ("euler", "heun"):
+        raise ValueError(f"`method` must be 'euler' or 'heun', got {method!r}")
+    t, t_next = jnp.asarray(t), jnp.asarray(t_next)
+    h = (t - t_next)[..., None]
+    v1 = -x - data._score(x, t)
+    x_euler = x - h * v1
+    if method == "euler":
+        return x_euler
+    return x - 0.5 * h * (v1 - x_euler - data._score(x_euler, t_next))
 
 
 def _gaussian_flow(data: Gaussian, x: Array, t, s) -> Array:

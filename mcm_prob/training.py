@@ -48,7 +48,7 @@ from jax.scipy.special import ndtr, ndtri
 from tqdm.auto import tqdm
 
 from .data import DataDistribution
-from .flow import flow_map
+from .flow import flow_map, pf_ode_step
 from .forward import alpha, sigma
 from .networks import ConsistencyNet
 
@@ -185,17 +185,10 @@ def _teacher(data: DataDistribution, cfg: TrainConfig, x, t, t_prev):
 
 
 def _teacher_step(data, teacher: str, rtol, atol, x, t, t_prev):
-    score = data._score  # one time per point
     if teacher == "exact":
         one = lambda xi, ti, tpi: flow_map(data, xi, ti, tpi, rtol=rtol, atol=atol)  # noqa: E731
         return jax.vmap(one)(x, t, t_prev)
-    h = (t - t_prev)[:, None]
-    v1 = -x - score(x, t)
-    x_euler = x - h * v1
-    if teacher == "euler":
-        return x_euler
-    v2 = -x_euler - score(x_euler, t_prev)
-    return x - 0.5 * h * (v1 + v2)
+    return pf_ode_step(data, x, t, t_prev, teacher)
 
 
 @eqx.filter_jit
