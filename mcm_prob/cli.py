@@ -66,12 +66,26 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
 
 
-def _report_estimation(tree, path: Path) -> list[str]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path, suffix: str) -> Path:
+    """Save `fig` as a PNG next to the results file (name: stem + suffix) and close it."""
+    png = path.with_name(path.stem + suffix)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    _pyplot().close(fig)
+    return png
+
+
+def _report_estimation(tree, path: Path) -> list[str]:
+    plt = _pyplot()
     res = tree["results"].to_dataset()
     lines = []
     if "bootstrap" not in tree.children:
@@ -148,20 +162,12 @@ def _report_estimation(tree, path: Path) -> list[str]:
         ax.set_xticks(res["step"].values, [f"{v:g}" for v in res["step"].values])
         ax.minorticks_off()
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = path.with_name(path.stem + "_error_vs_step.png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    lines.append(f"plot: {png}")
+    lines.append(f"plot: {_save_figure(fig, path, '_error_vs_step.png')}")
     return lines
 
 
 def _report_sampling(tree, path: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     res = tree["results"].to_dataset()
     lines = [
         "steps to reach KL <= eps^2 (multi-step sampler, exact flow; '-' = more than max_steps)"
@@ -214,11 +220,7 @@ def _report_sampling(tree, path: Path) -> list[str]:
             title=f"{g}: multi-step sampler, exact flow",
         )
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    png = path.with_name(path.stem + "_kl_vs_steps.png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    lines.append(f"plot: {png}")
+    lines.append(f"plot: {_save_figure(fig, path, '_kl_vs_steps.png')}")
     return lines
 
 
