@@ -7,6 +7,8 @@ Checks run on concrete (non-traced) values only, so that public functions raise 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 
@@ -25,6 +27,8 @@ def concrete(value) -> np.ndarray | None:
 
 def real_array(name: str, value, *, ndim: int | None = None) -> np.ndarray:
     """Validate a concrete, finite, real array argument and return it as float64 numpy."""
+    if np.iscomplexobj(value):
+        raise TypeError(f"`{name}` must be real, got a complex array")
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -72,6 +76,74 @@ def check_points(name: str, x, dim: int) -> None:
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
 
 
+def integer(name: str, value, *, ge: int = 1, lt: int | None = None) -> int:
+    """A Python or numpy integer (not a bool, not a float) with ge <= value (< lt); returns int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`{name}` must be an integer >= {ge}, got {value!r}")
+    if value < ge or (lt is not None and value >= lt):
+        bound = f"in [{ge}, {lt})" if lt is not None else f">= {ge}"
+        raise ValueError(f"`{name}` must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def number(
+    name: str,
+    value,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    allow_inf: bool = False,
+) -> float:
+    """A real scalar (int or float, Python or numpy; not bool, not complex) in the given bounds,
+    finite unless `allow_inf` (then +inf passes an upper-unbounded check); returns float."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    )
+    bounds = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else ""]
+    bounds += [f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
+    what = "a finite number" if not allow_inf else "a number (inf allowed)"
+    what += " " + " and ".join(b for b in bounds if b) if any(bounds) else ""
+    if not ok:
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not (allow_inf and v > 0)):
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    if (
+        (gt is not None and not v > gt)
+        or (ge is not None and not v >= ge)
+        or (lt is not None and not v < lt)
+        or (le is not None and not v <= le)
+    ):
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    return v
+
+
+def one_of(name: str, value, options):
+    """`value` must be one of `options` (compared with ==); returns it."""
+    if isinstance(value, (list, dict)) or value not in tuple(options):
+        raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def distinct(name: str, values, item, *, min_len: int = 1) -> tuple:
+    """A list of at least `min_len` distinct items, each checked by `item(f"{name}[i]", v)`."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"`{name}` must be a list, got {values!r}")
+    out = tuple(item(f"{name}[{i}]", v) for i, v in enumerate(values))
+    if len(out) < min_len or len(set(out)) != len(out):
+        raise ValueError(
+            f"`{name}` must be a list of at least {min_len} distinct value(s), got {list(values)!r}"
+        )
+    return out
+
+
+def seeds(name: str, values) -> tuple[int, ...]:
+    """Distinct integer seeds in [0, 2**32)."""
+    return distinct(name, values, lambda n, v: integer(n, v, ge=0, lt=2**32))
+
+
 def finite_or_raise(x, message: str):
     """Return x, raising `FloatingPointError(message)` if it holds NaN or inf.
 
@@ -87,3 +159,14 @@ def finite_or_raise(x, message: str):
     if bool(bad):
         raise FloatingPointError(message)
     return x
+
+
+def data_family(name: str, data) -> None:
+    """`data` must be a `mcm_prob.data.DataDistribution` (a built-in family or a subclass)."""
+    from .data import DataDistribution
+
+    if not isinstance(data, DataDistribution):
+        raise TypeError(
+            f"`{name}` must be a mcm_prob.data.DataDistribution (a built-in family or your "
+            f"subclass of it), got {type(data).__name__}"
+        )

@@ -13,9 +13,9 @@ search doubles K, then bisects.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
+from ._checks import integer, number
 from .data import DataDistribution, Gaussian, UniformBox
 from .diffusion import BASELINES, baseline_law
 from .gridlaw import box_factors, product_kl
@@ -29,10 +29,8 @@ _NFE_PER_STEP = {"ode_heun": 2}
 
 def smallest_steps(kl: Callable[[int], float], eps: float, *, max_steps: int = 4096) -> int | None:
     """Smallest K in [1, max_steps] with kl(K) <= eps**2, or None if even max_steps fails."""
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}")
+    eps = number("eps", eps, gt=0)
+    max_steps = integer("max_steps", max_steps)
     target = eps**2
     hi = 1
     while kl(hi) > target:

@@ -16,7 +16,11 @@ $p_0$ has no Lebesgue density, and samplers must stop early at some delta > 0.
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import inspect
+from collections.abc import Mapping
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -28,11 +32,14 @@ from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array, ArrayLike
 from numpyro.distributions import constraints
 
-from ._checks import check_points, check_time, real_array
+from ._checks import check_points, check_time, integer, real_array
 from .forward import alpha, sigma
 
 __all__ = [
     "DataDistribution",
+    "from_spec",
+    "register_family",
+    "FAMILIES",
     "Gaussian",
     "GaussianMixture",
     "DiracMixture",
@@ -115,33 +122,80 @@ def _cov_t(t, lam: Array, vecs: Array) -> Array:
 
 
 class DataDistribution(eqx.Module):
-    """Common interface of the data families (see the module docstring)."""
+    r"""Abstract base of every data family: subclass it to study your own data.
+
+    A subclass provides `regime` (``"smooth"`` or ``"nonsmooth"``: a field, a property, or
+    ``regime: ClassVar[str] = "smooth"``; a bare ``regime = ...`` is not enough for equinox)
+    and implements the four abstract members below; everything else (`model`, `sample`, the
+    validated `marginal` and `score`, the exact flow by ODE, training, samplers, studies) comes
+    with the base. A subclass that misses one cannot be instantiated, and the error names it.
+
+    * `dim` (property): the data dimension d.
+    * `data_law()`: the law of $X_0$, a NumPyro distribution with event shape (d,).
+    * `marginal_law(t)`: $p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$, for t > 0 (t >= 0
+      when smooth); t may be a tracer.
+    * `unchecked_score(x, t)`: $\nabla_x \log p_t(x)$ for x of shape (..., d), with t a scalar
+      or one time per point (shape x.shape[:-1]); jit-traceable, no argument checks (the flow
+      map, the teachers and the baselines call it inside compiled loops).
+
+    Optionally, set the class variables `family` (a name) and `spec_fields` (constructor
+    arguments) and call `register_family` so that `to_spec` / `from_spec` store and rebuild it;
+    without them a study stores the object by class path, repr and a hash of its arrays.
+
+    Example (an isotropic Gaussian $N(c, v I)$, so that $p_t = N(\alpha_t c, (\alpha_t^2 v +
+    \sigma_t^2) I)$)::
+
+        class Isotropic(mcm_prob.data.DataDistribution):
+            center: jax.Array
+            var: float
+            regime: ClassVar[str] = "smooth"
+
+            @property
+            def dim(self):
+                return self.center.shape[-1]
+
+            def data_law(self):
+                return dist.Normal(self.center, jnp.sqrt(self.var)).to_event(1)
+
+            def marginal_law(self, t):
+                a, s = mcm_prob.alpha(t), mcm_prob.sigma(t)
+                return dist.Normal(a * self.center, jnp.sqrt(a**2 * self.var + s**2)).to_event(1)
+
+            def unchecked_score(self, x, t):
+                a, s = mcm_prob.alpha(t)[..., None], mcm_prob.sigma(t)[..., None]
+                return -(x - a * self.center) / (a**2 * self.var + s**2)
+    """
 
     regime: eqx.AbstractVar[str]
+    family: ClassVar[str | None] = None
+    spec_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
+    @abc.abstractmethod
     def dim(self) -> int:
-        raise NotImplementedError
+        """The data dimension d."""
 
-    def _x0_distribution(self) -> dist.Distribution:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def data_law(self) -> dist.Distribution:
+        """The law of X_0 (event shape (dim,))."""
 
-    def _marginal(self, t) -> dist.Distribution:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def marginal_law(self, t) -> dist.Distribution:
+        """p_t without argument checks (see the class docstring)."""
 
-    def _score(self, x: Array, t) -> Array:
-        """Unvalidated score; t is a scalar or has shape x.shape[:-1] (a time per point)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def unchecked_score(self, x: Array, t) -> Array:
+        """grad log p_t(x) without argument checks; t scalar or of shape x.shape[:-1]."""
 
     def model(self, n: int | None = None) -> Array:
         """NumPyro program sampling site ``"x0"``: shape (dim,) or (n, dim) in plate ``"data"``."""
-        plate = contextlib.nullcontext() if n is None else numpyro.plate("data", _count(n))
+        plate = contextlib.nullcontext() if n is None else numpyro.plate("data", integer("n", n))
         with plate:
-            return numpyro.sample("x0", self._x0_distribution())
+            return numpyro.sample("x0", self.data_law())
 
     def sample(self, key: Array, n: int) -> Array:
         """n exact draws from the data law with an explicit key: shape (n, dim)."""
-        return numpyro.handlers.seed(self.model, key)(_count(n))
+        return numpyro.handlers.seed(self.model, key)(integer("n", n))
 
     def _check_t(self, t) -> None:
         check_time("t", t)
@@ -157,21 +211,72 @@ class DataDistribution(eqx.Module):
     def marginal(self, t: ArrayLike) -> dist.Distribution:
         r"""$p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$ (event shape (dim,))."""
         self._check_t(t)
-        return self._marginal(t)
+        return self.marginal_law(t)
 
     def score(self, x: ArrayLike, t: ArrayLike) -> Array:
         r"""$\nabla_x \log p_t(x)$ for x of shape (..., dim); returns shape (..., dim)."""
         self._check_t(t)
         check_points("x", x, self.dim)
-        return self._score(jnp.asarray(x), t)
+        return self.unchecked_score(jnp.asarray(x), t)
+
+    def to_spec(self) -> dict | None:
+        """A plain dict (fits JSON and TOML) that `from_spec` turns back into this distribution,
+        or None for a family without a registered spec (see the class docstring)."""
+        if self.family is None or FAMILIES.get(self.family) is not type(self):
+            return None
+        return {"family": self.family} | {
+            name: np.asarray(getattr(self, name), np.float64).tolist() for name in self.spec_fields
+        }
 
 
-def _count(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"`n` must be a positive integer, got {n!r}")
-    return int(n)
+FAMILIES: dict[str, type[DataDistribution]] = {}
 
 
+def register_family(cls: type[DataDistribution]) -> type[DataDistribution]:
+    """Make `from_spec` know `cls` under `cls.family` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, DataDistribution)):
+        raise TypeError(f"`cls` must be a DataDistribution subclass, got {cls!r}")
+    if not isinstance(cls.family, str) or not cls.family:
+        raise ValueError(f"{cls.__name__}.family must be a non-empty string, got {cls.family!r}")
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def from_spec(spec: Mapping) -> DataDistribution:
+    """Rebuild a distribution from its spec: ``{"family": name, **constructor arguments}``.
+
+    Families: ``"gaussian"`` (mean, cov; singular cov allowed), ``"gaussian_mixture"``
+    (weights, means, covs), ``"dirac_mixture"`` (atoms, optional weights), ``"uniform_box"``
+    (low, high), and any registered with `register_family`. Unknown families, unknown or
+    missing keys and bad values raise `ValueError` naming the key and what is accepted.
+    """
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a data spec must be a dict with a 'family' key, got {type(spec).__name__}")
+    family = spec.get("family")
+    if family not in FAMILIES:
+        raise ValueError(
+            f"data spec key 'family' must be one of {sorted(FAMILIES)}, got {family!r}"
+        )
+    cls = FAMILIES[family]
+    args = {k: v for k, v in spec.items() if k != "family"}
+    params = inspect.signature(cls.__init__).parameters
+    required = [n for n in cls.spec_fields if params[n].default is inspect.Parameter.empty]
+    unknown = sorted(set(args) - set(cls.spec_fields))
+    missing = [n for n in required if n not in args]
+    if unknown or missing:
+        raise ValueError(
+            f"data spec for family {family!r}: "
+            + (f"unknown key(s) {unknown}; " if unknown else "")
+            + (f"missing key(s) {missing}; " if missing else "")
+            + f"accepted keys: {['family', *cls.spec_fields]}"
+        )
+    try:
+        return cls(**args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"data spec for family {family!r}: {err}") from err
+
+
+@register_family
 class Gaussian(DataDistribution):
     r"""$N(m, \Sigma)$ with $\Sigma$ symmetric PSD. Smooth when $\Sigma$ is PD, non-smooth when
     singular (then $p_0$ lives on an affine subspace and only t > 0 has a density).
@@ -186,6 +291,8 @@ class Gaussian(DataDistribution):
     eigvecs: Array
     factor: Array  # Cholesky factor of cov (smooth) or eigvecs * sqrt(eigvals) (singular)
     regime: str = eqx.field(static=True)
+    family = "gaussian"
+    spec_fields = ("mean", "cov")
 
     def __init__(self, mean: ArrayLike, cov: ArrayLike):
         m = real_array("mean", mean, ndim=1)
@@ -206,29 +313,25 @@ class Gaussian(DataDistribution):
     def dim(self) -> int:
         return self.mean.shape[-1]
 
-    def _x0_distribution(self):
+    def data_law(self):
         if self.regime == "smooth":
             return dist.MultivariateNormal(self.mean, scale_tril=self.factor)
         return DegenerateNormal(self.mean, self.factor)
-
-    def sample(self, key: Array, n: int) -> Array:
-        """n exact draws m + F z (F F^T = cov, z ~ N(0, I)): the law of `model`, one matmul."""
-        z = jax.random.normal(key, (_count(n), self.dim), self.mean.dtype)
-        return self.mean + z @ self.factor.T
 
     def cov_t(self, t: ArrayLike) -> Array:
         r"""$\Sigma_t = \alpha_t^2\Sigma + \sigma_t^2 I$, shape (dim, dim)."""
         return _cov_t(t, self.eigvals, self.eigvecs)
 
-    def _marginal(self, t):
+    def marginal_law(self, t):
         cov = self.cov_t(t)
         return dist.MultivariateNormal(alpha(t) * self.mean, scale_tril=jnp.linalg.cholesky(cov))
 
-    def _score(self, x, t):
+    def unchecked_score(self, x, t):
         _, score = _mixture_terms(x, t, self.mean[None], self.eigvals[None], self.eigvecs[None])
         return score[..., 0, :]
 
 
+@register_family
 class GaussianMixture(DataDistribution):
     r"""$\sum_k w_k N(\mu_k, \Sigma_k)$; smooth when every $\Sigma_k$ is PD.
 
@@ -244,6 +347,8 @@ class GaussianMixture(DataDistribution):
     eigvecs: Array
     factors: Array  # per component, as `Gaussian.factor`
     regime: str = eqx.field(static=True)
+    family = "gaussian_mixture"
+    spec_fields = ("weights", "means", "covs")
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
         mu = real_array("means", means, ndim=2)
@@ -269,22 +374,23 @@ class GaussianMixture(DataDistribution):
     def dim(self) -> int:
         return self.means.shape[-1]
 
-    def _x0_distribution(self):
+    def data_law(self):
         if self.regime == "smooth":
             comp = dist.MultivariateNormal(self.means, scale_tril=self.factors)
         else:
             comp = DegenerateNormal(self.means, self.factors)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def _marginal(self, t):
+    def marginal_law(self, t):
         tril = jnp.linalg.cholesky(_cov_t(t, self.eigvals, self.eigvecs))
         comp = dist.MultivariateNormal(alpha(t) * self.means, scale_tril=tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def _score(self, x, t):
+    def unchecked_score(self, x, t):
         return _mixture_score(x, t, jnp.log(self.weights), self.means, self.eigvals, self.eigvecs)
 
 
+@register_family
 class DiracMixture(DataDistribution):
     r"""$\sum_k w_k \delta_{a_k}$ (an empirical measure for equal weights); always non-smooth.
 
@@ -296,6 +402,8 @@ class DiracMixture(DataDistribution):
     atoms: Array
     weights: Array
     regime: str = eqx.field(static=True)
+    family = "dirac_mixture"
+    spec_fields = ("atoms", "weights")
 
     def __init__(self, atoms: ArrayLike, weights: ArrayLike | None = None):
         a = real_array("atoms", atoms, ndim=2)
@@ -310,20 +418,21 @@ class DiracMixture(DataDistribution):
     def dim(self) -> int:
         return self.atoms.shape[-1]
 
-    def _x0_distribution(self):
+    def data_law(self):
         return Atoms(self.atoms, self.weights)
 
-    def _marginal(self, t):
+    def marginal_law(self, t):
         # MultivariateNormal components: NumPyro's mixtures need a parameter-free support
         tril = sigma(t) * jnp.eye(self.dim, dtype=self.atoms.dtype)
         comp = dist.MultivariateNormal(alpha(t) * self.atoms, scale_tril=tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def _score(self, x, t):
+    def unchecked_score(self, x, t):
         zeros = jnp.zeros_like(self.atoms)
         return _mixture_score(x, t, jnp.log(self.weights), self.atoms, zeros, None)
 
 
+@register_family
 class UniformBox(DataDistribution):
     r"""Uniform on the box $\prod_i [l_i, h_i]$; non-smooth (the density jumps at the faces).
 
@@ -335,6 +444,8 @@ class UniformBox(DataDistribution):
     low: Array
     high: Array
     regime: str = eqx.field(static=True)
+    family = "uniform_box"
+    spec_fields = ("low", "high")
 
     def __init__(self, low: ArrayLike, high: ArrayLike):
         lo = real_array("low", low, ndim=1)
@@ -352,13 +463,13 @@ class UniformBox(DataDistribution):
     def dim(self) -> int:
         return self.low.shape[-1]
 
-    def _x0_distribution(self):
+    def data_law(self):
         return dist.Uniform(self.low, self.high).to_event(1)
 
-    def _marginal(self, t):
+    def marginal_law(self, t):
         return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).to_event(1)
 
-    def _score(self, x, t):
+    def unchecked_score(self, x, t):
         t = jnp.asarray(t)[..., None]
         return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).score(x)
 

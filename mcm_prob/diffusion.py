@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ._checks import finite_or_raise
+from ._checks import data_family, finite_or_raise, integer, number
 from .data import DataDistribution, Gaussian
 from .flow import _ode_solve, pf_ode_step
 from .sampling import SamplerOutput, _gaussian_law
@@ -35,18 +35,11 @@ BASELINES = tuple(f"sde_{m}" for m in _SDE) + tuple(f"ode_{m}" for m in _ODE) + 
 
 
 def _check(data, n, T, delta, steps=None) -> None:
-    if not isinstance(data, DataDistribution):
-        raise TypeError(f"`data` must be a family from mcm_prob.data, got {type(data).__name__}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"`n` must be a positive integer, got {n!r}")
-    if not (math.isfinite(delta) and delta > 0):
-        raise ValueError(f"`delta` must be a finite number > 0, got {delta!r}")
-    if not (math.isfinite(T) and T > delta):
-        raise ValueError(f"`T` must be finite and > delta = {delta}, got {T!r}")
-    if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
-    ):
-        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    data_family("data", data)
+    integer("n", n)
+    number("T", T, gt=number("delta", delta, gt=0))
+    if steps is not None:
+        integer("steps", steps)
 
 
 def _grid(T, delta, steps):
@@ -80,7 +73,7 @@ def sample_sde(
 
     def body(x, inputs):
         k, t_k, h = inputs
-        score = data._score(x, t_k)
+        score = data.unchecked_score(x, t_k)
         xi = jax.random.normal(jax.random.fold_in(k1, k), x.shape, dtype)
         if method == "euler_maruyama":
             return x + h * (x + 2 * score) + jnp.sqrt(2 * h) * xi, None
@@ -134,8 +127,7 @@ def sample_ode_adaptive(
     7 stages, the first reused) plus the initial one, rounded up.
     """
     _check(data, n, T, delta)
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"`rtol` and `atol` must be > 0, got {rtol}, {atol}")
+    number("rtol", rtol, gt=0), number("atol", atol, gt=0)
     x = jax.random.normal(key, (n, data.dim), jnp.result_type(float))
     t0, t1 = jnp.asarray(T, x.dtype), jnp.asarray(delta, x.dtype)
     y, num_steps = _ode_solve(data, x, t0, t1, rtol, atol, max_steps)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from ._checks import check_points, check_time, check_times
+from ._checks import check_points, check_time, check_times, integer, number, one_of
 from .data import DataDistribution, Gaussian
 from .forward import alpha, sigma, snr_ratio, time_from_snr_ratio
 
@@ -50,11 +50,11 @@ def pf_ode_step(data: DataDistribution, x: Array, t, t_next, method: str = "heun
         raise ValueError(f"`method` must be 'euler' or 'heun', got {method!r}")
     t, t_next = jnp.asarray(t), jnp.asarray(t_next)
     h = (t - t_next)[..., None]
-    v1 = -x - data._score(x, t)
+    v1 = -x - data.unchecked_score(x, t)
     x_euler = x - h * v1
     if method == "euler":
         return x_euler
-    return x - 0.5 * h * (v1 - x_euler - data._score(x_euler, t_next))
+    return x - 0.5 * h * (v1 - x_euler - data.unchecked_score(x_euler, t_next))
 
 
 def _gaussian_flow(data: Gaussian, x: Array, t, s) -> Array:
@@ -72,7 +72,7 @@ def _ode_solve(data: DataDistribution, x: Array, t, s, rtol, atol, max_steps: in
 
     def vector_field(rho, y, args):
         tau = time_from_snr_ratio(rho)
-        return -sigma(tau) * data._score(alpha(tau) * y, tau)
+        return -sigma(tau) * data.unchecked_score(alpha(tau) * y, tau)
 
     term = diffrax.ODETerm(vector_field)
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -96,12 +96,9 @@ def _ode_solve(data: DataDistribution, x: Array, t, s, rtol, atol, max_steps: in
 
 
 def _check_options(method, rtol, atol, max_steps) -> None:
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}")
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"`rtol` and `atol` must be > 0, got {rtol}, {atol}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}")
+    one_of("method", method, _METHODS)
+    number("rtol", rtol, gt=0), number("atol", atol, gt=0)
+    integer("max_steps", max_steps)
 
 
 def pf_flow(

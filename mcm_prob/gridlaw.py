@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from ._checks import integer
 from .data import DataDistribution, UniformBox
 from .flow import pf_flow
 from .sampling import sampler_times
@@ -55,10 +56,12 @@ class GridLaw(NamedTuple):
 
 
 def box_factors(box: UniformBox) -> list[UniformBox]:
-    """The 1-d factors of a box: `[UniformBox([low_i], [high_i]) for each coordinate]`."""
+    """The 1-d factors of a box: `[UniformBox([low_i], [high_i]) for each coordinate]`; equal
+    coordinates share one factor object, so `product_kl` computes their grid law once."""
+    made: dict[tuple[float, float], UniformBox] = {}
     return [
-        UniformBox([lo], [hi])
-        for lo, hi in zip(np.asarray(box.low), np.asarray(box.high), strict=True)
+        made.setdefault((lo, hi), UniformBox([lo], [hi]))
+        for lo, hi in zip(np.asarray(box.low).tolist(), np.asarray(box.high).tolist(), strict=True)
     ]
 
 
@@ -99,8 +102,7 @@ def grid_law_1d(
     """
     if data.dim != 1:
         raise ValueError(f"`data` must be a 1-d family (dim == 1), got dim = {data.dim}")
-    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 101:
-        raise ValueError(f"`n_grid` must be an integer >= 101, got {n_grid!r}")
+    integer("n_grid", n_grid, ge=101)
     t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
     if half_width is None:
         extent = np.abs(np.asarray(data.sample(jax.random.key(0), 4096))).max()

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_times
+from ._checks import check_times, integer, number
 from .data import DataDistribution
 from .flow import flow_map
 
@@ -126,8 +126,7 @@ def reference_flows(data: DataDistribution, pairs, *, key: jax.Array, n: int = 2
     pairs = [(float(t), float(s)) for t, s in pairs]
     if not pairs:
         raise ValueError("`pairs` must contain at least one (t, s) pair")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"`n` must be an integer >= 2, got {n!r}")
+    n = integer("n", n, ge=2)
     for t, s in pairs:
         check_times(t, s, s_positive=data.regime == "nonsmooth")
     out = []
@@ -209,8 +208,7 @@ def kl_knn(samples, log_p, *, k: int = 5) -> Estimate:
 
     x = _points("samples", samples)
     n, d = x.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-        raise ValueError(f"`k` must be an integer in [1, n), got {k!r}")
+    k = integer("k", k, ge=1, lt=n)
     eps = cKDTree(x).query(x, k + 1)[0][:, k]
     if np.any(eps <= 0):
         raise ValueError(
@@ -277,7 +275,6 @@ def mmd2(x, y, *, bandwidth: float | None = None) -> Estimate:
             [dxx[np.triu_indices_from(dxx, 1)], dyy[np.triu_indices_from(dyy, 1)], dxy.ravel()]
         )
         bandwidth = float(np.sqrt(np.median(pooled)))
-    if not (math.isfinite(bandwidth) and bandwidth > 0):
-        raise ValueError(f"`bandwidth` must be a finite number > 0, got {bandwidth!r}")
+    bandwidth = number("bandwidth", bandwidth, gt=0)
     g = lambda d2: np.exp(-d2 / (2 * bandwidth**2))  # noqa: E731
     return _two_sample_u(g(dxx), g(dyy), g(dxy))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
+from ._checks import integer
 from .forward import alpha, sigma, snr_ratio
 
 __all__ = ["ConsistencyNet", "boundary_coefficients"]
@@ -67,9 +68,8 @@ class ConsistencyNet(eqx.Module):
         key: Array,
         dtype=jnp.float32,
     ):
-        for name, value, low in (("dim", dim, 1), ("width", width, 1), ("depth", depth, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        dim, width = integer("dim", dim), integer("width", width)
+        depth, n_freq = integer("depth", depth, ge=0), integer("n_freq", n_freq, ge=0)
         self.dim, self.n_freq = dim, n_freq
         self.mlp = eqx.nn.MLP(
             dim + 2 * (1 + 2 * n_freq),

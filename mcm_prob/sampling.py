@@ -20,7 +20,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jaxtyping import Array
 
-from ._checks import finite_or_raise, real_array
+from ._checks import finite_or_raise, integer, number, real_array
 from .data import Gaussian
 from .forward import alpha, sigma
 
@@ -44,15 +44,9 @@ class SamplerOutput(NamedTuple):
 
 
 def _check_schedule(delta, h, steps, tau) -> None:
-    for name, value in (("delta", delta), ("h", h)):
-        if not (
-            isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0
-        ):
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
-    if not (isinstance(tau, (int, float, np.floating)) and tau >= 0 and not math.isnan(tau)):
-        raise ValueError(f"`tau` must be >= 0 (math.inf allowed), got {tau!r}")
+    number("delta", delta, gt=0), number("h", h, gt=0)
+    integer("steps", steps)
+    number("tau", tau, ge=0, allow_inf=True)
 
 
 def sampler_times(*, delta: float, h: float, steps: int, tau: float = 0.0):
@@ -77,10 +71,7 @@ def sample(
     **Returns:** `SamplerOutput(samples (n, dim), nfe=steps)`. The loop is a `lax.scan`, so the
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"`n` must be a positive integer, got {n!r}")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
+    n, dim = integer("n", n), integer("dim", dim)
     t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
     gap = np.append(gap, 0.0)  # no re-noising after the last step
     dtype = jnp.result_type(float)
@@ -124,8 +115,7 @@ def sample_gamma(f, key, n, *, dim, delta, h, steps, gamma: float) -> SamplerOut
 
     gamma in [0, 1] maps to tau = gamma h (gamma = 0 deterministic; gamma = 1 jumps one step
     further than the next time; larger jumps use `sample_song`)."""
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"`gamma` must be in [0, 1], got {gamma!r}")
+    gamma = number("gamma", gamma, ge=0, le=1)
     return sample(f, key, n, dim=dim, delta=delta, h=h, steps=steps, tau=gamma * h)
 
 

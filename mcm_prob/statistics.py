@@ -1,6 +1,6 @@
-r"""Rate analysis of error studies: error ~ C Delta^alpha per regime, with honest uncertainty.
+r"""Rate analysis of error studies: error ~ C Delta^alpha per data entry, with honest uncertainty.
 
-Input: an `xarray.DataArray` of positive errors with dims (regime, step, seed) (any extra dims
+Input: an `xarray.DataArray` of positive errors with dims (entry, step, seed) (any extra dims
 are averaged first). The seed is the independent unit.
 
 * `bootstrap_rates`: resample seeds with replacement (B times, jointly across steps, since a
@@ -8,12 +8,12 @@ are averaged first). The seed is the independent unit.
   by least squares on the per-step means of log error, and report **percentile** intervals for
   alpha and for the per-step mean errors.
 * `posterior_rates`: the NumPyro model
-  $\log e_{r,i,j} = \log C_r + \alpha_r \log\Delta_i + u_{r,j} + \epsilon$, seed effects
-  $u_{r,j} \sim N(0, \tau_r^2)$ (non-centred), Student-t noise $\epsilon \sim t_\nu(0, \sigma_r)$,
+  $\log e_{e,i,j} = \log C_e + \alpha_e \log\Delta_i + u_{e,j} + \epsilon$, seed effects
+  $u_{e,j} \sim N(0, \tau_e^2)$ (non-centred), Student-t noise $\epsilon \sim t_\nu(0, \sigma_e)$,
   weakly informative priors, fitted with NUTS on several chains. ArviZ diagnostics (r_hat,
   bulk ESS) and HDIs are stored with the draws; a rate whose r_hat > 1.01 or bulk ESS < the
   threshold is not reported (NaN) and the reason is recorded. Also the posterior probability
-  that alpha of the first regime exceeds alpha of the second.
+  that alpha of the first entry exceeds alpha of the second.
 """
 
 from __future__ import annotations
@@ -28,21 +28,23 @@ import numpyro.distributions as dist
 import xarray as xr
 from numpyro.infer import MCMC, NUTS
 
+from ._checks import integer, number
+
 __all__ = ["bootstrap_rates", "posterior_rates", "rate_model", "R_HAT_MAX"]
 
 R_HAT_MAX = 1.01
 
 
 def _log_errors(errors: xr.DataArray) -> xr.DataArray:
-    missing = {"regime", "step", "seed"} - set(errors.dims)
+    missing = {"entry", "step", "seed"} - set(errors.dims)
     if missing:
         raise ValueError(
-            f"`errors` needs dims ('regime', 'step', 'seed'); missing {sorted(missing)}"
+            f"`errors` needs dims ('entry', 'step', 'seed'); missing {sorted(missing)}"
         )
-    extra = [d for d in errors.dims if d not in ("regime", "step", "seed")]
+    extra = [d for d in errors.dims if d not in ("entry", "step", "seed")]
     if extra:
         errors = errors.mean(extra)
-    errors = errors.transpose("regime", "step", "seed")
+    errors = errors.transpose("entry", "step", "seed")
     if errors.sizes["step"] < 2 or errors.sizes["seed"] < 2:
         raise ValueError("need at least 2 steps and 2 seeds to fit a rate")
     vals = errors.values
@@ -54,16 +56,14 @@ def _log_errors(errors: xr.DataArray) -> xr.DataArray:
 def bootstrap_rates(
     errors: xr.DataArray, *, n_boot: int = 2000, ci: float = 0.9, seed: int = 0
 ) -> xr.Dataset:
-    """Percentile-bootstrap CIs over seeds for alpha (per regime) and the per-step mean errors.
+    """Percentile-bootstrap CIs over seeds for alpha (per data entry) and the per-step mean errors.
 
-    **Returns:** Dataset with `alpha` (regime), `alpha_low`, `alpha_high`, `log_C` (regime),
-    `mean_error`, `mean_error_low`, `mean_error_high` (regime, step) and the draws
-    `alpha_boot` (regime, boot); attrs say the method and level.
+    **Returns:** Dataset with `alpha` (entry), `alpha_low`, `alpha_high`, `log_C` (entry),
+    `mean_error`, `mean_error_low`, `mean_error_high` (entry, step) and the draws
+    `alpha_boot` (entry, boot); attrs say the method and level.
     """
-    if not 0 < ci < 1:
-        raise ValueError(f"`ci` must be in (0, 1), got {ci!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
-        raise ValueError(f"`n_boot` must be an integer >= 100, got {n_boot!r}")
+    ci = number("ci", ci, gt=0, lt=1)
+    n_boot = integer("n_boot", n_boot, ge=100)
     loge = _log_errors(errors)
     err = np.exp(loge.values)  # (R, S, J)
     x = np.log(loge["step"].values.astype(float))
@@ -81,26 +81,26 @@ def bootstrap_rates(
     alpha_hat, logc_hat = fit(loge.values.mean(-1))
     boot_mean_err = np.exp(boot).mean(-1)  # (R, S, B)
     lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
-    regime, step = loge["regime"].values, loge["step"].values
-    rs = ("regime", "step")
+    regime, step = loge["entry"].values, loge["step"].values
+    rs = ("entry", "step")
     ds = xr.Dataset(
         {
             "alpha": (
-                "regime",
+                "entry",
                 alpha_hat,
                 {"long_name": "fitted rate alpha in error ~ C step^alpha"},
             ),
             "alpha_low": (
-                "regime",
+                "entry",
                 np.quantile(alpha_b, lo, axis=-1),
                 {"long_name": f"{ci:.0%} percentile CI, lower"},
             ),
             "alpha_high": (
-                "regime",
+                "entry",
                 np.quantile(alpha_b, hi, axis=-1),
                 {"long_name": f"{ci:.0%} percentile CI, upper"},
             ),
-            "log_C": ("regime", logc_hat, {"long_name": "fitted log C"}),
+            "log_C": ("entry", logc_hat, {"long_name": "fitted log C"}),
             "mean_error": (rs, err.mean(-1), {"long_name": "mean error over seeds"}),
             "mean_error_low": (
                 rs,
@@ -112,9 +112,9 @@ def bootstrap_rates(
                 np.quantile(boot_mean_err, hi, axis=-1),
                 {"long_name": "percentile CI, upper"},
             ),
-            "alpha_boot": (("regime", "boot"), alpha_b, {"long_name": "bootstrap draws of alpha"}),
+            "alpha_boot": (("entry", "boot"), alpha_b, {"long_name": "bootstrap draws of alpha"}),
         },
-        coords={"regime": regime, "step": step, "boot": np.arange(n_boot)},
+        coords={"entry": regime, "step": step, "boot": np.arange(n_boot)},
         attrs={
             "method": "percentile bootstrap over seeds (resampled jointly across steps); OLS of per-step mean log error on log step",
             "ci": ci,
@@ -156,15 +156,17 @@ def posterior_rates(
     """Fit the Bayesian rate model with NUTS (`chains` vectorized chains).
 
     **Returns:** `(posterior, summary)`: the draws of alpha, log_C, sigma, tau, nu with dims
-    (chain, draw, regime), and a summary Dataset with, per regime, `alpha_mean`, `alpha_hdi_low`,
+    (chain, draw, entry), and a summary Dataset with, per data entry, `alpha_mean`, `alpha_hdi_low`,
     `alpha_hdi_high`, `r_hat`, `ess_bulk` (of alpha), `reported` (bool), and attrs
-    `refused` (JSON: regime -> reason) and `p_alpha_first_gt_second`.
+    `refused` (JSON: entry -> reason) and `p_alpha_first_gt_second`.
     """
     import arviz_base as azb
     import arviz_stats  # noqa: F401  (registers the .azstats accessors)
 
-    if chains < 2:
-        raise ValueError(f"`chains` must be >= 2 for r_hat, got {chains}")
+    chains = integer("chains", chains, ge=2)  # r_hat needs several chains
+    warmup, samples = integer("warmup", warmup), integer("samples", samples)
+    ci, min_ess = number("ci", ci, gt=0, lt=1), integer("min_ess", min_ess)
+    seed = integer("seed", seed, ge=0, lt=2**32)
     loge = _log_errors(errors)
     r, s, j = loge.shape
     ri, si, ji = np.meshgrid(np.arange(r), np.arange(s), np.arange(j), indexing="ij")
@@ -187,15 +189,15 @@ def posterior_rates(
         j,
         log_err=jnp.asarray(loge.values.ravel()),
     )
-    regimes = loge["regime"].values
+    regimes = loge["entry"].values
     draws = mcmc.get_samples(group_by_chain=True)
     post = xr.Dataset(
         {
-            name: (("chain", "draw", "regime"), np.asarray(draws[name], np.float64))
+            name: (("chain", "draw", "entry"), np.asarray(draws[name], np.float64))
             for name in ("alpha", "log_C", "sigma", "tau")
         }
         | {"nu": (("chain", "draw"), np.asarray(draws["nu"], np.float64))},
-        coords={"chain": np.arange(chains), "draw": np.arange(samples), "regime": regimes},
+        coords={"chain": np.arange(chains), "draw": np.arange(samples), "entry": regimes},
     )
     post["alpha"].attrs["long_name"] = "rate alpha in log error = log C + alpha log step + ..."
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
@@ -216,31 +218,31 @@ def posterior_rates(
             )
     reported = np.array([str(n) not in refused for n in regimes])
     alpha_mean = post["alpha"].mean(("chain", "draw")).values
-    hdi_vals = hdi.transpose("regime", ...).values
+    hdi_vals = hdi.transpose("entry", ...).values
     summary = xr.Dataset(
         {
             "alpha_mean": (
-                "regime",
+                "entry",
                 np.where(reported, alpha_mean, np.nan),
                 {"long_name": "posterior mean of alpha (NaN when refused)"},
             ),
             "alpha_hdi_low": (
-                "regime",
+                "entry",
                 np.where(reported, hdi_vals[:, 0], np.nan),
                 {"long_name": f"{ci:.0%} HDI, lower"},
             ),
             "alpha_hdi_high": (
-                "regime",
+                "entry",
                 np.where(reported, hdi_vals[:, 1], np.nan),
                 {"long_name": f"{ci:.0%} HDI, upper"},
             ),
-            "r_hat": ("regime", alpha_rhat, {"long_name": "rank-normalised split r_hat of alpha"}),
-            "ess_bulk": ("regime", alpha_ess, {"long_name": "bulk effective sample size of alpha"}),
-            "reported": ("regime", reported, {"long_name": "rate passes the diagnostics"}),
+            "r_hat": ("entry", alpha_rhat, {"long_name": "rank-normalised split r_hat of alpha"}),
+            "ess_bulk": ("entry", alpha_ess, {"long_name": "bulk effective sample size of alpha"}),
+            "reported": ("entry", reported, {"long_name": "rate passes the diagnostics"}),
         },
-        coords={"regime": regimes},
+        coords={"entry": regimes},
         attrs={
-            "model": "log err = log C_r + alpha_r log step + u_rj + StudentT(nu, 0, sigma_r); u_rj ~ N(0, tau_r^2)",
+            "model": "log err = log C_e + alpha_e log step + u_ej + StudentT(nu, 0, sigma_e); u_ej ~ N(0, tau_e^2)",
             "sampler": f"NUTS, {chains} chains x {samples} draws after {warmup} warm-up, seed {seed}",
             "hdi_prob": ci,
             "min_ess": min_ess,
@@ -253,5 +255,5 @@ def posterior_rates(
     if r >= 2:
         a = post["alpha"].values
         summary.attrs["p_alpha_first_gt_second"] = float(np.mean(a[..., 0] > a[..., 1]))
-        summary.attrs["p_alpha_first_gt_second_regimes"] = f"{regimes[0]} > {regimes[1]}"
+        summary.attrs["p_alpha_first_gt_second_entries"] = f"{regimes[0]} > {regimes[1]}"
     return post, summary

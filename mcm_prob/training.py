@@ -47,6 +47,8 @@ import optax
 from jax.scipy.special import ndtr, ndtri
 from tqdm.auto import tqdm
 
+from . import _checks
+from ._checks import check_times, data_family, integer, number, one_of
 from .data import DataDistribution
 from .flow import flow_map, pf_ode_step
 from .forward import alpha, sigma
@@ -125,8 +127,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, options in _CHOICES.items():
-            if getattr(self, name) not in options:
-                raise ValueError(f"`{name}` must be one of {options}, got {getattr(self, name)!r}")
+            one_of(name, getattr(self, name), options)
         for name, low in (
             ("iterations", 1),
             ("batch_size", 1),
@@ -136,23 +137,18 @@ class TrainConfig:
             ("warmup_iterations", 0),
             ("chunk_size", 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-        positive = ["step", "T", "learning_rate", "lognormal_scale", "teacher_rtol", "teacher_atol"]
-        for name in positive + ["grad_clip", "huber_c"]:
-            value = getattr(self, name)
-            if value is None and name in ("grad_clip", "huber_c"):
-                continue
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < self.T):
-            raise ValueError(f"`delta` must satisfy 0 <= delta < T = {self.T}, got {self.delta!r}")
-        if not math.isfinite(self.lognormal_loc):
-            raise ValueError(f"`lognormal_loc` must be finite, got {self.lognormal_loc!r}")
+            integer(name, getattr(self, name), ge=low)
+        for name in ("step", "T", "learning_rate", "lognormal_scale", "teacher_rtol", "teacher_atol"):
+            number(name, getattr(self, name), gt=0)
+        for name in ("grad_clip", "huber_c"):
+            if getattr(self, name) is not None:
+                number(name, getattr(self, name), gt=0)
+        number("delta", self.delta, ge=0, lt=self.T)
+        number("lognormal_loc", self.lognormal_loc)
         for name in ("ema_decay", "target_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
+            number(name, getattr(self, name), ge=0, lt=1)
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"`progress` must be True or False, got {self.progress!r}")
         self.grid_size(self.step)
 
     def grid_size(self, step: float | None = None) -> int:
@@ -217,12 +213,9 @@ def teacher_map(
     $E\|\Psi^{(n)}_\Delta(x) - \Phi_{t\to s}(x)\|^2$ is the discretization part of a learned
     model's error (no learning involved). x: (n_points, dim); (t - s)/step must be an integer.
     """
-    if teacher not in _CHOICES["teacher"]:
-        raise ValueError(f"`teacher` must be one of {_CHOICES['teacher']}, got {teacher!r}")
-    if not (math.isfinite(step) and step > 0):
-        raise ValueError(f"`step` must be a finite number > 0, got {step!r}")
-    if not 0 <= s <= t:
-        raise ValueError(f"need 0 <= s <= t, got s={s}, t={t}")
+    one_of("teacher", teacher, _CHOICES["teacher"])
+    step = number("step", step, gt=0)
+    check_times(t, s)
     n = round((t - s) / step)
     if abs(n * step - (t - s)) > 1e-9 * max(1.0, t):
         raise ValueError(f"(t - s) / step must be an integer, got ({t} - {s}) / {step}")
@@ -328,8 +321,7 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
 
 
 def _check_data(data: DataDistribution, cfg: TrainConfig) -> None:
-    if not isinstance(data, DataDistribution):
-        raise TypeError(f"`data` must be a family from mcm_prob.data, got {type(data).__name__}")
+    data_family("data", data)
     if data.regime == "nonsmooth" and cfg.delta <= 0:
         raise ValueError(
             f"{type(data).__name__} is non-smooth: `delta` must be > 0 (early stopping), got {cfg.delta}"
@@ -445,11 +437,9 @@ def fit_grid(
     non-finite and its training stopped, or -1) and `history["wall_time"]`.
     """
     steps = tuple(float(v) for v in np.atleast_1d(np.asarray(steps, dtype=float)))
-    seeds = tuple(np.atleast_1d(np.asarray(seeds)).tolist())
-    if not steps or not seeds:
-        raise ValueError("`steps` and `seeds` must be non-empty")
-    if not all(isinstance(v, int) and 0 <= v < 2**32 for v in seeds):
-        raise ValueError(f"`seeds` must be integers in [0, 2**32), got {seeds}")
+    seeds = _checks.seeds("seeds", np.atleast_1d(seeds).tolist())
+    if not steps:
+        raise ValueError("`steps` must be non-empty")
     for v in steps:
         dataclasses.replace(config, step=v)  # validates each Delta before any work
     _check_data(data, config)

@@ -218,8 +218,8 @@ def test_w2_gaussian():
         (dict(delta=0.0), "`delta` must be a finite number > 0"),
         (dict(steps=0), "`steps` must be an integer >= 1"),
         (dict(tau=-1.0), "`tau` must be >= 0"),
-        (dict(n=0), "`n` must be a positive integer"),
-        (dict(dim=0), "`dim` must be a positive integer"),
+        (dict(n=0), "`n` must be an integer >= 1"),
+        (dict(dim=0), "`dim` must be an integer >= 1"),
     ],
 )
 def test_bad_sampler_arguments(kwargs, match):

@@ -24,9 +24,9 @@ def synthetic(alphas, *, n_seed=8, noise=0.15, seed_sd=0.1, rng):
     )
     return xr.DataArray(
         np.exp(loge),
-        dims=("regime", "step", "seed"),
+        dims=("entry", "step", "seed"),
         coords={
-            "regime": ["smooth", "nonsmooth"][: len(alphas)],
+            "entry": ["smooth", "nonsmooth"][: len(alphas)],
             "step": STEPS,
             "seed": np.arange(n_seed),
         },

@@ -1,0 +1,378 @@
+r"""The study driver: one loop that every study runs in.
+
+A study (a subclass of `Study`) supplies small pure pieces: its config type and `--quick`
+settings, the empty results `schema` with a boolean ``done`` variable over the cell dims, the
+`cells` (positional indexers into ``done``), how to `run_cell` (writing into the dataset), how to
+`finalize` (extra groups such as fitted rates, computed once every cell is done), and its
+`report(tree) -> str` and `plot(tree) -> Figure`. The driver owns everything else:
+
+* opening: an existing file is refused unless `resume` (same config; a changed config is refused
+  with the differences named) or `overwrite`;
+* one atomic save (`mcm_prob.results.save_tree`) after every finished cell, with a ``done`` mask,
+  so an interruption loses at most the running cell and `resume=True` continues from the file;
+* the ``status`` attribute: ``"partial"`` until `finalize` has been written, then ``"complete"``;
+* provenance (versions, config JSON with every data spec, seeds, dtype, device, time);
+* progress bars.
+
+**Data entries.** A study config's ``data`` maps the user's labels to data: a spec dict
+(`mcm_prob.data.from_spec`; an extra key ``delta`` sets that entry's early-stopping time) or,
+from Python, any `mcm_prob.data.DataDistribution` object, including a user subclass. The file
+stores each entry's spec, or for a family without a spec its class path, repr and a SHA-256 of
+its arrays, so that a resume with a different object is refused.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .._checks import number
+from ..data import DataDistribution, from_spec
+from ..results import load_tree, provenance, save_tree
+
+__all__ = [
+    "Study",
+    "StudyConfig",
+    "StudyExists",
+    "Entry",
+    "data_entries",
+    "describe",
+    "run_study",
+    "load_config",
+    "config_diff",
+    "TIME_UNITS",
+]
+
+TIME_UNITS = "OU time (dX = -X dt + sqrt(2) dB)"
+_LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+class StudyExists(FileExistsError):
+    """The output file exists and neither resume nor overwrite was asked for."""
+
+
+# ------------------------------------------------------------------ data entries
+def describe(data: DataDistribution) -> dict:
+    """What a results file records about a distribution: its spec when it has one, else
+    ``{"class": module path, "repr": repr, "sha256": hash of its tree structure and arrays}``."""
+    spec = data.to_spec()
+    if spec is not None:
+        return spec
+    h = hashlib.sha256(str(jax.tree_util.tree_structure(data)).encode())
+    for leaf in jax.tree_util.tree_leaves(data):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    cls = type(data)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "repr": repr(data),
+        "sha256": h.hexdigest(),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One data entry of a study: its label, distribution, recorded description and the
+    early-stopping time given for it (None: the study's default for its regime)."""
+
+    label: str
+    data: DataDistribution
+    description: dict
+    delta: float | None = None
+
+    def to_json(self) -> dict:
+        return self.description | ({} if self.delta is None else {"delta": self.delta})
+
+
+def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
+    """Validate a study's ``data`` table (label -> spec dict or distribution object)."""
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(
+            f"config key `{name}` must be a non-empty table of entries, label -> data spec "
+            f'(e.g. {{family = "gaussian", mean = [0.0], cov = [[1.0]]}}), got {data!r}'
+        )
+    out = {}
+    for label, value in data.items():
+        if not isinstance(label, str) or not _LABEL.match(label):
+            raise ValueError(
+                f"config key `{name}`: entry labels must start with a letter or '_' and contain "
+                f"only letters, digits, '_', '-', '.', got {label!r}"
+            )
+        where = f"{name}.{label}"
+        if isinstance(value, Entry):  # an already validated entry (e.g. dataclasses.replace)
+            out[label] = dataclasses.replace(value, label=label)
+            continue
+        if isinstance(value, DataDistribution):
+            dist, delta = value, None
+        elif isinstance(value, Mapping):
+            spec = dict(value)
+            delta = spec.pop("delta", None)
+            if delta is not None:
+                delta = number(f"{where}.delta", delta, gt=0)
+            try:
+                dist = from_spec(spec)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"config key `{where}`: {err}") from err
+        else:
+            raise TypeError(
+                f"config key `{where}` must be a data spec (a dict with 'family') or a "
+                f"mcm_prob.data.DataDistribution, got {type(value).__name__}"
+            )
+        out[label] = Entry(label, dist, describe(dist), delta)
+    return out
+
+
+# ------------------------------------------------------------------ configs
+def _jsonable(value):
+    if isinstance(value, Entry):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return repr(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Base of the study configs: frozen dataclasses whose ``data`` field holds the entries."""
+
+    data: Any = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", data_entries(self.data))
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        return self.data
+
+    def to_json(self) -> str:
+        """The full config (data specs included) as canonical JSON text."""
+        return json.dumps(_jsonable(self), sort_keys=True)
+
+
+def _deep_merge(base: dict, top: Mapping, nested: tuple[str, ...]) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if key in nested and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            out[key] = dict(out[key]) | dict(value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(cls: type[StudyConfig], values: Mapping, study: str):
+    """`cls(**values)` after refusing unknown keys with the list of valid ones."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown} for the {study} study; valid keys: {valid}"
+        )
+    return cls(**values)
+
+
+def load_config(path: str | Path | None, study: Study, *, quick: bool = False) -> StudyConfig:
+    """The study's config from a TOML file's ``[NAME]`` table (or its top level when the file
+    has no tables), over the `--quick` settings if asked; nested tables (e.g. ``train``) merge
+    key by key, ``data`` replaces the default entries. Errors name the key or table."""
+    values = dict(study.quick) if quick else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist or is not a file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not valid TOML: {err}") from err
+        if study.name in raw:
+            table = raw[study.name]
+        else:
+            tables = [k for k, v in raw.items() if isinstance(v, dict)]
+            if tables:
+                raise ValueError(
+                    f"config file {path} has no [{study.name}] table (found {tables}); put the "
+                    f"{study.name} settings under [{study.name}]"
+                )
+            table = raw
+        values = _deep_merge(values, table, study.nested)
+    return build_config(study.config_type, values, study.name)
+
+
+def config_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two decoded JSON configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            sub = f"{path}.{key}" if path else key
+            if key not in old:
+                out.append(f"{sub}: added ({_short(new[key])})")
+            elif key not in new:
+                out.append(f"{sub}: removed (was {_short(old[key])})")
+            else:
+                out += config_diff(old[key], new[key], sub)
+        return out
+    return [] if old == new else [f"{path}: {_short(old)} in the file, {_short(new)} now"]
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------ studies
+class Study(abc.ABC):
+    """A registered study: its name, config type, `--quick` settings and the pieces the driver
+    calls (see the module docstring)."""
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[StudyConfig]]
+    quick: ClassVar[dict] = {}
+    nested: ClassVar[tuple[str, ...]] = ()  # config keys holding sub-tables merged key by key
+
+    @abc.abstractmethod
+    def schema(self, config) -> xr.Dataset:
+        """The empty results (NaN) with a boolean ``done`` variable over the cell dims."""
+
+    @abc.abstractmethod
+    def cells(self, config) -> list[dict[str, int]]:
+        """The cells, as positional indexers into ``done``, in running order."""
+
+    @abc.abstractmethod
+    def run_cell(self, config, ds: xr.Dataset, cell: dict, cache: dict, *, progress: bool) -> None:
+        """Compute one cell and write it into `ds`; `cache` persists across the cells of a run."""
+
+    def finalize(self, config, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+        """Extra groups computed once every cell is done (default: none)."""
+        return {}
+
+    def seeds(self, config) -> tuple[int, ...]:
+        return tuple(getattr(config, "seeds", ()))
+
+    def dtype(self, config) -> str:
+        return str(jax.numpy.result_type(float))
+
+    @abc.abstractmethod
+    def report(self, tree: xr.DataTree) -> str:
+        """The summary table of a (possibly partial) results file."""
+
+    @abc.abstractmethod
+    def plot(self, tree: xr.DataTree):
+        """A matplotlib Figure of the results."""
+
+
+def _open(out: Path, config_json: str, resume: bool, overwrite: bool, study: str):
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} exists and is not a file")
+    if out.exists():
+        if overwrite:
+            return None
+        if not resume:
+            raise StudyExists(
+                f"{out} exists: pass --resume to continue it (same config) or --overwrite to replace it"
+            )
+        tree = load_tree(out)
+        if tree.attrs.get("study") != study:
+            raise ValueError(f"{out} holds a {tree.attrs.get('study')!r} study, not {study!r}")
+        old = tree.attrs.get("config")
+        if old != config_json:
+            try:
+                changes = config_diff(json.loads(old), json.loads(config_json))
+            except (TypeError, ValueError):
+                changes = ["the file's config is not readable JSON"]
+            raise ValueError(
+                f"{out} was written with a different config; cannot resume. Differences: "
+                + "; ".join(changes)
+                + ". Use --overwrite or another --out"
+            )
+        return tree
+    if resume:
+        raise FileNotFoundError(f"--resume given but {out} does not exist")
+    return None
+
+
+def _require_x64() -> None:
+    if not jax.config.jax_enable_x64:
+        raise ValueError(
+            "studies compute ground truth in float64: call "
+            'jax.config.update("jax_enable_x64", True) before running one (the mcm-prob '
+            "command does this for its own process)"
+        )
+
+
+def run_study(
+    study: Study,
+    config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> xr.DataTree:
+    """Run (or resume) `study` with `config`, saving `out` after every finished cell.
+
+    `stop_after`: return after that many newly finished cells (the file is then partial and
+    `resume=True` completes it). Interruptions (KeyboardInterrupt) keep the finished cells.
+    """
+    if not isinstance(config, study.config_type):
+        raise TypeError(
+            f"`config` must be a {study.config_type.__name__} for the {study.name} study, "
+            f"got {type(config).__name__}"
+        )
+    _require_x64()
+    out = Path(out)
+    cfg_json = config.to_json()
+    previous = _open(out, cfg_json, resume, overwrite, study.name)
+    start = time.perf_counter()
+    ds = study.schema(config) if previous is None else previous["results"].to_dataset()
+    elapsed = 0.0 if previous is None else float(previous.attrs.get("wall_time_s", 0.0))
+
+    def save(groups: dict, status: str) -> None:
+        tree = xr.DataTree.from_dict(groups)
+        tree.attrs = provenance(
+            config_json=cfg_json,
+            seeds=study.seeds(config),
+            dtype=study.dtype(config),
+            wall_time=elapsed + time.perf_counter() - start,
+            study=study.name,
+        ) | {"status": status}
+        save_tree(tree, out)
+
+    cells = study.cells(config)
+    todo = [c for c in cells if not bool(ds["done"][c])]
+    cache: dict = {}
+    with tqdm(
+        total=len(cells),
+        initial=len(cells) - len(todo),
+        desc=f"{study.name} cells",
+        disable=not progress,
+    ) as bar:
+        for n, cell in enumerate(todo, 1):
+            study.run_cell(config, ds, cell, cache, progress=progress)
+            ds["done"][cell] = True
+            save({"/results": ds}, "partial")
+            bar.update(1)
+            if stop_after is not None and n >= stop_after and n < len(todo):
+                return load_tree(out)
+    save({"/results": ds} | study.finalize(config, ds), "complete")
+    return load_tree(out)

@@ -1,0 +1,327 @@
+r"""Sampling study: exact KL of the multi-step sampler with the exact flow versus steps and tau.
+
+Entries with exact sampler laws: Gaussian data (any mean and covariance; exact Gaussian laws)
+and product targets (``uniform_box``: exact 1-d grid laws summed over coordinates, identical
+coordinates computed once). For Gaussian entries also the exact KL of the fixed-step diffusion
+baselines from T, and for all entries steps-to-eps tables. `finalize` fits
+steps ~ a + b log(d / eps) per regime and tau over the entries (the smooth-data claim is
+O(log(d/eps))) and stores it in ``/fits``.
+
+Default: the Gaussian N(0.5, diag(0.5..2)) and the cube [-1, 1]^d for d = 1, 2, 4, 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import xarray as xr
+
+from .._checks import distinct, integer, number, one_of
+from ..accuracy import kl_of_steps, steps_to_accuracy
+from ..data import Gaussian, UniformBox
+from ..diffusion import BASELINES
+from .driver import TIME_UNITS, Study, StudyConfig
+
+__all__ = ["SamplingConfig", "SamplingStudy", "default_sampling_data"]
+
+
+def default_sampling_data(dims=(1, 2, 4, 8)) -> dict:
+    """Gaussian N(0.5, diag(linspace(0.5, 2, d))) and the cube [-1, 1]^d for each d."""
+    gauss = {
+        f"gaussian_d{d}": {
+            "family": "gaussian",
+            "mean": [0.5] * d,
+            "cov": np.diag(np.linspace(0.5, 2.0, d)).tolist(),
+        }
+        for d in dims
+    }
+    box = {
+        f"box_d{d}": {"family": "uniform_box", "low": [-1.0] * d, "high": [1.0] * d} for d in dims
+    }
+    return gauss | box
+
+
+_BASELINES = BASELINES[:-1]  # the fixed-step ones (exact laws)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig(StudyConfig):
+    """Settings of the sampling study (TOML table ``[sampling]``).
+
+    - `data`: entries label -> Gaussian or uniform-box spec (optional ``delta``) or object.
+    - `max_steps`, `h`, `taus`: the constant-step sampler, K = 1..max_steps, each tau (inf:
+      Song et al.'s Algorithm 1).
+    - `delta_smooth`, `delta_nonsmooth`: stop time of entries without their own.
+    - `T`, `baselines`, `baseline_steps`: the diffusion baselines (Gaussian entries).
+    - `eps`: accuracy targets KL <= eps^2; `n_grid`: grid points of the 1-d grid laws.
+    """
+
+    data: Mapping = dataclasses.field(default_factory=default_sampling_data)
+    max_steps: int = 12
+    h: float = 0.5
+    taus: tuple = (0.0, 0.5, math.inf)
+    delta_smooth: float = 0.01
+    delta_nonsmooth: float = 0.05
+    T: float = 8.0
+    baselines: tuple = _BASELINES
+    baseline_steps: tuple = (4, 8, 16, 32, 64, 128, 256)
+    eps: tuple = (0.1, 0.03, 0.01)
+    n_grid: int = 2001
+
+    def __post_init__(self):
+        super().__post_init__()
+        for label, entry in self.entries.items():
+            if type(entry.data) not in (Gaussian, UniformBox):
+                raise ValueError(
+                    f"config key `data.{label}`: the sampling study needs exact sampler laws, "
+                    "i.e. a 'gaussian' (any mean and covariance) or a 'uniform_box' (product "
+                    f"target); got {type(entry.data).__name__}"
+                )
+        pos = lambda n, v: number(n, v, gt=0)  # noqa: E731
+        taus = distinct("taus", self.taus, lambda n, v: number(n, v, ge=0, allow_inf=True))
+        object.__setattr__(self, "taus", taus)
+        object.__setattr__(self, "eps", distinct("eps", self.eps, pos))
+        object.__setattr__(
+            self, "baseline_steps", distinct("baseline_steps", self.baseline_steps, integer)
+        )
+        object.__setattr__(
+            self,
+            "baselines",
+            distinct("baselines", self.baselines, lambda n, v: one_of(n, v, _BASELINES), min_len=0),
+        )
+        integer("max_steps", self.max_steps)
+        integer("n_grid", self.n_grid, ge=101)
+        for name in ("h", "delta_smooth", "delta_nonsmooth"):
+            number(name, getattr(self, name), gt=0)
+        for label in self.entries:
+            number("T", self.T, gt=self.delta(label))
+
+    def delta(self, label: str) -> float:
+        entry = self.entries[label]
+        if entry.delta is not None:
+            return entry.delta
+        return self.delta_smooth if entry.data.regime == "smooth" else self.delta_nonsmooth
+
+
+QUICK = dict(
+    data=default_sampling_data((1, 2, 4)),
+    max_steps=6,
+    taus=(0.0, math.inf),
+    baseline_steps=(4, 16, 64),
+    n_grid=1001,
+)
+
+
+def _first_reaching(kl_row, steps, eps) -> list[float]:
+    """Smallest K in `steps` whose KL <= e^2, per e (NaN if none)."""
+    return [
+        next((float(k) for k, v in zip(steps, kl_row, strict=True) if v <= e**2), np.nan)
+        for e in eps
+    ]
+
+
+class SamplingStudy(Study):
+    name = "sampling"
+    config_type = SamplingConfig
+    quick = QUICK
+
+    def schema(self, c: SamplingConfig) -> xr.Dataset:
+        labels, entries = list(c.entries), list(c.entries.values())
+        n, nt, nb = len(labels), len(c.taus), len(c.baselines)
+        nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
+        return xr.Dataset(
+            {
+                "kl": (
+                    ("entry", "tau", "steps"),
+                    nan(n, nt, c.max_steps),
+                    {"long_name": "exact KL(sampler law || p_delta), exact flow", "units": "nats"},
+                ),
+                "steps_to_eps": (
+                    ("entry", "tau", "eps"),
+                    nan(n, nt, len(c.eps)),
+                    {"long_name": "smallest steps with KL <= eps^2 (NaN: more than max_steps)"},
+                ),
+                "kl_baseline": (
+                    ("baseline", "entry", "baseline_steps"),
+                    nan(nb, n, len(c.baseline_steps)),
+                    {
+                        "long_name": "exact KL(baseline law || p_delta) (Gaussian entries; NaN otherwise)",
+                        "units": "nats",
+                    },
+                ),
+                "nfe_to_eps_baseline": (
+                    ("baseline", "entry", "eps"),
+                    nan(nb, n, len(c.eps)),
+                    {
+                        "long_name": "smallest NFE with KL <= eps^2 (NaN: more than 4096 steps or not Gaussian)"
+                    },
+                ),
+                "done": ("entry", np.zeros(n, bool), {"long_name": "cell finished and saved"}),
+            },
+            coords={
+                "entry": ("entry", labels, {"long_name": "data entry (user label)"}),
+                "regime": ("entry", [e.data.regime for e in entries], {"long_name": "regime"}),
+                "dim": ("entry", [e.data.dim for e in entries], {"long_name": "data dimension d"}),
+                "family": (
+                    "entry",
+                    [e.data.family or "" for e in entries],
+                    {"long_name": "data family"},
+                ),
+                "delta": (
+                    "entry",
+                    np.array([c.delta(g) for g in labels]),
+                    {"long_name": "stop time delta", "units": TIME_UNITS},
+                ),
+                "tau": (
+                    "tau",
+                    np.array(c.taus),
+                    {
+                        "long_name": "re-noising length tau (inf: Song et al. Algorithm 1)",
+                        "units": TIME_UNITS,
+                    },
+                ),
+                "steps": (
+                    "steps",
+                    np.arange(1, c.max_steps + 1),
+                    {"long_name": "sampler steps K (NFE)"},
+                ),
+                "baseline": (
+                    "baseline",
+                    list(c.baselines),
+                    {"long_name": "diffusion baseline with the exact score"},
+                ),
+                "baseline_steps": (
+                    "baseline_steps",
+                    np.array(c.baseline_steps),
+                    {"long_name": "baseline steps"},
+                ),
+                "eps": ("eps", np.array(c.eps), {"long_name": "target accuracy: KL <= eps^2"}),
+            },
+            attrs={
+                "h": c.h,
+                "T_baselines": c.T,
+                "note": "uniform_box KL values come from 1-d grid laws: values below about 1e-9 are at the quadrature floor",
+            }
+            | {f"spec:{g}": json.dumps(e.to_json()) for g, e in c.entries.items()},
+        )
+
+    def cells(self, c: SamplingConfig) -> list[dict[str, int]]:
+        return [{"entry": i} for i in range(len(c.entries))]
+
+    def run_cell(self, c, ds, cell, cache, *, progress):
+        i = cell["entry"]
+        label = list(c.entries)[i]
+        data, delta = c.entries[label].data, c.delta(label)
+        steps = np.arange(1, c.max_steps + 1)
+        grid = {} if isinstance(data, Gaussian) else {"n_grid": c.n_grid}
+        for j, tau in enumerate(c.taus):
+            kl = kl_of_steps(data, delta=delta, h=c.h, tau=tau, **grid)
+            row = [kl(int(k)) for k in steps]
+            ds["kl"][i, j] = row
+            ds["steps_to_eps"][i, j] = _first_reaching(row, steps, c.eps)
+        if not isinstance(data, Gaussian):
+            return
+        for m, method in enumerate(c.baselines):
+            kl = kl_of_steps(data, sampler=method, delta=delta, T=c.T)
+            ds["kl_baseline"][m, i] = [kl(int(k)) for k in c.baseline_steps]
+            nfe = [
+                steps_to_accuracy(data, e, sampler=method, delta=delta, T=c.T)["nfe"] for e in c.eps
+            ]
+            ds["nfe_to_eps_baseline"][m, i] = [np.nan if v is None else v for v in nfe]
+
+    def finalize(self, c: SamplingConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+        regimes = sorted(set(ds["regime"].values.tolist()))
+        a, b, cells = (np.full((len(regimes), len(c.taus)), np.nan) for _ in range(3))
+        for r, g in enumerate(regimes):
+            sel = ds["steps_to_eps"].where(ds["regime"] == g, drop=True)
+            for j, tau in enumerate(c.taus):
+                k = sel.sel(tau=tau)
+                x = np.log(k["dim"].values[:, None] / k["eps"].values[None, :]).ravel()
+                y = k.values.ravel()
+                ok = np.isfinite(y)
+                cells[r, j] = ok.sum()
+                if ok.sum() >= 3 and np.ptp(x[ok]) > 0:
+                    b[r, j], a[r, j] = np.polyfit(x[ok], y[ok], 1)
+        dims = ("regime", "tau")
+        fits = xr.Dataset(
+            {
+                "a": (dims, a, {"long_name": "intercept of steps ~ a + b log(d/eps)"}),
+                "b": (dims, b, {"long_name": "slope of steps ~ a + b log(d/eps)"}),
+                "cells": (dims, cells, {"long_name": "finite steps_to_eps cells in the fit"}),
+            },
+            coords={"regime": regimes, "tau": np.array(c.taus)},
+            attrs={"method": "least squares over entries of the regime and eps (NaN: < 3 cells)"},
+        )
+        return {"/fits": fits}
+
+    def report(self, tree: xr.DataTree) -> str:
+        res = tree["results"].to_dataset()
+        dash = lambda v: "-" if np.isnan(v) else str(int(v))  # noqa: E731
+        eps = res["eps"].values
+        lines = [
+            "steps to reach KL <= eps^2 (multi-step sampler, exact flow; '-' = more than max_steps)"
+        ]
+        lines.append(
+            f"{'entry':<14} {'regime':<10} {'dim':>4} {'tau':>6} "
+            + " ".join(f"{'eps=' + format(e, 'g'):>9}" for e in eps)
+        )
+        for g in res["entry"].values:
+            r = res.sel(entry=g)
+            for tau in res["tau"].values:
+                row = r["steps_to_eps"].sel(tau=tau).values
+                lines.append(
+                    f"{g:<14} {str(r['regime'].values):<10} {int(r['dim']):>4} {tau:>6g} "
+                    + " ".join(f"{dash(v):>9}" for v in row)
+                )
+        if "fits" in tree.children:
+            fits = tree["fits"].to_dataset()
+            lines.append(
+                "fit steps ~ a + b log(d / eps) over the table (smooth-data claim: O(log(d/eps)))"
+            )
+            for g in fits["regime"].values:
+                for tau in fits["tau"].values:
+                    f = fits.sel(regime=g, tau=tau)
+                    if np.isfinite(f["b"]):
+                        lines.append(
+                            f"{g:<10} tau={tau:<6g} b = {float(f['b']):.2f}, a = {float(f['a']):.2f} ({int(f['cells'])} cells)"
+                        )
+        else:
+            lines.append("study is partial: no fits yet (resume it to finish)")
+        gauss = [g for g in res["entry"].values if res["family"].sel(entry=g) == "gaussian"]
+        if gauss and res.sizes["baseline"]:
+            lines.append(
+                "NFE to reach KL <= eps^2, diffusion baselines with the exact score (Gaussian entries)"
+            )
+            for m in res["baseline"].values:
+                for g in gauss:
+                    row = res["nfe_to_eps_baseline"].sel(baseline=m, entry=g).values
+                    lines.append(f"{m:<20} {g:<14} " + " ".join(f"{dash(v):>9}" for v in row))
+        return "\n".join(lines)
+
+    def plot(self, tree: xr.DataTree):
+        import matplotlib.pyplot as plt
+
+        res = tree["results"].to_dataset()
+        regimes = sorted(set(res["regime"].values.tolist()))
+        fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
+        for ax, g in zip(axes[0], regimes, strict=True):
+            for e in res["entry"].values[res["regime"].values == g]:
+                for tau in res["tau"].values:
+                    ax.semilogy(
+                        res["steps"],
+                        res["kl"].sel(entry=e, tau=tau),
+                        marker=".",
+                        label=f"{e}, tau={tau:g}",
+                    )
+            ax.set(
+                xlabel="steps K",
+                ylabel="KL(law || p_delta)",
+                title=f"{g}: multi-step sampler, exact flow",
+            )
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        return fig
