@@ -1,10 +1,11 @@
 """mcm_prob: multi-step consistency models with exact ground truth.
 
 Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> exact flow maps
-(`flow_map`, `ExactFlow`) -> ... See DESIGN.md for the conventions.
+(`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`) -> sampling (`sample`) -> metrics
+-> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
 """
 
-from . import accuracy, data, diffusion, gridlaw, metrics
+from . import accuracy, data, diffusion, gridlaw, metrics, studies
 from .flow import ExactFlow, flow_map, pf_flow, pf_ode_step, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
@@ -54,4 +55,5 @@ __all__ = [
     "diffusion",
     "gridlaw",
     "accuracy",
+    "studies",
 ]

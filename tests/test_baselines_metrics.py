@@ -61,7 +61,7 @@ def test_adaptive_ode_matches_exact_flow(key):
 def test_bad_baseline_arguments(key):
     with pytest.raises(ValueError, match="`method` must be one of"):
         sample_sde(GAUSS, key, 4, T=1.0, delta=DELTA, steps=3, method="heun")
-    with pytest.raises(ValueError, match="`T` must be finite and > delta"):
+    with pytest.raises(ValueError, match="`T` must be a finite number > 0.01"):
         sample_ode(GAUSS, key, 4, T=0.001, delta=DELTA, steps=3)
     with pytest.raises(ValueError, match="`steps` must be an integer >= 1"):
         sample_ode(GAUSS, key, 4, T=1.0, delta=DELTA, steps=0)

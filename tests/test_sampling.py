@@ -217,7 +217,7 @@ def test_w2_gaussian():
         (dict(h=0.0), "`h` must be a finite number > 0"),
         (dict(delta=0.0), "`delta` must be a finite number > 0"),
         (dict(steps=0), "`steps` must be an integer >= 1"),
-        (dict(tau=-1.0), "`tau` must be >= 0"),
+        (dict(tau=-1.0), r"`tau` must be a number \(inf allowed\) >= 0"),
         (dict(n=0), "`n` must be an integer >= 1"),
         (dict(dim=0), "`dim` must be an integer >= 1"),
     ],

@@ -62,7 +62,7 @@ def test_bootstrap_outputs_and_bad_input():
         bootstrap_rates(bad)
     with pytest.raises(ValueError, match="needs dims"):
         bootstrap_rates(data.rename(seed="rep"))
-    with pytest.raises(ValueError, match="`ci` must be in"):
+    with pytest.raises(ValueError, match="`ci` must be a finite number > 0 and < 1"):
         bootstrap_rates(data, ci=1.5)
 
 

@@ -369,7 +369,7 @@ def test_config_validation(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"`seeds\[0\]` must be an integer"):
         studies.EstimationConfig(seeds=(0.5, 1.9))
     with pytest.raises(
-        ValueError, match=r"data\.mine: data spec for family 'gaussian': missing key\(s\) \['cov'\]"
+        ValueError, match=r"data\.mine`: data spec for family 'gaussian': missing key\(s\) \['cov'\]"
     ):
         studies.EstimationConfig(data={"mine": {"family": "gaussian", "mean": [0.0]}})
     with pytest.raises(ValueError, match="entry labels must start"):
