@@ -105,13 +105,11 @@ def number(
     bounds += [f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
     what = "a finite number" if not allow_inf else "a number (inf allowed)"
     what += " " + " and ".join(b for b in bounds if b) if any(bounds) else ""
-    if not ok:
-        raise ValueError(f"`{name}` must be {what}, got {value!r}")
-    v = float(value)
-    if math.isnan(v) or (math.isinf(v) and not (allow_inf and v > 0)):
-        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    v = float(value) if ok else math.nan
     if (
-        (gt is not None and not v > gt)
+        math.isnan(v)
+        or (math.isinf(v) and not (allow_inf and v > 0))
+        or (gt is not None and not v > gt)
         or (ge is not None and not v >= ge)
         or (lt is not None and not v < lt)
         or (le is not None and not v <= le)

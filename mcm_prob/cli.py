@@ -43,9 +43,7 @@ def _run(args) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except studies.StudyExists as err:
-        return _fail(str(err))
-    except (ValueError, FileNotFoundError) as err:
+    except (studies.StudyExists, ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         return _fail(

@@ -58,11 +58,9 @@ class GridLaw(NamedTuple):
 def box_factors(box: UniformBox) -> list[UniformBox]:
     """The 1-d factors of a box: `[UniformBox([low_i], [high_i]) for each coordinate]`; equal
     coordinates share one factor object, so `product_kl` computes their grid law once."""
-    made: dict[tuple[float, float], UniformBox] = {}
-    return [
-        made.setdefault((lo, hi), UniformBox([lo], [hi]))
-        for lo, hi in zip(np.asarray(box.low).tolist(), np.asarray(box.high).tolist(), strict=True)
-    ]
+    bounds = list(zip(np.asarray(box.low).tolist(), np.asarray(box.high).tolist(), strict=True))
+    made = {b: UniformBox([b[0]], [b[1]]) for b in set(bounds)}
+    return [made[b] for b in bounds]
 
 
 def _trapezoid_weights(x: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ your own with `register(MyStudy())`; `mcm-prob run/report/info` then work for it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import xarray as xr
@@ -91,8 +92,6 @@ def run(name: str, config, out: str | Path, **kwargs) -> xr.DataTree:
 
 
 def _with_data(config, data):
-    import dataclasses
-
     return config if data is None else dataclasses.replace(config, data=data)
 
 

@@ -165,6 +165,32 @@ class StudyConfig:
     def entries(self) -> dict[str, Entry]:
         return self.data
 
+    def entry_delta(self, label: str) -> float:
+        """An entry's early-stopping time: its own `delta`, else the config's `delta_smooth` or
+        `delta_nonsmooth` for its regime (configs that use this define those two fields)."""
+        entry = self.entries[label]
+        if entry.delta is not None:
+            return entry.delta
+        return self.delta_smooth if entry.data.regime == "smooth" else self.delta_nonsmooth
+
+    def entry_coords(self, deltas: bool = True) -> tuple[dict, dict]:
+        """The ``entry`` coordinate with `regime`, `dim` (and `delta`) on it, and the
+        ``spec:LABEL`` attributes that let a reader rebuild every entry's data."""
+        labels, entries = list(self.entries), list(self.entries.values())
+        coords = {
+            "entry": ("entry", labels, {"long_name": "data entry (user label)"}),
+            "regime": ("entry", [e.data.regime for e in entries], {"long_name": "regime"}),
+            "dim": ("entry", [e.data.dim for e in entries], {"long_name": "data dimension d"}),
+        }
+        if deltas:
+            coords["delta"] = (
+                "entry",
+                [self.entry_delta(g) for g in labels],
+                {"long_name": "early-stopping time delta", "units": TIME_UNITS},
+            )
+        specs = {f"spec:{g}": json.dumps(e.to_json()) for g, e in self.entries.items()}
+        return coords, specs
+
     def to_json(self) -> str:
         """The full config (data specs included) as canonical JSON text."""
         return json.dumps(_jsonable(self), sort_keys=True)

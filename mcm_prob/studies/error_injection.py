@@ -79,6 +79,7 @@ class InjectionStudy(Study):
 
     def schema(self, c: InjectionConfig) -> xr.Dataset:
         n, shape = len(c.entries), (len(c.entries), len(c.steps), len(c.eps))
+        coords, specs = c.entry_coords(deltas=False)
         return xr.Dataset(
             {
                 "kl": (
@@ -110,8 +111,7 @@ class InjectionStudy(Study):
                 "steps": ("steps", np.array(c.steps), {"long_name": "sampler steps K"}),
                 "eps": ("eps", np.array(c.eps), {"long_name": "perturbation scale"}),
             },
-            attrs={"h": c.h, "delta": c.delta, "tau": c.tau, "units_of_time": TIME_UNITS}
-            | {f"spec:{g}": json.dumps(e.to_json()) for g, e in c.entries.items()},
+            attrs={"h": c.h, "delta": c.delta, "tau": c.tau, "units_of_time": TIME_UNITS} | specs,
         )
 
     def cells(self, c: InjectionConfig) -> list[dict[str, int]]:

@@ -64,7 +64,7 @@ _STUDY_SET = ("step", "T", "delta", "chunk_size", "progress")
 
 def _train_config(train) -> TrainConfig:
     if isinstance(train, TrainConfig):
-        return dataclasses.replace(train, progress=True)
+        return train
     if not isinstance(train, Mapping):
         raise ValueError(f"config key `train` must be a table of TrainConfig keys, got {train!r}")
     valid = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _STUDY_SET]
@@ -142,16 +142,9 @@ class EstimationConfig(StudyConfig):
         """T - delta = 8 x the largest step: training grids and evaluation pairs share it."""
         return 8 * max(self.steps)
 
-    def delta(self, label: str) -> float:
-        """The early-stopping time of an entry: its own, else the default of its regime."""
-        entry = self.entries[label]
-        if entry.delta is not None:
-            return entry.delta
-        return self.delta_smooth if entry.data.regime == "smooth" else self.delta_nonsmooth
-
     def pairs(self, label: str) -> list[tuple[float, float]]:
         """(t, s) pairs on every step's grid: t = delta + m b, s = delta + j b (b = largest step)."""
-        d, b = self.delta(label), max(self.steps)
+        d, b = self.entry_delta(label), max(self.steps)
         return [(d + m * b, d + j * b) for m in (1, 2, 4, 8) for j in sorted({0, m // 2}) if j < m]
 
     def to_json(self) -> str:
@@ -164,8 +157,8 @@ class EstimationConfig(StudyConfig):
         return dataclasses.replace(
             self.train,
             step=step,
-            T=self.delta(label) + self.horizon,
-            delta=self.delta(label),
+            T=self.entry_delta(label) + self.horizon,
+            delta=self.entry_delta(label),
             chunk_size=max(1, self.train.iterations // 20),
         )
 
@@ -220,7 +213,7 @@ _VARIABLES = {
 
 
 def _sample_quality(f, data, cfg: EstimationConfig, label: str, key):
-    delta = cfg.delta(label)
+    delta = cfg.entry_delta(label)
     k1, k2 = jax.random.split(key)
     x = sample(
         f,
@@ -260,14 +253,12 @@ class EstimationStudy(Study):
             {"long_name": "training diverged (non-finite loss)"},
         )
         data_vars["done"] = (_ES, np.zeros(shape, bool), {"long_name": "cell finished and saved"})
-        entries = cfg.entries.values()
         pairs = np.array([cfg.pairs(g) for g in labels])
+        coords, specs = cfg.entry_coords()
         return xr.Dataset(
             data_vars,
-            coords={
-                "entry": ("entry", labels, {"long_name": "data entry (user label)"}),
-                "regime": ("entry", [e.data.regime for e in entries], {"long_name": "regime"}),
-                "dim": ("entry", [e.data.dim for e in entries], {"long_name": "data dimension"}),
+            coords=coords
+            | {
                 "step": (
                     "step",
                     np.array(cfg.steps),
@@ -285,13 +276,8 @@ class EstimationStudy(Study):
                     pairs[..., 1],
                     {"long_name": "target time s", "units": TIME_UNITS},
                 ),
-                "delta": (
-                    "entry",
-                    np.array([cfg.delta(g) for g in labels]),
-                    {"long_name": "early-stopping time", "units": TIME_UNITS},
-                ),
             },
-            attrs={f"spec:{g}": json.dumps(e.to_json()) for g, e in cfg.entries.items()},
+            attrs=specs,
         )
 
     def cells(self, cfg: EstimationConfig) -> list[dict[str, int]]:

@@ -13,7 +13,6 @@ Default: the Gaussian N(0.5, diag(0.5..2)) and the cube [-1, 1]^d for d = 1, 2, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 
@@ -98,13 +97,7 @@ class SamplingConfig(StudyConfig):
         for name in ("h", "delta_smooth", "delta_nonsmooth"):
             number(name, getattr(self, name), gt=0)
         for label in self.entries:
-            number("T", self.T, gt=self.delta(label))
-
-    def delta(self, label: str) -> float:
-        entry = self.entries[label]
-        if entry.delta is not None:
-            return entry.delta
-        return self.delta_smooth if entry.data.regime == "smooth" else self.delta_nonsmooth
+            number("T", self.T, gt=self.entry_delta(label))
 
 
 QUICK = dict(
@@ -130,8 +123,9 @@ class SamplingStudy(Study):
     quick = QUICK
 
     def schema(self, c: SamplingConfig) -> xr.Dataset:
-        labels, entries = list(c.entries), list(c.entries.values())
-        n, nt, nb = len(labels), len(c.taus), len(c.baselines)
+        entries = list(c.entries.values())
+        n, nt, nb = len(entries), len(c.taus), len(c.baselines)
+        coords, specs = c.entry_coords()
         nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
         return xr.Dataset(
             {
@@ -162,19 +156,12 @@ class SamplingStudy(Study):
                 ),
                 "done": ("entry", np.zeros(n, bool), {"long_name": "cell finished and saved"}),
             },
-            coords={
-                "entry": ("entry", labels, {"long_name": "data entry (user label)"}),
-                "regime": ("entry", [e.data.regime for e in entries], {"long_name": "regime"}),
-                "dim": ("entry", [e.data.dim for e in entries], {"long_name": "data dimension d"}),
+            coords=coords
+            | {
                 "family": (
                     "entry",
                     [e.data.family or "" for e in entries],
                     {"long_name": "data family"},
-                ),
-                "delta": (
-                    "entry",
-                    np.array([c.delta(g) for g in labels]),
-                    {"long_name": "stop time delta", "units": TIME_UNITS},
                 ),
                 "tau": (
                     "tau",
@@ -206,7 +193,7 @@ class SamplingStudy(Study):
                 "T_baselines": c.T,
                 "note": "uniform_box KL values come from 1-d grid laws: values below about 1e-9 are at the quadrature floor",
             }
-            | {f"spec:{g}": json.dumps(e.to_json()) for g, e in c.entries.items()},
+            | specs,
         )
 
     def cells(self, c: SamplingConfig) -> list[dict[str, int]]:
@@ -215,7 +202,7 @@ class SamplingStudy(Study):
     def run_cell(self, c, ds, cell, cache, *, progress):
         i = cell["entry"]
         label = list(c.entries)[i]
-        data, delta = c.entries[label].data, c.delta(label)
+        data, delta = c.entries[label].data, c.entry_delta(label)
         steps = np.arange(1, c.max_steps + 1)
         grid = {} if isinstance(data, Gaussian) else {"n_grid": c.n_grid}
         for j, tau in enumerate(c.taus):
