@@ -87,10 +87,9 @@ def describe(data: DataDistribution) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One data entry of a study: its label, distribution, recorded description and the
-    early-stopping time given for it (None: the study's default for its regime)."""
+    """One data entry of a study (keyed by its label): the distribution, its recorded
+    description and the early-stopping time given for it (None: the default of its regime)."""
 
-    label: str
     data: DataDistribution
     description: dict
     delta: float | None = None
@@ -115,7 +114,7 @@ def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
             )
         where = f"{name}.{label}"
         if isinstance(value, Entry):  # an already validated entry (e.g. dataclasses.replace)
-            out[label] = dataclasses.replace(value, label=label)
+            out[label] = value
             continue
         if isinstance(value, DataDistribution):
             dist, delta = value, None
@@ -133,7 +132,7 @@ def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
                 f"config key `{where}` must be a data spec (a dict with 'family') or a "
                 f"mcm_prob.data.DataDistribution, got {type(value).__name__}"
             )
-        out[label] = Entry(label, dist, describe(dist), delta)
+        out[label] = Entry(dist, describe(dist), delta)
     return out
 
 
