@@ -2,10 +2,10 @@
 
 Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> exact flow maps
 (`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`) -> sampling (`sample`) -> metrics
--> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
+-> statistics (`bootstrap_rates`, `fit_error_model`, `compare_error_models`) -> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
 """
 
-from . import accuracy, data, diffusion, gridlaw, metrics, studies
+from . import accuracy, data, diffusion, error_models, gridlaw, metrics, statistics, studies
 from .flow import ExactFlow, flow_map, pf_flow, pf_ode_step, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
@@ -20,7 +20,8 @@ from .sampling import (
     sampler_law,
     sampler_times,
 )
-from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid
+from .statistics import bootstrap_rates, compare_error_models, fit_error_model
+from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid, training_set
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "fit",
     "fit_grid",
     "FittedGrid",
+    "training_set",
     "metrics",
     "consistency_error",
     "sample",
@@ -55,5 +57,10 @@ __all__ = [
     "diffusion",
     "gridlaw",
     "accuracy",
+    "statistics",
+    "error_models",
+    "bootstrap_rates",
+    "fit_error_model",
+    "compare_error_models",
     "studies",
 ]

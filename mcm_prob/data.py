@@ -251,7 +251,9 @@ def from_spec(spec: Mapping) -> DataDistribution:
     missing keys and bad values raise `ValueError` naming the key and what is accepted.
     """
     if not isinstance(spec, Mapping):
-        raise TypeError(f"a data spec must be a dict with a 'family' key, got {type(spec).__name__}")
+        raise TypeError(
+            f"a data spec must be a dict with a 'family' key, got {type(spec).__name__}"
+        )
     family = spec.get("family")
     if family not in FAMILIES:
         raise ValueError(

@@ -4,7 +4,8 @@ Files are written with h5netcdf to a temporary file in the target folder and ren
 target (`os.replace`), so a reader never sees a half-written file and an interrupted write
 leaves the previous version intact. They open with `xarray.open_datatree` and netCDF4-python.
 Attribute values are kept to netCDF-safe types (str, int, float, numpy arrays); anything else
-(dicts, lists of strings, booleans, None) is stored as JSON text.
+(dicts, lists of strings, booleans, None) is stored as JSON text. Boolean variables use
+xarray's encoding (int8 with ``dtype: bool``), so plain `xarray.open_datatree` gives booleans.
 """
 
 from __future__ import annotations
@@ -83,10 +84,7 @@ def _clean(tree: xr.DataTree) -> xr.DataTree:
         ds = ds.copy()
         ds.attrs = _safe_attrs(ds.attrs)
         for name in ds.variables:
-            var = ds[name]
-            var.attrs = _safe_attrs(var.attrs)
-            if var.dtype == bool:
-                ds[name] = var.astype(np.int8).assign_attrs(var.attrs | {"boolean": 1})
+            ds[name].attrs = _safe_attrs(ds[name].attrs)
         return ds
 
     return tree.map_over_datasets(fix)
@@ -112,7 +110,8 @@ def save_tree(tree: xr.DataTree | xr.Dataset, path: str | os.PathLike) -> Path:
 
 def load_tree(path: str | os.PathLike) -> xr.DataTree:
     """Read a file written by `save_tree` fully into memory (the file is closed afterwards);
-    variables stored from booleans come back as booleans."""
+    booleans come back as booleans (also from files of versions that marked them with a
+    ``boolean`` attribute)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such results file: {path}")

@@ -54,7 +54,15 @@ from .flow import flow_map, pf_ode_step
 from .forward import alpha, sigma
 from .networks import ConsistencyNet
 
-__all__ = ["TrainConfig", "fit", "fit_grid", "FittedGrid", "TrainingDiverged", "teacher_map"]
+__all__ = [
+    "TrainConfig",
+    "fit",
+    "fit_grid",
+    "FittedGrid",
+    "TrainingDiverged",
+    "teacher_map",
+    "training_set",
+]
 
 _CHOICES = {
     "method": ("cd", "ct"),
@@ -94,6 +102,9 @@ class TrainConfig:
     - `loss`: ``"l2"`` (squared distance) or ``"pseudo_huber"`` with `huber_c` (None = iCT's).
     - `time_sampling`: ``"uniform"`` or ``"lognormal"`` (`lognormal_loc`, `lognormal_scale`).
     - `teacher_rtol`, `teacher_atol`: ODE tolerances of the exact teacher for non-Gaussian data.
+    - `train_size`: None (default) draws fresh x_0 every iteration (infinite data); an integer
+      n fixes one training set of n draws of x_0 per model (`training_set`), from which every
+      batch draws uniformly with replacement (fresh noise z every time), for CD and CT alike.
     - `dtype`: parameter and network dtype, ``"float32"`` (default) or ``"float64"``.
     - `chunk_size`: iterations per compiled chunk (progress-bar granularity); `progress`: show it.
     """
@@ -121,6 +132,7 @@ class TrainConfig:
     lognormal_scale: float = 1.2
     teacher_rtol: float = 1e-6
     teacher_atol: float = 1e-6
+    train_size: int | None = None
     dtype: str = "float32"
     chunk_size: int = 250
     progress: bool = True
@@ -138,8 +150,17 @@ class TrainConfig:
             ("chunk_size", 1),
         ):
             integer(name, getattr(self, name), ge=low)
-        for name in ("step", "T", "learning_rate", "lognormal_scale", "teacher_rtol", "teacher_atol"):
+        for name in (
+            "step",
+            "T",
+            "learning_rate",
+            "lognormal_scale",
+            "teacher_rtol",
+            "teacher_atol",
+        ):
             number(name, getattr(self, name), gt=0)
+        if self.train_size is not None:
+            integer("train_size", self.train_size, ge=1)
         for name in ("grad_clip", "huber_c"):
             if getattr(self, name) is not None:
                 number(name, getattr(self, name), gt=0)
@@ -241,11 +262,23 @@ def _time_indices(key, cfg: TrainConfig, step, n_max, shape):
     return jnp.clip(n, 1, n_max)
 
 
-def _batch(data: DataDistribution, cfg: TrainConfig, step, key):
-    """One training batch: (x_t, t, x_hat_{t-Delta}, t - Delta, s), in the data's dtype."""
+def training_set(data: DataDistribution, config: TrainConfig, key: jax.Array) -> jax.Array:
+    """The fixed training set, shape (config.train_size, dim), of the model whose seed key is
+    `key` (the key `fit` takes; `fit_grid` uses `jax.random.key(seed)`)."""
+    if config.train_size is None:
+        raise ValueError("`config.train_size` is None: training draws fresh data every iteration")
+    return data.sample(jax.random.fold_in(key, 0x7261696E), config.train_size)
+
+
+def _batch(data: DataDistribution, cfg: TrainConfig, step, key, pool=None):
+    """One training batch: (x_t, t, x_hat_{t-Delta}, t - Delta, s), in the data's dtype;
+    x_0 from `pool` (n, d) with replacement when given, else fresh draws."""
     k_x0, k_z, k_n, k_m = jax.random.split(key, 4)
     b = cfg.batch_size
-    x0 = data.sample(k_x0, b)
+    if pool is None:
+        x0 = data.sample(k_x0, b)
+    else:
+        x0 = pool[jax.random.randint(k_x0, (b,), 0, pool.shape[0])]
     dtype = x0.dtype
     step = jnp.asarray(step, dtype)
     n_max = jnp.floor((cfg.T - cfg.delta) / step + 1e-9)
@@ -283,7 +316,7 @@ def _ema(decay, avg, new):
 
 
 @eqx.filter_jit
-def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
+def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, pools, its):
     """Advance every model by len(its) iterations: vmap over models, lax.scan over iterations."""
     opt = _optimizer(cfg)
 
@@ -294,10 +327,10 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
         tgt = jax.lax.stop_gradient(jax.vmap(target.single)(x_prev, t_prev, s))
         return jnp.mean(_distance(pred - tgt, cfg))
 
-    def per_model(st, step, key):
+    def per_model(st, step, key, pool):
         def body(st, it):
             params, opt_state, ema, target, failed, failed_at = st
-            batch = _batch(data, cfg, step, jax.random.fold_in(key, it))
+            batch = _batch(data, cfg, step, jax.random.fold_in(key, it), pool)
             tgt_params = params if cfg.target_decay == 0 else target
             loss, grads = jax.value_and_grad(loss_fn)(params, tgt_params, batch)
             ok = jnp.isfinite(loss) & ~failed
@@ -317,7 +350,7 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, its):
 
         return jax.lax.scan(body, st, its)
 
-    return jax.vmap(per_model)(state, steps, keys)
+    return jax.vmap(per_model)(state, steps, keys, pools)
 
 
 def _check_data(data: DataDistribution, cfg: TrainConfig) -> None:
@@ -344,23 +377,34 @@ def _init(dim: int, cfg: TrainConfig, keys: jax.Array):
     return state, static, train_keys
 
 
-def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str):
-    """Train len(steps) models (one per (Delta, key)); returns (models, losses, failed_at, wall)."""
+def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str, checkpoints=()):
+    """Train len(steps) models (one per (Delta, key)); returns (models, losses, failed_at,
+    wall, snapshots) with `snapshots` the evaluation weights after each of `checkpoints`."""
     start = time.perf_counter()
     # fields that do not change the compiled program are normalised, so that fits differing
     # only in Delta (a traced argument), chunking or progress display share one compilation
     run_cfg = dataclasses.replace(cfg, step=cfg.T - cfg.delta, chunk_size=1, progress=False)
     state, static, train_keys = _init(data.dim, run_cfg, keys)
+    pools = None
+    if cfg.train_size is not None:
+        pools = eqx.filter_jit(jax.vmap(lambda k: training_set(data, cfg, k)))(keys)
     steps_arr = jnp.asarray(steps, dtype=jnp.result_type(float))
-    losses = []
+    losses, snapshots = [], {}
     n_chunks = math.ceil(cfg.iterations / cfg.chunk_size)
     bounds = np.linspace(0, cfg.iterations, n_chunks + 1).round().astype(int)
+    bounds = np.unique(np.concatenate([bounds, np.asarray(checkpoints, int)]))
     with tqdm(total=cfg.iterations, desc=desc, disable=not cfg.progress, leave=False) as bar:
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             its = jnp.arange(lo, hi, dtype=jnp.int32)
-            state, chunk_loss = _run_chunk(state, data, static, run_cfg, steps_arr, train_keys, its)
+            state, chunk_loss = _run_chunk(
+                state, data, static, run_cfg, steps_arr, train_keys, pools, its
+            )
             chunk_loss = np.asarray(chunk_loss)
             losses.append(chunk_loss)
+            if hi in checkpoints:
+                snapshots[int(hi)] = eqx.combine(
+                    state[2] if cfg.ema_decay > 0 else state[0], static
+                )
             bar.update(int(hi - lo))
             last = chunk_loss[:, -1]
             if np.any(np.isfinite(last)):
@@ -373,6 +417,7 @@ def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str
         np.concatenate(losses, axis=1),
         np.asarray(failed_at),
         time.perf_counter() - start,
+        snapshots,
     )
 
 
@@ -384,7 +429,7 @@ def fit(data: DataDistribution, config: TrainConfig, key: jax.Array):
     (seconds). Raises `TrainingDiverged` naming the iteration if the loss becomes non-finite.
     """
     _check_data(data, config)
-    models, losses, failed_at, wall = _train(
+    models, losses, failed_at, wall, _ = _train(
         data, config, np.array([config.step]), jnp.stack([key]), desc=f"fit step={config.step}"
     )
     if failed_at[0] >= 0:
@@ -424,7 +469,7 @@ class FittedGrid(eqx.Module):
 
 
 def fit_grid(
-    data: DataDistribution, config: TrainConfig, *, steps, seeds
+    data: DataDistribution, config: TrainConfig, *, steps, seeds, checkpoints=()
 ) -> tuple[FittedGrid, dict]:
     """Fit one model per (Delta, seed) pair as a single compiled program.
 
@@ -435,7 +480,19 @@ def fit_grid(
     **Returns:** `(grid, history)` with `history["loss"]` of shape (n_steps, n_seeds, iterations),
     `history["failed_at"]` (n_steps, n_seeds: the iteration at which a model's loss became
     non-finite and its training stopped, or -1) and `history["wall_time"]`.
+
+    `checkpoints`: iterations (1..config.iterations) after which the evaluation weights are
+    also kept, as `history["checkpoints"][iteration]` (a `FittedGrid`). With a constant
+    learning rate (the default) a checkpoint at k is the model of a k-iteration fit: the
+    optimiser, EMA warm-up and data stream do not depend on the total.
     """
+    checkpoints = tuple(
+        sorted({integer("checkpoints", c, ge=1) for c in np.atleast_1d(checkpoints).tolist()})
+    )
+    if checkpoints and checkpoints[-1] > config.iterations:
+        raise ValueError(
+            f"`checkpoints` must lie in 1..iterations = {config.iterations}, got {list(checkpoints)}"
+        )
     steps = tuple(float(v) for v in np.atleast_1d(np.asarray(steps, dtype=float)))
     seeds = _checks.seeds("seeds", np.atleast_1d(seeds).tolist())
     if not steps:
@@ -446,15 +503,20 @@ def fit_grid(
     ns, nk = len(steps), len(seeds)
     flat_steps = np.repeat(np.array(steps), nk)
     keys = jax.vmap(jax.random.key)(jnp.tile(jnp.asarray(seeds, jnp.uint32), ns))
-    models, losses, failed_at, wall = _train(
-        data, config, flat_steps, keys, desc=f"fit_grid {ns}x{nk}"
+    models, losses, failed_at, wall, snaps = _train(
+        data, config, flat_steps, keys, desc=f"fit_grid {ns}x{nk}", checkpoints=checkpoints
     )
-    models = jax.tree_util.tree_map(
-        lambda a: a.reshape(ns, nk, *a.shape[1:]) if eqx.is_array(a) else a, models
-    )
+
+    def grid(m):
+        m = jax.tree_util.tree_map(
+            lambda a: a.reshape(ns, nk, *a.shape[1:]) if eqx.is_array(a) else a, m
+        )
+        return FittedGrid(m, steps, seeds)
+
     history = {
         "loss": losses.reshape(ns, nk, -1),
         "failed_at": failed_at.reshape(ns, nk),
         "wall_time": wall,
+        "checkpoints": {k: grid(m) for k, m in snaps.items()},
     }
-    return FittedGrid(models, steps, seeds), history
+    return grid(models), history

@@ -20,15 +20,17 @@ from mcm_prob.results import load_tree, save_tree
 from mcm_prob.training import teacher_map
 
 TINY_ESTIMATION = dict(
-    train=dict(iterations=40, width=8, batch_size=32),
-    steps=(0.2, 0.4),
+    train=dict(width=8, batch_size=32),
+    budgets=(20, 40),
+    steps=(0.1, 0.2, 0.4),
     seeds=(0, 1),
+    error_models=("power_law",),
     eval_samples=64,
     sample_size=64,
     n_boot=100,
     chains=2,
     warmup=50,
-    draws=50,
+    draws=100,
 )
 MIX4D = {
     "family": "gaussian_mixture",
@@ -109,8 +111,8 @@ def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
     partial = load_tree(out)
     assert partial.attrs["status"] == "partial"
     done = partial["results"]["done"].values
-    assert done.sum() == 1 and done[0, 0]
-    first = partial["results"]["consistency_error"].values[0, 0].copy()
+    assert done.sum() == 1 and done[0, 0, 0, 0]
+    first = partial["results"]["consistency_error"].values[0, 0, 0, :, 0].copy()
     assert np.all(np.isfinite(first))
 
     calls.clear()
@@ -124,28 +126,74 @@ def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
     )
     with pytest.raises(studies.StudyExists, match="--resume"):
         studies.run_estimation(cfg, out, progress=False)
-    other = studies.EstimationConfig(**(TINY_ESTIMATION | {"train": {"iterations": 41}}))
+    other = studies.EstimationConfig(**(TINY_ESTIMATION | {"budgets": (20, 41)}))
     with pytest.raises(
-        ValueError, match=r"different config.*train\.iterations: 40 in the file, 41 now"
+        ValueError, match=r"different config.*budgets: \[20, 40\] in the file, \[20, 41\] now"
     ):
         studies.run_estimation(other, out, resume=True, progress=False)
     tree = studies.run_estimation(cfg, out, resume=True, progress=False)
-    assert (0, 0) not in calls and len(calls) == 3
+    assert (0, 0) not in calls and len(calls) == 5
     res = tree["results"].to_dataset()
     assert bool(res["done"].all()) and tree.attrs["status"] == "complete"
-    np.testing.assert_array_equal(res["consistency_error"].values[0, 0], first)
-    assert {"bootstrap", "posterior"} <= set(tree.children)
-    assert "diagnostics" in tree["posterior"].children
+    np.testing.assert_array_equal(res["consistency_error"].values[0, 0, 0, :, 0], first)
+    assert {"bootstrap", "summary", "error_models", "budget"} <= set(tree.children)
+    assert "power_law" in tree["error_models"].children
     for name in ("consistency_error", "teacher_error", "kl_estimate", "energy_distance"):
         assert res[name].attrs["long_name"]
     assert res["step"].attrs["units"].startswith("OU time")
     assert list(res["entry"].values) == ["smooth", "nonsmooth"]
     assert list(res["regime"].values) == ["smooth", "nonsmooth"]
     np.testing.assert_array_equal(res["delta"].values, [0.01, 0.05])
-    assert json.loads(tree.attrs["config"])["train"]["iterations"] == 40
+    assert json.loads(tree.attrs["config"])["budgets"] == [20, 40]
     assert {"versions", "seeds", "dtype", "device", "timestamp", "wall_time_s"} <= set(tree.attrs)
     # the teacher's error grows with Delta (discretization part)
-    assert np.all(res["teacher_error_mean"].values[:, 1] > res["teacher_error_mean"].values[:, 0])
+    teacher = res["teacher_error_mean"].values[:, 0]
+    assert np.all(teacher[:, 1:] > teacher[:, :-1])
+
+
+def test_methods_budget_and_train_size_axes(tmp_path):
+    """Methods side by side, budgets and training-set sizes from config: the file has the
+    axes with units and long names, CT has no teacher (NaN teacher and learning errors), and
+    the learning error at the smallest step gets its rates against budget and against n."""
+    cfg = studies.EstimationConfig(
+        **TINY_ESTIMATION
+        | {
+            "data": {"g1": {"family": "gaussian", "mean": [0.5], "cov": [[0.6]]}},
+            "methods": ("cd-euler", "ct"),
+            "train_sizes": (16, 64, float("inf")),
+        }
+    )
+    tree = studies.run_estimation(cfg, tmp_path / "axes.nc", progress=False)
+    res = tree["results"].to_dataset()
+    assert list(res["fit_method"].values) == ["cd-euler", "ct"]
+    np.testing.assert_array_equal(res["train_size"].values, [16, 64, np.inf])
+    assert res["budget"].attrs["units"] == "iterations"
+    assert "training-set size" in res["train_size"].attrs["long_name"]
+    assert res["consistency_error"].dims[:6] == (
+        "entry",
+        "fit_method",
+        "train_size",
+        "budget",
+        "step",
+        "seed",
+    )
+    cd, ct = res.sel(fit_method="cd-euler"), res.sel(fit_method="ct")
+    assert np.all(np.isfinite(cd["learning_error_mean"])) and np.all(
+        np.isnan(ct["learning_error_mean"])
+    )
+    assert np.all(np.isnan(ct["teacher_error_mean"])) and np.all(
+        np.isfinite(ct["consistency_error_mean"])
+    )
+    budget = tree["budget"].to_dataset()
+    assert set(budget["alpha"].dims) == {"entry", "fit_method", "train_size"}
+    by_n = tree["train_size"].to_dataset()
+    np.testing.assert_array_equal(by_n["train_size"].values, [16, 64])
+    assert "smallest step" in by_n.attrs["quantity"]
+    summary = tree["summary"].to_dataset()
+    assert np.isnan(summary["teacher_order_theory"].sel(fit_method="ct"))
+    assert float(summary["teacher_order_theory"].sel(fit_method="cd-euler")) == 2.0
+    text = studies.report(tree)
+    assert "against budget" in text and "against train_size" in text
 
 
 def test_own_data_from_toml_through_the_cli(tmp_path, capsys):
@@ -157,9 +205,9 @@ def test_own_data_from_toml_through_the_cli(tmp_path, capsys):
     mix = "\n".join(f"{k} = {json.dumps(v)}" for k, v in MIX4D.items())
     box = "\n".join(f"{k} = {json.dumps(v)}" for k, v in BOX3D.items())
     toml.write_text(
-        "[estimation]\nsteps = [0.2, 0.4]\nseeds = [0, 1]\neval_samples = 64\nsample_size = 64\n"
-        "n_boot = 100\nchains = 2\nwarmup = 50\ndraws = 50\n"
-        "[estimation.train]\niterations = 30\nwidth = 8\nbatch_size = 32\n"
+        "[estimation]\nsteps = [0.1, 0.2, 0.4]\nseeds = [0, 1]\neval_samples = 64\nsample_size = 64\n"
+        'n_boot = 100\nchains = 2\nwarmup = 50\ndraws = 100\nbudgets = [30]\nerror_models = ["power_law"]\n'
+        "[estimation.train]\nwidth = 8\nbatch_size = 32\n"
         f"[estimation.data.mix4d]\n{mix}\n[estimation.data.box3d]\n{box}\n"
     )
     assert tomllib.loads(toml.read_text())["estimation"]["data"]["box3d"]["delta"] == 0.05
@@ -358,18 +406,29 @@ def test_config_validation(tmp_path, capsys):
     )
     assert "is not a file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="divide the largest step"):
-        studies.EstimationConfig(steps=(0.15, 0.4))
+        studies.EstimationConfig(steps=(0.1, 0.15, 0.4))
+    with pytest.raises(ValueError, match="`steps` must be a list of at least 3 distinct"):
+        studies.EstimationConfig(steps=(0.2, 0.4))
     with pytest.raises(
         ValueError,
         match=r"unknown config key\(s\) \['step'\] in `train` \(\['step'\] are set by the study",
     ):
         studies.EstimationConfig(train={"step": 0.1})
-    with pytest.raises(ValueError, match="`iterations` must be an integer"):
-        studies.EstimationConfig(train={"iterations": 0})
+    with pytest.raises(ValueError, match=r"\['iterations'\] are set by the study: use `budgets`"):
+        studies.EstimationConfig(train={"iterations": 10})
+    with pytest.raises(ValueError, match=r"`budgets\[0\]` must be an integer >= 1"):
+        studies.EstimationConfig(budgets=(0, 10))
+    with pytest.raises(ValueError, match=r"`train_sizes\[0\]` must be an integer >= 1"):
+        studies.EstimationConfig(train_sizes=(0.5,))
+    with pytest.raises(ValueError, match=r"`methods\[0\]` must be one of"):
+        studies.EstimationConfig(methods=("cd-rk4",))
+    with pytest.raises(ValueError, match="needs train.lr_schedule = 'constant'"):
+        studies.EstimationConfig(train={"lr_schedule": "cosine"})
     with pytest.raises(ValueError, match=r"`seeds\[0\]` must be an integer"):
         studies.EstimationConfig(seeds=(0.5, 1.9))
     with pytest.raises(
-        ValueError, match=r"data\.mine`: data spec for family 'gaussian': missing key\(s\) \['cov'\]"
+        ValueError,
+        match=r"data\.mine`: data spec for family 'gaussian': missing key\(s\) \['cov'\]",
     ):
         studies.EstimationConfig(data={"mine": {"family": "gaussian", "mean": [0.0]}})
     with pytest.raises(ValueError, match="entry labels must start"):
@@ -404,8 +463,18 @@ def test_quick_main_job_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rep = subprocess.run(cmd + ["report", str(out)], capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr[-2000:]
-    for word in ("smooth", "nonsmooth", "bootstrap CI", "HDI", "r_hat", "ESS"):
-        assert word in rep.stdout
+    for word in (
+        "smooth",
+        "nonsmooth",
+        "preferred model",
+        "PSIS-LOO",
+        "single power law",
+        "posterior",
+        "bootstrap",
+        "teacher order",
+        "against budget",
+    ):
+        assert word in rep.stdout, word
     assert (tmp_path / "x_estimation.png").exists()
 
 

@@ -204,3 +204,74 @@ def test_bad_fit_arguments():
             mp.fit_grid(GAUSS, mp.TrainConfig(progress=False), steps=[0.1], seeds=bad)
     with pytest.raises(ValueError, match="s <= t"):
         mp.consistency_error(lambda x, t, s: x, GAUSS, [(0.1, 0.5)], key=jax.random.key(0))
+
+
+def test_train_size_draws_from_one_fixed_sample():
+    """With train_size = n every training x_0 is a row of the model's fixed training set
+    (recovered exactly from a CT batch: x_t and x_{t-Delta} share x_0 and z), the batches
+    reuse it (fewer distinct rows than draws), and a fit on n = 2 points learns to map noise
+    onto those two points, not onto the data law."""
+    data = mp.data.Gaussian([0.0], [[1.0]])
+    cfg = mp.TrainConfig(method="ct", step=0.1, T=2.0, batch_size=64, train_size=5)
+    key = jax.random.key(3)
+    pool = mp.training_set(data, cfg, key)
+    assert pool.shape == (5, 1)
+    from mcm_prob.training import _batch
+
+    seen = []
+    for it in range(10):
+        x_t, t, x_prev, t_prev, _ = _batch(data, cfg, 0.1, jax.random.fold_in(key, it), pool)
+        a, s = mp.alpha(t)[:, None], mp.sigma(t)[:, None]
+        a1, s1 = mp.alpha(t_prev)[:, None], mp.sigma(t_prev)[:, None]
+        x0 = (s1 * x_t - s * x_prev) / (s1 * a - s * a1)
+        dist_to_pool = np.min(np.abs(np.asarray(x0)[:, None, 0] - np.asarray(pool)[None, :, 0]), 1)
+        assert np.max(dist_to_pool) < 1e-9
+        seen.append(np.asarray(x0)[:, 0])
+    assert len(np.unique(np.round(np.concatenate(seen), 9))) <= 5
+
+    # CT on n = 2 points learns their empirical law: noise is sent close to the two points
+    # (output sd about 0.2), while the same fit on fresh draws reproduces N(0, 1) (sd near 1)
+    fit_cfg = mp.TrainConfig(
+        method="ct",
+        step=0.1,
+        T=2.0,
+        delta=0.01,
+        iterations=1500,
+        batch_size=128,
+        width=32,
+        depth=2,
+        train_size=2,
+        progress=False,
+    )
+    x = jax.random.normal(jax.random.key(9), (400, 1))
+    points = np.asarray(mp.training_set(data, fit_cfg, jax.random.key(0)))[:, 0]
+    spread = {}
+    for n in (2, None):
+        grid, _ = mp.fit_grid(
+            data, dataclasses.replace(fit_cfg, train_size=n), steps=[0.1], seeds=[0]
+        )
+        y = np.asarray(grid[0, 0](x, 1.91, 0.01))[:, 0]
+        spread[n] = np.std(y)
+        if n == 2:
+            assert np.median(np.min(np.abs(y[:, None] - points[None, :]), 1)) < 0.2
+    assert spread[2] < 0.35 and spread[None] > 0.7
+    with pytest.raises(ValueError, match="`train_size` must be an integer >= 1"):
+        mp.TrainConfig(train_size=0)
+
+
+def test_checkpoints_equal_shorter_fits():
+    """A checkpoint at k iterations is the k-iteration fit (constant learning rate, EMA)."""
+    data = mp.data.Gaussian([0.0, 1.0], [[1.0, 0.2], [0.2, 0.5]])
+    cfg = mp.TrainConfig(
+        iterations=60, batch_size=32, width=8, depth=1, chunk_size=20, progress=False
+    )
+    _, hist = mp.fit_grid(data, cfg, steps=[0.2, 0.4], seeds=[0, 1], checkpoints=[30, 60])
+    short, _ = mp.fit_grid(
+        data, dataclasses.replace(cfg, iterations=30), steps=[0.2, 0.4], seeds=[0, 1]
+    )
+    x = jax.random.normal(jax.random.key(1), (16, 2))
+    np.testing.assert_allclose(
+        hist["checkpoints"][30](x, 1.0, 0.3), short(x, 1.0, 0.3), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="`checkpoints` must lie in 1..iterations"):
+        mp.fit_grid(data, cfg, steps=[0.2], seeds=[0], checkpoints=[61])

@@ -1,40 +1,54 @@
 r"""Estimation study: consistency error versus the discretization step, on the user's data.
 
-For each data entry (label -> spec or distribution; its regime comes from the distribution),
-each step Delta and each seed, a consistency net is fitted (all seeds of a step in one compiled
-program) and we record on (t, s) pairs that lie on every Delta grid: the consistency error
-against the exact flow; the teacher's own error (its composed Delta-steps against the exact
-flow, no learning: the discretization part) and the learning error (against the composed
-teacher map, which is what CD targets); and the quality of the multi-step sampler driven by the
-learned net (k-NN KL estimate against the exact $p_\delta$ and energy distance to exact samples,
-with standard errors), next to the same estimates for the exact flow (the estimator's floor).
-Finally it fits error ~ C Delta^alpha per entry (`mcm_prob.statistics`: a bootstrap over seeds
-and a NumPyro model with ArviZ diagnostics), stored in ``/bootstrap`` and ``/posterior``.
+Grid: data entry (label -> spec or distribution; its regime comes from the distribution) x
+fitting method `fit_method` (``cd-euler``, ``cd-heun``, ``cd-exact``, ``ct``) x training-set size
+`train_size` (inf = fresh draws every iteration) x training `budget` (iterations) x step
+Delta x seed. One cell = (entry, fit_method, train_size, step): all seeds in one compiled
+program, snapshots of the weights at every budget (constant learning rate: a snapshot at k is
+the k-iteration fit). Recorded on (t, s) pairs that lie on every Delta grid: the consistency
+error against the exact flow; the teacher's own error (its composed Delta-steps against the
+exact flow, no learning: the discretization part) and the learning error (against the composed
+teacher map, which is what CD targets); at the largest budget the quality of the multi-step
+sampler driven by the learned net (k-NN KL estimate against the exact $p_\delta$ and energy
+distance, with standard errors), next to the exact flow's (the estimator's floor).
 
-Default (the main job): a smooth 2-d Gaussian mixture and a non-smooth 2-d Dirac mixture.
+Analysis (`finalize`, `mcm_prob.statistics`): per group (entry, fit_method, train_size, budget), a
+bootstrap over seeds and the three checked error models of `mcm_prob.error_models` fitted to
+the consistency error, compared by PSIS-LOO; a rate, Delta* or minimal error is reported only
+from a usable model (predictive check passed, diagnostics clean), the preferred one by LOO.
+Also the teacher's order (least-squares log-log slope of its error, next to the theory: 2 for
+Euler and 4 for Heun in squared distance) and the learning error at the smallest step against
+budget and against n. Groups: ``/bootstrap``, ``/error_models/<model>`` (ArviZ layout),
+``/model_comparison``, ``/summary``, ``/budget``, ``/train_size``.
+
+Default (the main job): a smooth 2-d Gaussian mixture and a non-smooth 2-d Dirac mixture,
+CD with the Euler teacher, budgets 1500, 3000 and 6000 iterations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Mapping
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
 from .. import metrics
-from .._checks import distinct, integer, number, seeds
+from .._checks import distinct, integer, number, one_of, seeds
+from ..error_models import ERROR_MODELS
 from ..flow import ExactFlow
 from ..sampling import sample
-from ..statistics import bootstrap_rates, posterior_rates
-from ..training import TrainConfig, fit_grid, teacher_map
+from ..statistics import bootstrap_rates, compare_error_models, fit_error_model, loglog_slope
+from ..training import FittedGrid, TrainConfig, fit_grid, teacher_map
 from .driver import TIME_UNITS, Study, StudyConfig
 
-__all__ = ["EstimationConfig", "EstimationStudy", "DEFAULT_DATA", "DEFAULT_TRAIN"]
+__all__ = ["EstimationConfig", "EstimationStudy", "DEFAULT_DATA", "DEFAULT_TRAIN", "METHODS"]
 
 DEFAULT_DATA = {
     "smooth": {
@@ -50,16 +64,19 @@ DEFAULT_DATA = {
     },
 }
 DEFAULT_TRAIN = dict(
-    method="cd",
-    teacher="euler",
-    iterations=6000,
-    batch_size=256,
-    width=64,
-    depth=2,
-    learning_rate=1e-3,
+    method="cd", teacher="euler", batch_size=256, width=64, depth=2, learning_rate=1e-3
 )
-# TrainConfig fields that the study sets per entry and step
-_STUDY_SET = ("step", "T", "delta", "chunk_size", "progress")
+# fitting methods: label -> (TrainConfig.method, teacher or None)
+METHODS = {
+    "cd-euler": ("cd", "euler"),
+    "cd-heun": ("cd", "heun"),
+    "cd-exact": ("cd", "exact"),
+    "ct": ("ct", None),
+}
+# the teacher's order of convergence in squared distance (the exact teacher has none)
+TEACHER_ORDER = {"euler": 2.0, "heun": 4.0}
+# TrainConfig fields that the study sets per cell
+_STUDY_SET = ("step", "T", "delta", "iterations", "train_size", "chunk_size", "progress")
 
 
 def _train_config(train) -> TrainConfig:
@@ -73,10 +90,25 @@ def _train_config(train) -> TrainConfig:
         set_here = sorted(set(unknown) & set(_STUDY_SET))
         raise ValueError(
             f"unknown config key(s) {unknown} in `train`"
-            + (f" ({set_here} are set by the study per entry and step)" if set_here else "")
+            + (
+                f" ({set_here} are set by the study: use `budgets` for iterations and "
+                "`train_sizes` for train_size)"
+                if set_here
+                else ""
+            )
             + f"; valid keys: {valid}"
         )
     return TrainConfig(**(DEFAULT_TRAIN | dict(train)))
+
+
+def _method_label(cfg: TrainConfig) -> str:
+    return "ct" if cfg.method == "ct" else f"cd-{cfg.teacher}"
+
+
+def _train_size(name: str, v) -> float:
+    if isinstance(v, float) and v == math.inf:
+        return math.inf
+    return float(integer(name, v, ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +117,23 @@ class EstimationConfig(StudyConfig):
 
     - `data`: entries label -> data spec (with an optional ``delta``) or distribution object.
     - `train`: the training settings, the keys of `mcm_prob.TrainConfig` (table
-      ``[estimation.train]``; `step`, `T`, `delta` are set by the study). Defaults:
-      `DEFAULT_TRAIN`, the other keys as in `TrainConfig`.
+      ``[estimation.train]``; `step`, `T`, `delta`, `iterations`, `train_size` are set by the
+      study). Defaults: `DEFAULT_TRAIN`, the other keys as in `TrainConfig`.
+    - `methods`: fitting methods side by side (labels of `METHODS`); empty: the one in `train`.
+    - `budgets`: training iterations at which every model is evaluated (snapshots of one run).
+    - `train_sizes`: training-set sizes n (integers; ``inf`` = fresh draws every iteration).
     - `steps` (each dividing the largest), `seeds`: the (Delta, seed) grid.
     - `delta_smooth`, `delta_nonsmooth`: early-stopping time of entries without their own.
     - `eval_samples`: draws per (t, s) pair; `sample_size`, `sampler_steps`, `sampler_tau`:
-      the multi-step sampler quality check; `n_boot`, `chains`, `warmup`, `draws`, `ci`, `seed`:
-      the rate analysis.
+      the multi-step sampler quality check (largest budget); `n_boot`, `error_models`,
+      `chains`, `warmup`, `draws`, `ci`, `seed`: the analysis.
     """
 
     data: Mapping = dataclasses.field(default_factory=lambda: DEFAULT_DATA)
     train: Mapping | TrainConfig = dataclasses.field(default_factory=dict)
+    methods: tuple = ()
+    budgets: tuple = (1500, 3000, 6000)
+    train_sizes: tuple = (math.inf,)
     steps: tuple = (0.025, 0.05, 0.1, 0.2, 0.4)
     seeds: tuple = tuple(range(8))
     delta_smooth: float = 0.01
@@ -105,6 +143,7 @@ class EstimationConfig(StudyConfig):
     sampler_steps: int = 4
     sampler_tau: float = 0.0
     n_boot: int = 2000
+    error_models: tuple = tuple(ERROR_MODELS)
     chains: int = 4
     warmup: int = 500
     draws: int = 1000
@@ -113,16 +152,38 @@ class EstimationConfig(StudyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "train", _train_config(self.train))
-        steps = distinct("steps", self.steps, lambda n, v: number(n, v, gt=0), min_len=2)
-        object.__setattr__(self, "steps", steps)
+        train = _train_config(self.train)
+        object.__setattr__(self, "train", train)
+        methods = distinct(
+            "methods",
+            self.methods or (_method_label(train),),
+            lambda n, v: one_of(n, v, tuple(METHODS)),
+        )
+        object.__setattr__(self, "methods", methods)
+        budgets = distinct("budgets", self.budgets, lambda n, v: integer(n, v, ge=1))
+        object.__setattr__(self, "budgets", tuple(sorted(budgets)))
+        if len(budgets) > 1 and train.lr_schedule != "constant":
+            raise ValueError(
+                "config key `budgets` with several budgets needs train.lr_schedule = "
+                f"'constant' (budgets are snapshots of one run), got {train.lr_schedule!r}"
+            )
+        sizes = distinct("train_sizes", self.train_sizes, _train_size)
+        object.__setattr__(self, "train_sizes", tuple(sorted(sizes)))
+        steps = distinct("steps", self.steps, lambda n, v: number(n, v, gt=0), min_len=3)
+        object.__setattr__(self, "steps", tuple(sorted(steps)))
         object.__setattr__(self, "seeds", seeds("seeds", self.seeds))
         if len(self.seeds) < 2:
             raise ValueError(
                 f"config key `seeds` needs at least 2 seeds (a rate needs them), got {self.seeds}"
             )
-        for name in ("eval_samples", "sampler_steps", "chains", "warmup", "draws"):
-            integer(name, getattr(self, name), ge=2 if name == "chains" else 1)
+        models = distinct(
+            "error_models", self.error_models, lambda n, v: one_of(n, v, tuple(ERROR_MODELS))
+        )
+        object.__setattr__(self, "error_models", models)
+        for name in ("eval_samples", "sampler_steps", "warmup"):
+            integer(name, getattr(self, name), ge=1)
+        integer("chains", self.chains, ge=2)
+        integer("draws", self.draws, ge=100)
         integer("sample_size", self.sample_size, ge=10)
         integer("n_boot", self.n_boot, ge=100)
         integer("seed", self.seed, ge=0, lt=2**32)
@@ -136,6 +197,8 @@ class EstimationConfig(StudyConfig):
                 f"config key `steps` must divide the largest step {base} (so that the "
                 f"evaluation pairs lie on every grid), got {steps}"
             )
+        for label in self.entries:
+            self.train_config(label, base, self.methods[0], self.train_sizes[0])
 
     @property
     def horizon(self) -> float:
@@ -149,53 +212,63 @@ class EstimationConfig(StudyConfig):
 
     def to_json(self) -> str:
         table = json.loads(super().to_json())
-        for name in _STUDY_SET:  # set per entry and step, not by the user
+        for name in _STUDY_SET:  # set per cell, not by the user
             del table["train"][name]
         return json.dumps(table, sort_keys=True)
 
-    def train_config(self, label: str, step: float) -> TrainConfig:
+    def train_config(self, label: str, step: float, method: str, train_size: float) -> TrainConfig:
+        kind, teacher = METHODS[method]
+        iterations = max(self.budgets)
         return dataclasses.replace(
             self.train,
+            method=kind,
+            teacher=teacher or self.train.teacher,
             step=step,
             T=self.entry_delta(label) + self.horizon,
             delta=self.entry_delta(label),
-            chunk_size=max(1, self.train.iterations // 20),
+            iterations=iterations,
+            train_size=None if train_size == math.inf else int(train_size),
+            chunk_size=max(1, math.gcd(iterations // 20, *self.budgets)),
         )
 
 
 QUICK = dict(
-    train=dict(iterations=300, width=32, batch_size=128),
+    train=dict(width=32, batch_size=128),
+    budgets=(150, 300),
     steps=(0.1, 0.2, 0.4),
     seeds=(0, 1, 2, 3),
     eval_samples=512,
     sample_size=500,
     n_boot=500,
     warmup=300,
-    draws=400,
+    draws=300,
 )
 
 _SQ = "squared distance (data units^2)"
-_ESS, _ES = ("entry", "step", "seed"), ("entry", "step")
+_CELL = ("entry", "fit_method", "train_size", "step")
+_Q = _CELL + ("seed",)  # at the largest budget
+_L = ("entry", "fit_method", "train_size", "budget", "step", "seed")
+_T = ("entry", "fit_method", "step")
 # name: (dims, long_name, units)
 _VARIABLES = {
-    "consistency_error": (_ESS + ("pair",), "E_{p_t} ||f(x,t,s) - Phi_{t->s}(x)||^2", _SQ),
-    "consistency_error_mean": (_ESS, "consistency error averaged over (t, s) pairs", _SQ),
+    "consistency_error": (_L + ("pair",), "E_{p_t} ||f(x,t,s) - Phi_{t->s}(x)||^2", _SQ),
+    "consistency_error_mean": (_L, "consistency error averaged over (t, s) pairs", _SQ),
     "learning_error": (
-        _ESS + ("pair",),
-        "E ||f(x,t,s) - teacher map(x)||^2 (learning part)",
+        _L + ("pair",),
+        "E ||f(x,t,s) - teacher map(x)||^2 (learning part; NaN without a teacher)",
         _SQ,
     ),
-    "learning_error_mean": (_ESS, "learning error averaged over pairs", _SQ),
+    "learning_error_mean": (_L, "learning error averaged over pairs", _SQ),
     "teacher_error": (
-        _ES + ("pair",),
+        _T + ("pair",),
         "E ||teacher map(x) - Phi(x)||^2 (discretization part, no learning)",
         _SQ,
     ),
-    "teacher_error_mean": (_ES, "teacher error averaged over pairs", _SQ),
-    "kl_estimate": (_ESS, "k-NN estimate of KL(sampler law || p_delta), learned net", "nats"),
-    "kl_stderr": (_ESS, "standard error of kl_estimate", "nats"),
-    "energy_distance": (_ESS, "energy distance to exact samples of p_delta", "data units"),
-    "energy_stderr": (_ESS, "jackknife standard error of energy_distance", "data units"),
+    "teacher_error_mean": (_T, "teacher error averaged over pairs", _SQ),
+    "kl_estimate": (_Q, "k-NN estimate of KL(sampler law || p_delta), learned net", "nats"),
+    "kl_stderr": (_Q, "standard error of kl_estimate", "nats"),
+    "energy_distance": (_Q, "energy distance to exact samples of p_delta", "data units"),
+    "energy_stderr": (_Q, "jackknife standard error of energy_distance", "data units"),
     "kl_estimate_exact_flow": (
         ("entry",),
         "k-NN KL estimate for the sampler with the exact flow (estimator floor)",
@@ -207,8 +280,8 @@ _VARIABLES = {
         "energy distance for the exact-flow sampler",
         "data units",
     ),
-    "final_loss": (_ESS, "mean training loss over the last 10% of iterations", None),
-    "cell_wall_time": (_ES, "wall time of the cell", "s"),
+    "final_loss": (_Q, "mean training loss over the last 10% of iterations", None),
+    "cell_wall_time": (_CELL, "wall time of the cell", "s"),
 }
 
 
@@ -240,25 +313,53 @@ class EstimationStudy(Study):
 
     def schema(self, cfg: EstimationConfig) -> xr.Dataset:
         labels = list(cfg.entries)
-        sizes = {"entry": len(labels), "step": len(cfg.steps), "seed": len(cfg.seeds)}
-        sizes["pair"] = len(cfg.pairs(labels[0]))
+        sizes = {
+            "entry": len(labels),
+            "fit_method": len(cfg.methods),
+            "train_size": len(cfg.train_sizes),
+            "budget": len(cfg.budgets),
+            "step": len(cfg.steps),
+            "seed": len(cfg.seeds),
+            "pair": len(cfg.pairs(labels[0])),
+        }
         data_vars = {}
         for name, (dims, long_name, units) in _VARIABLES.items():
             attrs = {"long_name": long_name} | ({} if units is None else {"units": units})
             data_vars[name] = (dims, np.full([sizes[d] for d in dims], np.nan), attrs)
-        shape = (sizes["entry"], sizes["step"])
         data_vars["failed"] = (
-            _ESS,
-            np.zeros(shape + (sizes["seed"],), bool),
+            _Q,
+            np.zeros([sizes[d] for d in _Q], bool),
             {"long_name": "training diverged (non-finite loss)"},
         )
-        data_vars["done"] = (_ES, np.zeros(shape, bool), {"long_name": "cell finished and saved"})
+        data_vars["done"] = (
+            _CELL,
+            np.zeros([sizes[d] for d in _CELL], bool),
+            {"long_name": "cell finished and saved"},
+        )
         pairs = np.array([cfg.pairs(g) for g in labels])
         coords, specs = cfg.entry_coords()
         return xr.Dataset(
             data_vars,
             coords=coords
             | {
+                "fit_method": (
+                    "fit_method",
+                    list(cfg.methods),
+                    {"long_name": "fitting method (CD-teacher or CT)"},
+                ),
+                "train_size": (
+                    "train_size",
+                    np.array(cfg.train_sizes, float),
+                    {
+                        "long_name": "training-set size n (inf: fresh draws every iteration)",
+                        "units": "draws of x_0",
+                    },
+                ),
+                "budget": (
+                    "budget",
+                    np.array(cfg.budgets),
+                    {"long_name": "training budget", "units": "iterations"},
+                ),
                 "step": (
                     "step",
                     np.array(cfg.steps),
@@ -282,92 +383,96 @@ class EstimationStudy(Study):
 
     def cells(self, cfg: EstimationConfig) -> list[dict[str, int]]:
         return [
-            {"entry": r, "step": i} for r in range(len(cfg.entries)) for i in range(len(cfg.steps))
+            dict(zip(_CELL, idx, strict=True))
+            for idx in np.ndindex(
+                len(cfg.entries), len(cfg.methods), len(cfg.train_sizes), len(cfg.steps)
+            )
         ]
 
     def _prepare(self, cfg: EstimationConfig, ds: xr.Dataset, r: int) -> dict:
-        """Per-entry reference flows, teacher maps and the exact-flow sampler check."""
+        """Per-entry reference flows and the exact-flow sampler check."""
         label = list(cfg.entries)[r]
         data, pairs = cfg.entries[label].data, cfg.pairs(label)
         key = jax.random.fold_in(jax.random.key(cfg.seed), r)
         reference = metrics.reference_flows(data, pairs, key=key, n=cfg.eval_samples)
-        teacher = None
-        if cfg.train.method == "cd":
-            todo = [i for i in range(len(cfg.steps)) if not bool(ds["done"][r, i])]
-            teacher = {
-                i: [
-                    teacher_map(data, x, t, s, step=cfg.steps[i], teacher=cfg.train.teacher)
-                    for (x, _), (t, s) in zip(reference, pairs, strict=True)
-                ]
-                for i in todo
-            }
         if np.isnan(ds["kl_estimate_exact_flow"].values[r]):
             flow = ExactFlow(data, rtol=1e-8, atol=1e-8)
             kl, en = _sample_quality(flow, data, cfg, label, jax.random.fold_in(key, 999))
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
             ds["energy_distance_exact_flow"][r] = en.value
-        return {
-            "label": label,
-            "data": data,
-            "key": key,
-            "reference": reference,
-            "teacher": teacher,
-        }
+        return {"label": label, "data": data, "key": key, "reference": reference}
 
     def run_cell(self, cfg, ds, cell, cache, *, progress):
-        r, i = cell["entry"], cell["step"]
+        r, m, n, i = (int(cell[d]) for d in _CELL)
         if r not in cache:
             cache[r] = self._prepare(cfg, ds, r)
         ctx = cache[r]
         label, data, key, reference = ctx["label"], ctx["data"], ctx["key"], ctx["reference"]
         start = time.perf_counter()
-        tcfg = dataclasses.replace(cfg.train_config(label, cfg.steps[i]), progress=progress)
-        grid, history = fit_grid(data, tcfg, steps=[cfg.steps[i]], seeds=list(cfg.seeds))
+        method, step = cfg.methods[m], cfg.steps[i]
+        tcfg = cfg.train_config(label, step, method, cfg.train_sizes[n])
+        tcfg = dataclasses.replace(tcfg, progress=progress)
+        _, history = fit_grid(
+            data, tcfg, steps=[step], seeds=list(cfg.seeds), checkpoints=cfg.budgets
+        )
         pairs = cfg.pairs(label)
         failed = history["failed_at"][0] >= 0
+        teach = None
+        if METHODS[method][1] is not None:
+            teach = [
+                teacher_map(data, x, t, s, step=step, teacher=tcfg.teacher)
+                for (x, _), (t, s) in zip(reference, pairs, strict=True)
+            ]
+            te = metrics.consistency_error(
+                lambda x, t, s: x,
+                data,
+                pairs,
+                key=key,
+                reference=[(y, z) for y, (_, z) in zip(teach, reference, strict=True)],
+            )
+            at = dict(entry=r, fit_method=m, step=i)
+            ds["teacher_error"][at], ds["teacher_error_mean"][at] = te.per_pair, te.mean
+        # every budget's snapshot as one grid (budget x seed) evaluated in one call
+        snaps = [history["checkpoints"][b].models for b in cfg.budgets]
+        by_budget = FittedGrid(
+            jax.tree_util.tree_map(
+                lambda *a: jnp.concatenate(a) if eqx.is_array(a[0]) else a[0], *snaps
+            ),
+            tuple(float(b) for b in cfg.budgets),
+            tuple(cfg.seeds),
+        )
+        at = dict(entry=r, fit_method=m, train_size=n, step=i)
 
-        def store(name, err):
-            ds[name][r, i] = np.where(failed[:, None], np.nan, err.per_pair[0])
-            ds[name + "_mean"][r, i] = np.where(failed, np.nan, err.mean[0])
+        def store(name, err):  # err.per_pair: (budget, seed, pair)
+            ds[name][at] = np.where(failed[None, :, None], np.nan, err.per_pair)
+            ds[name + "_mean"][at] = np.where(failed[None, :], np.nan, err.mean)
 
         store(
             "consistency_error",
-            metrics.consistency_error(grid, data, pairs, key=key, reference=reference),
+            metrics.consistency_error(by_budget, data, pairs, key=key, reference=reference),
         )
-        if ctx["teacher"] is not None:
-            teach = ctx["teacher"][i]
+        if teach is not None:
             learned = [(x, y) for (x, _), y in zip(reference, teach, strict=True)]
             store(
                 "learning_error",
-                metrics.consistency_error(grid, data, pairs, key=key, reference=learned),
+                metrics.consistency_error(by_budget, data, pairs, key=key, reference=learned),
             )
-            exact = [(y, z) for y, (_, z) in zip(teach, reference, strict=True)]
-            te = metrics.consistency_error(lambda x, t, s: x, data, pairs, key=key, reference=exact)
-            ds["teacher_error"][r, i] = te.per_pair
-            ds["teacher_error_mean"][r, i] = te.mean
-        tail = max(1, cfg.train.iterations // 10)
-        ds["final_loss"][r, i] = np.nanmean(history["loss"][0, :, -tail:], axis=-1)
-        ds["failed"][r, i] = failed
+        tail = max(1, tcfg.iterations // 10)
+        ds["final_loss"][at] = np.nanmean(history["loss"][0, :, -tail:], axis=-1)
+        ds["failed"][at] = failed
+        final = history["checkpoints"][cfg.budgets[-1]]
         for j in range(len(cfg.seeds)):
             if failed[j]:
                 continue
             kl, en = _sample_quality(
-                grid[0, j], data, cfg, label, jax.random.fold_in(key, 1000 + j)
+                final[0, j], data, cfg, label, jax.random.fold_in(key, 1000 + j)
             )
-            ds["kl_estimate"][r, i, j], ds["kl_stderr"][r, i, j] = kl
-            ds["energy_distance"][r, i, j], ds["energy_stderr"][r, i, j] = en
-        ds["cell_wall_time"][r, i] = time.perf_counter() - start
+            ds["kl_estimate"][at | {"seed": j}], ds["kl_stderr"][at | {"seed": j}] = kl
+            ds["energy_distance"][at | {"seed": j}], ds["energy_stderr"][at | {"seed": j}] = en
+        ds["cell_wall_time"][at] = time.perf_counter() - start
 
     def finalize(self, cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
-        err = ds["consistency_error_mean"].drop_vars(["regime", "dim", "delta"])
-        complete = ~err.isnull().any(("entry", "step"))
-        err = err.sel(seed=complete.values)
-        boot = bootstrap_rates(err, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
-        boot.attrs["seeds_used"] = json.dumps([int(s) for s in err["seed"].values])
-        post, summary = posterior_rates(
-            err, chains=cfg.chains, warmup=cfg.warmup, samples=cfg.draws, seed=cfg.seed, ci=cfg.ci
-        )
-        return {"/bootstrap": boot, "/posterior": post, "/posterior/diagnostics": summary}
+        return _analyse(cfg, ds)
 
     def dtype(self, cfg: EstimationConfig) -> str:
         return f"training {cfg.train.dtype}; ground truth {jnp.result_type(float)}"
@@ -379,103 +484,449 @@ class EstimationStudy(Study):
         return _plot(tree)
 
 
+_QUANTITIES = {
+    "rate_small": "local rate over the two smallest steps",
+    "rate_large": "local rate over the two largest steps",
+    "delta_star": "error-minimising step Delta* (studied range)",
+    "error_min": "typical-seed error at Delta*",
+}
+_BOOT_OF = {
+    "rate_small": "rate_small",
+    "rate_large": "rate_large",
+    "delta_star": "best_step",
+    "error_min": "error_min",
+}
+_GROUPS = ("entry", "fit_method", "train_size", "budget")
+
+
+def _smallest_step_error(ds: xr.Dataset) -> xr.DataArray:
+    """Learning error at the smallest step (consistency error for methods without a teacher)."""
+    has_teacher = xr.DataArray(
+        [METHODS[m][1] is not None for m in ds["fit_method"].values], dims="fit_method"
+    )
+    err = xr.where(has_teacher, ds["learning_error_mean"], ds["consistency_error_mean"])
+    return err.isel(step=0).drop_vars(["regime", "dim", "delta", "step"])
+
+
+def _analyse(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+    """The analysis groups of a finished study (see the module docstring)."""
+    err = ds["consistency_error_mean"].drop_vars(["regime", "dim", "delta"])
+    ok = ~err.isnull().any([d for d in err.dims if d != "seed"])
+    if int(ok.sum()) < 2:
+        raise RuntimeError(
+            "fewer than 2 seeds trained without divergence in every cell: no rate analysis "
+            "(lower the learning rate or set grad_clip, then rerun with --overwrite)"
+        )
+    err = err.sel(seed=ok.values)
+    used = json.dumps([int(v) for v in err["seed"].values])
+    boot = bootstrap_rates(err, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+    boot.attrs["seeds_used"] = used
+    fits = {
+        m: fit_error_model(
+            err, m, chains=cfg.chains, warmup=cfg.warmup, draws=cfg.draws, seed=cfg.seed
+        )
+        for m in cfg.error_models
+    }
+    out = {"/bootstrap": boot}
+    for m, tree in fits.items():
+        for node in tree.subtree:
+            path = f"/error_models/{m}" + ("" if node.path == "/" else node.path)
+            out[path] = node.to_dataset()
+    comparison = compare_error_models(fits) if len(fits) >= 2 else None
+    if comparison is not None:
+        out["/model_comparison"] = comparison
+    out["/summary"] = _summary(cfg, ds, boot, fits, comparison)
+    small = _smallest_step_error(ds).sel(seed=ok.values)
+    if len(cfg.budgets) >= 2:
+        out["/budget"] = bootstrap_rates(
+            small, along="budget", n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed
+        )
+    finite = [v for v in cfg.train_sizes if v != math.inf]
+    if len(finite) >= 2:
+        out["/train_size"] = bootstrap_rates(
+            small.isel(budget=-1).sel(train_size=finite),
+            along="train_size",
+            n_boot=cfg.n_boot,
+            ci=cfg.ci,
+            seed=cfg.seed,
+        )
+    for name in ("/budget", "/train_size"):
+        if name in out:
+            out[name].attrs["quantity"] = (
+                "learning error at the smallest step (consistency error for methods without a teacher)"
+            )
+    return out
+
+
+def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
+    """Per group (entry, fit_method, train_size, budget): the preferred usable model's posterior
+    intervals next to the bootstrap CIs, the power law's check, the teacher's order and the
+    posterior probabilities comparing entries."""
+    names = list(fits)
+    checks = {m: fits[m]["checks"].to_dataset() for m in names}
+    usable = xr.concat([checks[m]["usable"] for m in names], "model").assign_coords(model=names)
+    if comparison is not None:
+        preferred = comparison["preferred"]
+    else:
+        preferred = xr.where(usable.isel(model=0), names[0], "")
+    lo, hi = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
+    out = {
+        "preferred": preferred.assign_attrs(
+            long_name="usable model with the highest PSIS-LOO elpd ('' if none)"
+        )
+    }
+    for q, long_name in _QUANTITIES.items():
+        for suffix, level in (("", 0.5), ("_low", lo), ("_high", hi)):
+            per_model = xr.concat(
+                [
+                    fits[m]["posterior"][q].quantile(level, ("chain", "draw")).drop_vars("quantile")
+                    for m in names
+                ],
+                "model",
+            ).assign_coords(model=names)
+            picked = xr.full_like(per_model.isel(model=0), np.nan)
+            for m in names:
+                picked = xr.where(preferred == m, per_model.sel(model=m, drop=True), picked)
+            what = {
+                "": "posterior median",
+                "_low": f"{cfg.ci:.0%} posterior interval, lower",
+                "_high": f"{cfg.ci:.0%} posterior interval, upper",
+            }[suffix]
+            out[f"post_{q}{suffix}"] = picked.assign_attrs(
+                long_name=f"{long_name}: {what} (preferred model; NaN if none usable)"
+            )
+            b = boot[_BOOT_OF[q] + suffix]
+            out[f"boot_{q}{suffix}"] = b.assign_attrs(
+                long_name=f"{long_name}: "
+                + ("bootstrap estimate" if not suffix else b.attrs["long_name"])
+                + (" (best studied step)" if q == "delta_star" else "")
+            )
+    out["usable"] = usable.assign_attrs(
+        long_name="model passed its predictive check and diagnostics"
+    )
+    out["ppc_p_value"] = (
+        xr.concat([checks[m]["ppc_p_value"] for m in names], "model")
+        .assign_coords(model=names)
+        .assign_attrs(long_name="posterior predictive p-value")
+    )
+    out["reason"] = (
+        xr.concat([checks[m]["reason"] for m in names], "model")
+        .assign_coords(model=names)
+        .assign_attrs(long_name="why a model is not usable ('ok' if usable)")
+    )
+    if "power_law" in fits:
+        out["power_law_rejected"] = checks["power_law"]["ppc_rejected"].assign_attrs(
+            long_name="the single power law fails its posterior predictive check"
+        )
+    # posterior probability that the local rate at small steps of one entry exceeds another's
+    entries = list(ds["entry"].values)
+    draws = {}
+    for m in names:
+        draws[m] = (
+            fits[m]["posterior"]["rate_small"]
+            .stack(sample=("chain", "draw"))
+            .transpose(*_GROUPS, "sample")
+            .values
+        )
+    pref = preferred.transpose(*_GROUPS).values
+    shape = pref.shape
+    p = np.full((len(entries),) + shape, np.nan)
+    for idx in np.ndindex(*shape):
+        for k in range(len(entries)):
+            m_a, m_b = pref[idx], pref[(k,) + idx[1:]]
+            if m_a and m_b:
+                p[(k,) + idx] = np.mean(draws[m_a][idx] > draws[m_b][(k,) + idx[1:]])
+    out["p_rate_small_greater"] = (
+        ("entry", "other_entry", "fit_method", "train_size", "budget"),
+        np.moveaxis(p, 0, 1),
+        {"long_name": "posterior P(rate_small of entry > rate_small of other_entry)"},
+    )
+    teacher = ds["teacher_error_mean"].drop_vars(["regime", "dim", "delta"])
+    out["teacher_order"] = loglog_slope(teacher, "step").assign_attrs(
+        long_name="teacher's order: least-squares log-log slope of its error against step"
+    )
+    theory = [TEACHER_ORDER.get(METHODS[m][1], np.nan) for m in ds["fit_method"].values]
+    out["teacher_order_theory"] = (
+        "fit_method",
+        np.array(theory, float),
+        {"long_name": "theoretical order in squared distance (2 Euler, 4 Heun)"},
+    )
+    summary = xr.Dataset(out, coords={"other_entry": entries})
+    summary.attrs = {
+        "rule": "posterior numbers come from the preferred model by PSIS-LOO among those whose predictive check passed with clean diagnostics; NaN when none did",
+        "interval": f"{cfg.ci:.0%} equal-tailed posterior intervals; {cfg.ci:.0%} percentile bootstrap CIs over seeds",
+    }
+    return summary
+
+
 def _fmt(x, digits: int = 3) -> str:
     x = float(x)
     return "nan" if not np.isfinite(x) else f"{x:.{digits}g}"
 
 
+def _interval(ds, name) -> str:
+    return f"{_fmt(ds[name]):>7} [{_fmt(ds[name + '_low'])}, {_fmt(ds[name + '_high'])}]"
+
+
+def _group_label(g) -> str:
+    n = float(g["train_size"])
+    size = "inf" if not np.isfinite(n) else f"{n:g}"
+    return f"{g['entry'].item()} ({g['fit_method'].item()}, n={size}, budget {int(g['budget'])})"
+
+
+def _legacy(res: xr.Dataset) -> str | None:
+    missing = [d for d in ("fit_method", "train_size", "budget") if d not in res.dims]
+    if missing:
+        return (
+            f"this file was written by an earlier mcm_prob (no {missing} axes, no checked error "
+            "models); its data stay readable with xarray, and rerunning the study with this "
+            "version gives the full analysis"
+        )
+    return None
+
+
 def _report(tree: xr.DataTree) -> str:
     res = tree["results"].to_dataset()
+    old = _legacy(res)
+    if old:
+        return old
     lines = []
-    if "bootstrap" not in tree.children:
-        lines.append("study is partial: no rate analysis yet (resume it to finish)")
+    if "summary" not in tree.children:
+        lines.append("study is partial: no error analysis yet (resume it to finish)")
     else:
-        boot = tree["bootstrap"].to_dataset()
-        diag = tree["posterior/diagnostics"].to_dataset()
+        summ = tree["summary"].to_dataset()
         lines.append(
-            f"rate alpha in consistency error ~ C step^alpha ({boot.attrs['ci']:.0%} intervals)"
+            "consistency error against the step Delta: "
+            + summ.attrs["interval"]
+            + "\nposterior numbers only from a usable model: "
+            + summ.attrs["rule"]
         )
-        lines.append(
-            f"{'entry':<12} {'alpha':>7} {'bootstrap CI':>18} {'post. mean':>10} {'HDI':>18} {'r_hat':>7} {'ESS':>7}"
-        )
-        for g in boot["entry"].values:
-            b, d = boot.sel(entry=g), diag.sel(entry=g)
+        if "model_comparison" in tree.children:
+            comp = tree["model_comparison"].to_dataset()
+            lines.append("\nmodel comparison (PSIS-LOO over all groups)")
             lines.append(
-                f"{g:<12} {_fmt(b['alpha']):>7} [{_fmt(b['alpha_low']):>7}, {_fmt(b['alpha_high']):>7}] "
-                f"{_fmt(d['alpha_mean']):>10} [{_fmt(d['alpha_hdi_low']):>7}, {_fmt(d['alpha_hdi_high']):>7}] "
-                f"{float(d['r_hat']):>7.4f} {float(d['ess_bulk']):>7.0f}"
+                f"{'model':<10} {'elpd':>9} {'se':>7} {'d_elpd':>8} {'dse':>7} {'weight':>7} {'k>0.7':>6}"
             )
-        for g, why in json.loads(diag.attrs.get("refused", "{}")).items():
-            lines.append(f"  posterior rate for {g} not reported: {why}")
-        if "p_alpha_first_gt_second" in diag.attrs:
-            lines.append(
-                f"P(alpha {diag.attrs['p_alpha_first_gt_second_entries']}) = {diag.attrs['p_alpha_first_gt_second']:.3f}"
-            )
-        lines.append(
-            f"bootstrap: {boot.attrs['method']}; posterior: {diag.attrs['sampler']}, {diag.attrs['divergences']} divergences"
-        )
+            for m in comp["model"].values[np.argsort(comp["rank"].values)]:
+                c = comp.sel(model=m)
+                lines.append(
+                    f"{m:<10} {float(c['elpd']):>9.1f} {float(c['se']):>7.1f} {float(c['elpd_diff']):>8.1f} "
+                    f"{float(c['dse']):>7.1f} {float(c['weight']):>7.2f} {int(c['n_pareto_k_high']):>6}"
+                )
+        stacked = summ.stack(group=_GROUPS).transpose("group", ...)
+        for k in range(stacked.sizes["group"]):
+            g = stacked.isel(group=k)
+            pref = g["preferred"].item()
+            lines.append("")
+            head = f"{_group_label(g)}: preferred model {pref or 'NONE usable'}"
+            if "power_law_rejected" in g:
+                p_pl = float(g["ppc_p_value"].sel(model="power_law"))
+                verdict = "REJECTED" if bool(g["power_law_rejected"]) else "not rejected"
+                head += f"; single power law {verdict} by its predictive check (p = {p_pl:.3f}, rule p < 0.05)"
+            lines.append(head)
+            for q, what in _QUANTITIES.items():
+                boot_name = "best studied step" if q == "delta_star" else "bootstrap"
+                lines.append(
+                    f"  {what:<46} posterior {_interval(g, 'post_' + q)}   {boot_name} {_interval(g, 'boot_' + q)}"
+                )
+            for m in g["model"].values:
+                if not bool(g["usable"].sel(model=m)):
+                    lines.append(f"  {m} not used: {g['reason'].sel(model=m).item()}")
+        lines.append("")
+        lines.append(f"{'entry':<12} {'method':<9} {'teacher order':>13} {'theory':>7}")
+        for e in summ["entry"].values:
+            for m in summ["fit_method"].values:
+                lines.append(
+                    f"{e:<12} {m:<9} {_fmt(summ['teacher_order'].sel({'entry': e, 'fit_method': m})):>13} "
+                    f"{_fmt(summ['teacher_order_theory'].sel({'fit_method': m})):>7}"
+                )
+        p = summ["p_rate_small_greater"].isel(fit_method=0, train_size=-1, budget=-1)
+        regimes = dict(zip(res["entry"].values, res["regime"].values, strict=True))
+        for a in p["entry"].values:
+            for b in p["other_entry"].values:
+                if regimes[a] == "smooth" and regimes[b] == "nonsmooth":
+                    lines.append(
+                        f"P(local rate at small steps: {a} > {b}) = {_fmt(p.sel(entry=a, other_entry=b))} (posterior)"
+                    )
+        for name, along in (("budget", "budget"), ("train_size", "train_size")):
+            if name not in tree.children:
+                continue
+            r = tree[name].to_dataset()
+            lines.append("")
+            lines.append(f"{r.attrs['quantity']} against {along}: error ~ C {along}^alpha")
+            st = r["alpha"].stack(group=r["alpha"].dims)
+            for k in range(st.sizes["group"]):
+                idx = {d: st["group"].values[k][i] for i, d in enumerate(r["alpha"].dims)}
+                c = r.sel(idx)
+                errs = ", ".join(
+                    f"{v:g}: {_fmt(e)}"
+                    for v, e in zip(r[along].values, c["mean_error"].values, strict=True)
+                )
+                lines.append(
+                    f"  {', '.join(str(v) for v in idx.values())}: alpha {_interval(c, 'alpha')}  (mean error {errs})"
+                )
     lines.append("")
+    last = res.isel(budget=-1)
     lines.append(
-        f"{'entry':<12} {'step':>6} {'consist.':>9} {'teacher':>9} {'learning':>9} {'KL est.':>9} {'failed':>6}"
+        f"per step at budget {int(last['budget'])} (means over seeds; KL: sampler with the learned net)"
     )
-    for g in res["entry"].values:
-        r = res.sel(entry=g)
-        for st in res["step"].values:
-            c = r.sel(step=st)
-            lines.append(
-                f"{g:<12} {st:>6g} {_fmt(c['consistency_error_mean'].mean()):>9} {_fmt(c['teacher_error_mean']):>9} "
-                f"{_fmt(c['learning_error_mean'].mean()):>9} {_fmt(c['kl_estimate'].mean()):>9} {int(c['failed'].sum()):>6}"
-            )
+    lines.append(
+        f"{'entry':<12} {'method':<9} {'n':>5} {'step':>6} {'consist.':>9} {'teacher':>9} {'learning':>9} {'KL est.':>9} {'failed':>6}"
+    )
+    for e in res["entry"].values:
+        for m in res["fit_method"].values:
+            for n in res["train_size"].values:
+                for st in res["step"].values:
+                    c = last.sel({"entry": e, "fit_method": m, "train_size": n, "step": st})
+                    lines.append(
+                        f"{e:<12} {m:<9} {n:>5g} {st:>6g} {_fmt(c['consistency_error_mean'].mean()):>9} "
+                        f"{_fmt(c['teacher_error_mean']):>9} {_fmt(c['learning_error_mean'].mean()):>9} "
+                        f"{_fmt(c['kl_estimate'].mean()):>9} {int(c['failed'].sum()):>6}"
+                    )
+        r = res.sel(entry=e)
         lines.append(
-            f"{g:<12} exact-flow sampler KL estimate (estimator floor): {_fmt(r['kl_estimate_exact_flow'])} +- {_fmt(r['kl_stderr_exact_flow'], 2)}"
+            f"{e:<12} exact-flow sampler KL estimate (estimator floor): {_fmt(r['kl_estimate_exact_flow'])} +- {_fmt(r['kl_stderr_exact_flow'], 2)}"
         )
     lines.append("")
     lines.append(f"{'entry':<12} {'regime':<10} {'dim':>4} {'delta':>6}  data")
-    for g in res["entry"].values:
-        r = res.sel(entry=g)
-        spec = json.loads(res.attrs.get(f"spec:{g}", "{}"))
+    for e in res["entry"].values:
+        r = res.sel(entry=e)
+        spec = json.loads(res.attrs.get(f"spec:{e}", "{}"))
         what = spec.get("family") or spec.get("class", "?")
         lines.append(
-            f"{g:<12} {str(r['regime'].values):<10} {int(r['dim']):>4} {float(r['delta']):>6g}  {what}"
+            f"{e:<12} {str(r['regime'].values):<10} {int(r['dim']):>4} {float(r['delta']):>6g}  {what}"
         )
     return "\n".join(lines)
 
 
 def _plot(tree: xr.DataTree):
+    """Error vs step with each model's fitted curve (band: preferred model), the local rate,
+    the power law's residuals, and the smallest-step error against budget and n."""
     import matplotlib.pyplot as plt
 
-    res = tree["results"].to_dataset()
+    old = _legacy(tree["results"].to_dataset())
+    if old:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, old, ha="center", va="center", wrap=True, fontsize=8)
+        ax.axis("off")
+        return fig
+    res = tree["results"].to_dataset().isel(fit_method=0, train_size=-1)
     steps = res["step"].values
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for g in res["entry"].values:
-        r = res.sel(entry=g)
-        line = axes[0].loglog(
-            steps, r["consistency_error_mean"].mean("seed"), "o-", label=f"{g}: learned"
-        )[0]
-        if "bootstrap" in tree.children:
-            b = tree["bootstrap"].to_dataset().sel(entry=g)
-            axes[0].fill_between(
-                steps, b["mean_error_low"], b["mean_error_high"], color=line.get_color(), alpha=0.25
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_err, ax_rate), (ax_res, ax_budget) = axes
+    done = "summary" in tree.children
+    models = list(tree["error_models"].children) if done else []
+    styles = {"power_law": ":", "two_term": "-", "smooth": "--"}
+    for k, e in enumerate(res["entry"].values):
+        color = f"C{k}"
+        r = res.sel(entry=e).isel(budget=-1)
+        ax_err.loglog(
+            steps,
+            np.exp(np.log(r["consistency_error_mean"]).mean("seed")),
+            "o",
+            color=color,
+            label=f"{e}: data (geom. mean)",
+        )
+        ax_err.loglog(
+            steps, r["teacher_error_mean"], "x", color=color, alpha=0.6, label=f"{e}: teacher only"
+        )
+        if not done:
+            continue
+        summ = tree["summary"].to_dataset().isel(fit_method=0, train_size=-1, budget=-1)
+        pref = summ["preferred"].sel(entry=e).item()
+        for m in models:
+            curve = (
+                tree[f"error_models/{m}/curve"]
+                .to_dataset()
+                .isel(fit_method=0, train_size=-1, budget=-1)
+                .sel(entry=e)
             )
-        axes[0].loglog(
-            steps, r["teacher_error_mean"], "--", color=line.get_color(), label=f"{g}: teacher only"
+            ax_err.loglog(
+                curve["step_grid"],
+                curve["median"],
+                styles.get(m, "-"),
+                color=color,
+                lw=1,
+                label=f"{e}: {m}" + (" (preferred)" if m == pref else ""),
+            )
+            if m == pref:
+                ax_err.fill_between(
+                    curve["step_grid"], curve["low"], curve["high"], color=color, alpha=0.2
+                )
+        rate_model = pref or ("smooth" if "smooth" in models else models[0])
+        rate = (
+            tree[f"error_models/{rate_model}/posterior"]
+            .to_dataset()["local_rate"]
+            .isel(fit_method=0, train_size=-1, budget=-1)
+            .sel(entry=e)
         )
-        axes[1].semilogx(
-            steps, r["kl_estimate"].mean("seed"), "o-", color=line.get_color(), label=g
+        q = rate.quantile([0.05, 0.5, 0.95], ("chain", "draw"))
+        ax_rate.semilogx(steps, q.sel(quantile=0.5), "o-", color=color, label=f"{e} ({rate_model})")
+        ax_rate.fill_between(
+            steps, q.sel(quantile=0.05), q.sel(quantile=0.95), color=color, alpha=0.2
         )
-    axes[0].set(
+        if "power_law" in models:
+            pl = (
+                tree["error_models/power_law/posterior"]
+                .to_dataset()
+                .isel(fit_method=0, train_size=-1, budget=-1)
+                .sel(entry=e)
+            )
+            x = np.log(steps) - tree["error_models/power_law"].attrs["mean_log_step"]
+            fitted = (pl["c"] + pl["alpha"] * xr.DataArray(x, dims="step")).median(
+                ("chain", "draw")
+            )
+            observed = np.log(r["consistency_error_mean"]).mean("seed")
+            ax_res.semilogx(steps, observed - fitted.values, "o-", color=color, label=e)
+    ax_res.axhline(0, color="k", lw=0.8)
+    small = _smallest_step_error(tree["results"].to_dataset()).isel(fit_method=0)
+    for k, e in enumerate(res["entry"].values):
+        s_e = small.sel(entry=e)
+        if s_e.sizes["budget"] > 1:
+            ax_budget.loglog(
+                s_e["budget"],
+                np.exp(np.log(s_e.isel(train_size=-1)).mean("seed")),
+                "o-",
+                color=f"C{k}",
+                label=f"{e}: vs budget",
+            )
+        finite = np.isfinite(s_e["train_size"].values)
+        if finite.sum() > 1:
+            by_n = s_e.isel(budget=-1, train_size=np.flatnonzero(finite))
+            twin = ax_budget.twiny()
+            twin.loglog(
+                by_n["train_size"],
+                np.exp(np.log(by_n).mean("seed")),
+                "s--",
+                color=f"C{k}",
+                label=f"{e}: vs n",
+            )
+            twin.set_xlabel("training-set size n")
+    ax_err.set(
         xlabel="discretization step Delta",
         ylabel="consistency error",
-        title="error vs Delta (band: bootstrap CI)",
+        title="error vs Delta (band: preferred model, 90%)",
     )
-    axes[1].set(
+    ax_rate.set(
         xlabel="discretization step Delta",
-        ylabel="KL estimate (nats)",
-        title="multi-step sampler quality",
+        ylabel="d log e / d log Delta",
+        title="local rate (band: 90% posterior)",
     )
-    for ax in axes:
+    ax_res.set(
+        xlabel="discretization step Delta",
+        ylabel="mean log error - power law",
+        title="residuals of the single power law",
+    )
+    ax_budget.set(
+        xlabel="training budget (iterations)",
+        ylabel="error at the smallest step",
+        title="learning error at the smallest step",
+    )
+    for ax in (ax_err, ax_rate, ax_res):
         ax.set_xticks(steps, [f"{v:g}" for v in steps])
         ax.minorticks_off()
-        ax.legend(fontsize=8)
+    for ax in axes.ravel():
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

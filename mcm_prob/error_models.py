@@ -1,0 +1,565 @@
+r"""Checked Bayesian models of estimation error against the discretization step.
+
+**Data.** `errors`: a positive `xarray.DataArray` with dims ``step`` and ``seed``; every other
+dim (``entry``, ``budget``, ``method``, ``train_size``, ...) indexes independent *groups*, each
+with its own parameters. We model $y_{gij} = \log e_{gij}$ at centred log steps
+$x_i = \log\Delta_i - \overline{\log\Delta}$:
+
+$$y_{gij} = m_g(x_i) + \tau_g z_{gj} + \epsilon_{gij}, \quad z_{gj} \sim N(0, 1),\quad
+\epsilon_{gij} \sim t_{\nu_g}(0, \sigma_g),$$
+
+seed effects (a seed's runs share their random numbers) and heavy-tailed noise on the log scale,
+with one of three mean curves $m_g$:
+
+* ``"power_law"``: $m(x) = c + \alpha x$ (error $\propto \Delta^\alpha$);
+* ``"two_term"``: $m(x) = \log(e^{a + p (x - x_{max})} + e^{b - q (x - x_{min})})$, a
+  discretization term $A\Delta^p$ ($p > 0$; $a$ its log at the largest step) plus a learning
+  term $B\Delta^{-q}$ ($q \ge 0$: it may grow as the step shrinks, $q = 0$ is a floor; $b$ its
+  log at the smallest step);
+* ``"smooth"``: $m(x) = c + \beta x + h(x)$, $h \sim GP(0, \eta^2 e^{-(x - x')^2 / 2\ell^2})$
+  with fixed $\eta = 1$ (log-error units) and $\ell = r/3$ ($r$ the range of $x$), minus
+  its least-squares line through the studied steps (so $c + \beta x$ is the line and $h$ the
+  curvature); represented by its values at the studied steps (non-centred); between them the
+  curve is the GP's conditional mean, so it yields a local rate at every step.
+
+Priors (log scale, weakly informative): $c, a, b \sim N(0, 10)$, $\alpha, \beta \sim N(0, 5)$,
+$p \sim \mathrm{Gamma}(2, 1)$, $q \sim N^+(0, 1.5)$,
+$\sigma, \tau \sim N^+(0, 1)$, $\nu \sim \mathrm{Gamma}(2, 0.1)$.
+
+**Derived quantities** (per posterior draw, on the typical-seed curve $m_g$, so errors are
+geometric means over seeds): `local_rate` $= dm/dx$ at each studied step; `rate_small` and
+`rate_large`, the secant slopes of $m$ over the two smallest and the two largest steps (the same
+estimands as the bootstrap's); `delta_star`, the step in $[\Delta_{min}, \Delta_{max}]$ that
+minimises $m$ (on a grid of 401 log-spaced steps) and `error_min` $= e^{m(\Delta^*)}$.
+
+**Posterior predictive check.** Discrepancy per group
+$D(y, \theta) = \sum_i \big(\frac1J\sum_j (y_{gij} - \mu_{gij}(\theta))\big)^2$ (squared mean
+residual per step: large when the curve's *shape* is wrong, whatever the seed effects), and
+$p_g = P(D(y^{rep}, \theta) \ge D(y, \theta) \mid y)$. **Rule:** the model is rejected for a
+group when $p_g < 0.05$ (posterior predictive p-values are conservative, so a correct model is
+rejected less than 5% of the time). A model's numbers for a group are *usable* only when it is
+not rejected, every parameter of the group has $\hat R \le 1.01$ and bulk ESS $\ge$ `min_ess`,
+and the sampler reported no divergences.
+
+`fit_error_model` returns an `xarray.DataTree` in ArviZ's layout (``posterior``,
+``posterior_predictive``, ``log_likelihood``, ``sample_stats``, ``observed_data``; dims
+``chain``, ``draw``) plus ``checks`` (per group) and ``curve`` (quantile bands of $e^{m}$ on a
+fine step grid), so `arviz_stats.loo`, `compare`, `summary`, `ess` and `rhat` work on it as it
+is. `compare_error_models` ranks models by PSIS-LOO (overall and per group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable, Mapping
+
+import arviz_base
+import arviz_stats  # registers the .azstats accessors
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import xarray as xr
+from numpyro.infer import MCMC, NUTS
+from scipy import stats
+
+from ._checks import integer, number, one_of
+
+__all__ = [
+    "ERROR_MODELS",
+    "ErrorModel",
+    "fit_error_model",
+    "compare_error_models",
+    "error_array",
+    "PPC_ALPHA",
+    "R_HAT_MAX",
+]
+
+R_HAT_MAX = 1.01
+PPC_ALPHA = 0.05
+GP_AMPLITUDE = 1.0
+_GRID = 401
+_OBS = "log_error"
+
+
+# ------------------------------------------------------------------ mean curves
+def _xp(th):
+    return jnp if isinstance(next(iter(th.values())), jax.Array) else np
+
+
+def _power_prior(g, x):
+    return {
+        "c": numpyro.sample("c", dist.Normal(0.0, 10.0).expand([g]).to_event(1)),
+        "alpha": numpyro.sample("alpha", dist.Normal(0.0, 5.0).expand([g]).to_event(1)),
+    }
+
+
+def _power_curve(th, x, xnew):
+    return th["c"][..., None] + th["alpha"][..., None] * xnew
+
+
+def _two_prior(g, x):
+    normal = dist.Normal(0.0, 10.0).expand([g]).to_event(1)
+    return {
+        "a": numpyro.sample("a", normal),
+        "p": numpyro.sample("p", dist.Gamma(2.0, 1.0).expand([g]).to_event(1)),
+        "b": numpyro.sample("b", normal),
+        "q": numpyro.sample("q", dist.HalfNormal(1.5).expand([g]).to_event(1)),
+    }
+
+
+def _two_curve(th, x, xnew):
+    # anchored where each term is best seen (the discretization term at the largest step,
+    # the learning term at the smallest): a and b are then nearly uncorrelated with p and q
+    up = th["a"][..., None] + th["p"][..., None] * (xnew - x.max())
+    return _xp(th).logaddexp(up, th["b"][..., None] - th["q"][..., None] * (xnew - x.min()))
+
+
+def _kernel(xa, xb, span):
+    """GP_AMPLITUDE^2 exp(-(a - b)^2 / (2 ell^2)), ell = span / 3 (numpy)."""
+    d = xa[:, None] - xb[None, :]
+    return GP_AMPLITUDE**2 * np.exp(-0.5 * d**2 / (span / 3) ** 2)
+
+
+def _smooth_prior(g, x):
+    return {
+        "c": numpyro.sample("c", dist.Normal(0.0, 10.0).expand([g]).to_event(1)),
+        "beta": numpyro.sample("beta", dist.Normal(0.0, 5.0).expand([g]).to_event(1)),
+        "h_raw": numpyro.sample("h_raw", dist.Normal(0.0, 1.0).expand([g, x.size - 2]).to_event(2)),
+    }
+
+
+def _smooth_curve(th, x, xnew):
+    """c + beta xnew + W h_raw. With K the kernel matrix at x and L its Cholesky factor,
+    h = L z (z ~ N(0, I_S)) are the GP values at x; the curve is their conditional mean at
+    xnew minus their least-squares line, i.e. linear in z through A = (K(xnew, x) K^-1 -
+    line operator) L, which ignores the 2 directions of z that only move the line. z is
+    sampled in the S - 2 directions that matter (right singular vectors V of A at x; the
+    induced prior of the curve is the same), so no parameter is left unidentified.
+    The kernel is fixed: a handful of studied steps cannot identify its amplitude and length
+    scale, and sampling them makes a funnel that costs NUTS about 20 times more steps."""
+    x, xnew = np.asarray(x, float), np.asarray(xnew, float)
+    span, xc = float(x.max() - x.min()), x - x.mean()
+    k = _kernel(x, x, span) + 1e-6 * np.eye(x.size)
+    chol, k_inv = np.linalg.cholesky(k), np.linalg.inv(k)
+
+    def op(xn):
+        line = 1.0 / x.size + np.outer(xn - x.mean(), xc) / (xc @ xc)
+        return (_kernel(xn, x, span) @ k_inv - line) @ chol
+
+    v = np.linalg.svd(op(x))[2][: x.size - 2].T  # (S, S - 2)
+    w = op(xnew) @ v  # (n, S - 2)
+    return th["c"][..., None] + th["beta"][..., None] * xnew + th["h_raw"] @ w.T
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorModel:
+    """A mean curve m_g(x) of log error against centred log step (see the module docstring).
+
+    `prior(n_groups, x)` samples the curve's parameters (NumPyro sites with a leading group
+    axis); `curve(theta, x, xnew)` evaluates m at `xnew` (shape (n,)) for parameters with any
+    leading batch axes, as jax or numpy arrays; `x` (shape (S,)) are the studied centred log
+    steps. Returns shape (*batch, n)."""
+
+    name: str
+    formula: str
+    prior: Callable
+    curve: Callable
+
+
+ERROR_MODELS = {
+    m.name: m
+    for m in (
+        ErrorModel("power_law", "log e = c + alpha x", _power_prior, _power_curve),
+        ErrorModel(
+            "two_term",
+            "log e = log(exp(a + p (x - x_max)) + exp(b - q (x - x_min))), p > 0, q >= 0",
+            _two_prior,
+            _two_curve,
+        ),
+        ErrorModel(
+            "smooth",
+            "log e = c + beta x + h(x), h ~ GP(0, eta^2 exp(-(x - x')^2 / (2 ell^2)))",
+            _smooth_prior,
+            _smooth_curve,
+        ),
+    )
+}
+
+
+def _program(model: ErrorModel, x: np.ndarray, n_groups: int, n_seed: int, y=None):
+    """The NumPyro program: x (S,) centred log steps (concrete); y (G, S, J) log errors."""
+    g = n_groups
+    theta = model.prior(g, x)
+    mean = model.curve(theta, x, x)  # (G, S)
+    half = dist.HalfNormal(1.0).expand([g]).to_event(1)
+    sigma, tau = numpyro.sample("sigma", half), numpyro.sample("tau", half)
+    nu = numpyro.sample("nu", dist.Gamma(2.0, 0.1).expand([g]).to_event(1))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([g, n_seed]).to_event(2))
+    loc = mean[:, :, None] + (tau[:, None] * z)[:, None, :]
+    noise = dist.StudentT(nu[:, None, None], loc, sigma[:, None, None])
+    numpyro.sample(_OBS, noise.expand([g, x.size, n_seed]), obs=y)
+
+
+# ------------------------------------------------------------------ fitting
+def error_array(errors: xr.DataArray) -> xr.DataArray:
+    """Validate `errors` and order it as (*groups, step, seed), steps increasing."""
+    if not isinstance(errors, xr.DataArray):
+        raise TypeError(f"`errors` must be an xarray.DataArray, got {type(errors).__name__}")
+    missing = {"step", "seed"} - set(errors.dims)
+    if missing:
+        raise ValueError(
+            f"`errors` needs dims 'step' and 'seed' (others index groups); missing {sorted(missing)}"
+        )
+    groups = [d for d in errors.dims if d not in ("step", "seed")]
+    errors = errors.transpose(*groups, "step", "seed").sortby("step")
+    steps = np.asarray(errors["step"].values, float)
+    if steps.size < 3 or errors.sizes["seed"] < 2:
+        raise ValueError(
+            f"`errors` needs at least 3 steps and 2 seeds, got {steps.size} and {errors.sizes['seed']}"
+        )
+    if not (np.all(steps > 0) and np.all(np.isfinite(steps)) and np.all(np.diff(steps) > 0)):
+        raise ValueError(
+            f"`errors` step coordinate must be distinct finite values > 0, got {steps}"
+        )
+    vals = np.asarray(errors.values, float)
+    if not np.all(np.isfinite(vals)) or np.any(vals <= 0):
+        raise ValueError("`errors` must be finite and > 0 (drop failed runs first)")
+    return errors
+
+
+def _flat(da: xr.DataArray, groups: list[str]):
+    gshape = tuple(da.sizes[d] for d in groups)
+    return gshape, int(np.prod(gshape, dtype=int))
+
+
+def _dims(groups, tail):
+    return ("chain", "draw", *groups, *tail)
+
+
+def fit_error_model(
+    errors: xr.DataArray,
+    model: str = "two_term",
+    *,
+    chains: int = 4,
+    warmup: int = 500,
+    draws: int = 1000,
+    seed: int = 0,
+    min_ess: int = 400,
+    target_accept: float = 0.9,
+    progress: bool = False,
+) -> xr.DataTree:
+    """Fit one error model (``"power_law"``, ``"two_term"`` or ``"smooth"``) with NUTS.
+
+    `errors`: positive errors with dims (..., step, seed), other dims index groups.
+    **Returns:** a DataTree in ArviZ's layout (see the module docstring); ``checks`` holds per
+    group `r_hat_max`, `ess_bulk_min`, `ppc_p_value`, `ppc_rejected`, `usable` and `reason`.
+    """
+    one_of("model", model, tuple(ERROR_MODELS))
+    chains = integer("chains", chains, ge=2)  # r_hat needs several chains
+    warmup, draws = integer("warmup", warmup), integer("draws", draws, ge=10)
+    seed, min_ess = integer("seed", seed, ge=0, lt=2**32), integer("min_ess", min_ess)
+    target_accept = number("target_accept", target_accept, gt=0, lt=1)
+    if not jax.config.jax_enable_x64:
+        raise ValueError(
+            'error models run in float64: call jax.config.update("jax_enable_x64", True) first'
+        )
+    da = error_array(errors)
+    spec = ERROR_MODELS[model]
+    groups = [d for d in da.dims if d not in ("step", "seed")]
+    gshape, g = _flat(da, groups)
+    log_steps = np.log(np.asarray(da["step"].values, float))
+    x = log_steps - log_steps.mean()
+    n_step, n_seed = x.size, da.sizes["seed"]
+    y = np.log(np.asarray(da.values, float)).reshape(g, n_step, n_seed)
+
+    def program(y=None):
+        return _program(spec, x, g, n_seed, y)
+
+    mcmc = MCMC(
+        NUTS(program, target_accept_prob=target_accept),
+        num_warmup=warmup,
+        num_samples=draws,
+        num_chains=chains,
+        chain_method="vectorized",
+        progress_bar=progress,
+    )
+    # NUTS on these small models is latency-bound: the host CPU beats an accelerator
+    with jax.default_device(jax.devices("cpu")[0]):
+        mcmc.run(
+            jax.random.key(seed),
+            y=jnp.asarray(y),
+            extra_fields=("diverging", "num_steps", "accept_prob", "energy"),
+        )
+    th = {k: np.asarray(v, np.float64) for k, v in mcmc.get_samples().items()}
+    n = chains * draws
+
+    # pointwise log likelihood and replicated data from the Student-t observation model
+    mean = spec.curve(th, x, x)  # (N, G, S)
+    mu = mean[..., None] + (th["tau"][..., None] * th["z"])[:, :, None, :]  # (N, G, S, J)
+    nu, scale = th["nu"][:, :, None, None], th["sigma"][:, :, None, None]
+    loglik = stats.t.logpdf(y[None], nu, mu, scale)
+    rng = np.random.default_rng([seed, 1])
+    y_rep = mu + scale * rng.standard_t(nu, size=mu.shape)
+
+    # posterior predictive check on the squared mean residual per step
+    d_obs = (((y[None] - mu).mean(-1)) ** 2).sum(-1)
+    d_rep = (((y_rep - mu).mean(-1)) ** 2).sum(-1)
+    p_value = (d_rep >= d_obs).mean(0)  # (G,)
+
+    # derived quantities on the typical-seed curve
+    grid = np.linspace(x[0], x[-1], _GRID)
+    rate, small, large, dstar, emin, band = [], [], [], [], [], []
+    eps = 1e-4 * (x[-1] - x[0])
+    for k in range(g):
+        tk = {name: v[:, k] for name, v in th.items()}
+        m_grid = spec.curve(tk, x, grid)  # (N, GRID)
+        m_x = spec.curve(tk, x, x)
+        rate.append((spec.curve(tk, x, x + eps) - spec.curve(tk, x, x - eps)) / (2 * eps))
+        small.append((m_x[:, 1] - m_x[:, 0]) / (x[1] - x[0]))
+        large.append((m_x[:, -1] - m_x[:, -2]) / (x[-1] - x[-2]))
+        arg = m_grid.argmin(-1)
+        dstar.append(np.exp(grid[arg] + log_steps.mean()))
+        emin.append(np.exp(m_grid[np.arange(n), arg]))
+        band.append(np.quantile(np.exp(m_grid[:, ::4]), [0.05, 0.5, 0.95], axis=0))
+
+    def shaped(arr, tail=()):  # (N, G, *tail) -> (chains, draws, *gshape, *tail)
+        return np.asarray(arr).reshape(chains, draws, *gshape, *tail)
+
+    posterior = {}
+    for name, v in th.items():
+        tail = {"z": ("seed",), "h_raw": ("curvature_basis",)}.get(name, ())
+        posterior[name] = (_dims(groups, tail), shaped(v, v.shape[2:]))
+    derived = {
+        "local_rate": (np.stack(rate, 1), ("step",), "local rate d log e / d log step"),
+        "rate_small": (np.stack(small, 1), (), "secant log-log slope over the two smallest steps"),
+        "rate_large": (np.stack(large, 1), (), "secant log-log slope over the two largest steps"),
+        "delta_star": (np.stack(dstar, 1), (), "error-minimising step in the studied range"),
+        "error_min": (np.stack(emin, 1), (), "typical-seed error at delta_star"),
+    }
+    coords = {d: da[d] for d in (*groups, "step", "seed")}
+    post = xr.Dataset(posterior, coords=coords)
+    ds_rhat = post.azstats.rhat()
+    ds_ess = post.azstats.ess(method="bulk")
+    for name, (arr, tail, long_name) in derived.items():
+        post[name] = (_dims(groups, tail), shaped(arr, arr.shape[2:]), {"long_name": long_name})
+    post = post.assign_coords(chain=np.arange(chains), draw=np.arange(draws))
+
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    sample_stats = xr.Dataset(
+        {
+            "diverging": (("chain", "draw"), np.asarray(extra["diverging"], bool)),
+            "n_steps": (("chain", "draw"), np.asarray(extra["num_steps"])),
+            "acceptance_rate": (("chain", "draw"), np.asarray(extra["accept_prob"], float)),
+            "energy": (("chain", "draw"), np.asarray(extra["energy"], float)),
+        },
+        coords={"chain": np.arange(chains), "draw": np.arange(draws)},
+    )
+    obs_dims = _dims(groups, ("step", "seed"))
+    obs_coords = coords | {"chain": np.arange(chains), "draw": np.arange(draws)}
+    loglik_ds = xr.Dataset({_OBS: (obs_dims, shaped(loglik, (n_step, n_seed)))}, coords=obs_coords)
+    pp_ds = xr.Dataset({_OBS: (obs_dims, shaped(y_rep, (n_step, n_seed)))}, coords=obs_coords)
+    observed = xr.Dataset(
+        {_OBS: ((*groups, "step", "seed"), y.reshape(*gshape, n_step, n_seed))}, coords=coords
+    )
+    observed[_OBS].attrs["long_name"] = "log of the observed error"
+
+    divergences = int(sample_stats["diverging"].sum())
+    gdims = tuple(groups)
+    r_hat_max = xr.concat(
+        [v.max([d for d in v.dims if d not in gdims]) for v in ds_rhat.values()], "v"
+    ).max("v")
+    ess_min = xr.concat(
+        [v.min([d for d in v.dims if d not in gdims]) for v in ds_ess.values()], "v"
+    ).min("v")
+    p_da = xr.DataArray(p_value.reshape(gshape), dims=gdims, coords={d: da[d] for d in groups})
+    rejected = p_da < PPC_ALPHA
+    reasons = np.empty(gshape, object)
+    usable = np.empty(gshape, bool)
+    for idx in np.ndindex(*gshape):
+        why = []
+        if bool(rejected.values[idx]):
+            why.append(
+                f"posterior predictive check rejects it (p = {float(p_da.values[idx]):.3f} < {PPC_ALPHA})"
+            )
+        if not float(r_hat_max.values[idx]) <= R_HAT_MAX:
+            why.append(f"r_hat {float(r_hat_max.values[idx]):.3f} > {R_HAT_MAX}")
+        if not float(ess_min.values[idx]) >= min_ess:
+            why.append(f"bulk ESS {float(ess_min.values[idx]):.0f} < {min_ess}")
+        if divergences:
+            why.append(f"{divergences} divergent transitions")
+        reasons[idx], usable[idx] = "; ".join(why) or "ok", not why
+    checks = xr.Dataset(
+        {
+            "ppc_p_value": (
+                gdims,
+                p_da.values,
+                {"long_name": "posterior predictive p-value of the squared mean residual per step"},
+            ),
+            "ppc_rejected": (
+                gdims,
+                rejected.values,
+                {"long_name": f"predictive check rejects the model (p < {PPC_ALPHA})"},
+            ),
+            "r_hat_max": (
+                gdims,
+                r_hat_max.values,
+                {"long_name": "largest rank-normalised split r_hat of the group's parameters"},
+            ),
+            "ess_bulk_min": (
+                gdims,
+                ess_min.values,
+                {"long_name": "smallest bulk ESS of the group's parameters"},
+            ),
+            "usable": (
+                gdims,
+                usable,
+                {"long_name": "check passed, diagnostics clean: numbers may be reported"},
+            ),
+            "reason": (
+                gdims,
+                reasons.astype(str),
+                {"long_name": "why not usable ('ok' when usable)"},
+            ),
+        },
+        coords={d: da[d] for d in groups},
+    )
+    step_grid = np.exp(grid[::4] + log_steps.mean())
+    band = np.stack(band, 0)  # (G, 3, n)
+    curve = xr.Dataset(
+        {
+            q: (
+                (*gdims, "step_grid"),
+                band[:, i].reshape(*gshape, -1),
+                {"long_name": f"{label} of exp(m) (typical-seed error)"},
+            )
+            for i, (q, label) in enumerate(
+                (("low", "5% quantile"), ("median", "median"), ("high", "95% quantile"))
+            )
+        },
+        coords={d: da[d] for d in groups}
+        | {"step_grid": ("step_grid", step_grid, {"long_name": "discretization step Delta"})},
+    )
+    attrs = {
+        "error_model": model,
+        "formula": spec.formula
+        + " (+ seed effect tau z + Student-t noise; x = log step - mean log step)",
+        "sampler": f"NUTS (NumPyro {numpyro.__version__}), {chains} chains x {draws} draws after {warmup} warm-up, target_accept {target_accept}, seed {seed}",
+        "divergences": divergences,
+        "ppc_rule": f"rejected when P(D(y_rep) >= D(y)) < {PPC_ALPHA}, D = sum over steps of the squared mean residual over seeds",
+        "usable_rule": f"not rejected, r_hat <= {R_HAT_MAX}, bulk ESS >= {min_ess}, no divergences",
+        "mean_log_step": float(log_steps.mean()),
+        "arviz": f"arviz-base {arviz_base.__version__}, arviz-stats {arviz_stats.__version__}",
+    }
+    return xr.DataTree.from_dict(
+        {
+            "/": xr.Dataset(attrs=attrs),
+            "posterior": post,
+            "posterior_predictive": pp_ds,
+            "log_likelihood": loglik_ds,
+            "sample_stats": sample_stats,
+            "observed_data": observed,
+            "checks": checks,
+            "curve": curve,
+        }
+    )
+
+
+def compare_error_models(
+    errors: xr.DataArray | Mapping[str, xr.DataTree],
+    models=tuple(ERROR_MODELS),
+    **fit_kwargs,
+) -> xr.Dataset:
+    """PSIS-LOO comparison of error models (arviz-stats), overall and per group.
+
+    `errors`: the errors (each of `models` is then fitted with `fit_error_model(errors, m,
+    **fit_kwargs)`) or a mapping name -> already fitted tree. **Returns:** a Dataset over
+    ``model`` with `elpd`, `se`, `p_loo`, `elpd_diff`, `dse`, `weight` (stacking), `rank`,
+    `pareto_k_warning` and `n_pareto_k_high` (k > 0.7), and per group `elpd_group`,
+    `se_group`; `preferred` per group is the usable model (see `fit_error_model`) with the
+    highest group elpd ("" when none is usable). Pareto-k warnings are kept, not silenced.
+    """
+    if isinstance(errors, Mapping):
+        fits = dict(errors)
+    else:
+        models = [one_of("models", m, tuple(ERROR_MODELS)) for m in models]
+        fits = {m: fit_error_model(errors, m, **fit_kwargs) for m in models}
+    if len(fits) < 2:
+        raise ValueError(f"`models` must name at least 2 models to compare, got {list(fits)}")
+    names = list(fits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loos = {m: arviz_stats.loo(fits[m], pointwise=True, var_name=_OBS) for m in names}
+        table = arviz_stats.compare(loos)
+    table = table.loc[names]
+    first = fits[names[0]]["checks"].to_dataset()
+    gdims = tuple(first.dims)
+    elpd_i = xr.concat([loos[m].elpd_i for m in names], "model")
+    n_obs = elpd_i.sizes["step"] * elpd_i.sizes["seed"]
+    elpd_g = elpd_i.sum(("step", "seed"))
+    se_g = np.sqrt(n_obs * elpd_i.var(("step", "seed")))
+    usable = xr.concat([fits[m]["checks"]["usable"] for m in names], "model").values
+    score = np.where(usable, elpd_g.transpose("model", ...).values, -np.inf)
+    best = np.argmax(score, 0)
+    preferred = np.where(np.isfinite(np.max(score, 0)), np.array(names)[best], "")
+    khigh = [int((loos[m].pareto_k > 0.7).sum()) for m in names]
+    return xr.Dataset(
+        {
+            "elpd": ("model", table["elpd"].to_numpy(float), {"long_name": "PSIS-LOO elpd"}),
+            "se": ("model", table["se"].to_numpy(float), {"long_name": "standard error of elpd"}),
+            "p_loo": (
+                "model",
+                table["p"].to_numpy(float),
+                {"long_name": "effective number of parameters"},
+            ),
+            "elpd_diff": (
+                "model",
+                table["elpd_diff"].to_numpy(float),
+                {"long_name": "elpd of the best model minus this one"},
+            ),
+            "dse": (
+                "model",
+                table["dse"].to_numpy(float),
+                {"long_name": "standard error of elpd_diff"},
+            ),
+            "weight": ("model", table["weight"].to_numpy(float), {"long_name": "stacking weight"}),
+            "rank": (
+                "model",
+                table["rank"].to_numpy(int),
+                {"long_name": "rank by elpd (0 = best)"},
+            ),
+            "pareto_k_warning": (
+                "model",
+                table["warning"].to_numpy(bool),
+                {"long_name": "some Pareto k > 0.7: PSIS-LOO unreliable there"},
+            ),
+            "n_pareto_k_high": (
+                "model",
+                np.array(khigh),
+                {"long_name": "observations with Pareto k > 0.7"},
+            ),
+            "elpd_group": (
+                ("model", *gdims),
+                elpd_g.transpose("model", ...).values,
+                {"long_name": "PSIS-LOO elpd summed over the group's observations"},
+            ),
+            "se_group": (
+                ("model", *gdims),
+                se_g.transpose("model", ...).values,
+                {"long_name": "standard error of elpd_group"},
+            ),
+            "preferred": (
+                gdims,
+                preferred.astype(str),
+                {"long_name": "usable model with the highest group elpd"},
+            ),
+        },
+        coords={"model": names} | {d: first[d] for d in gdims},
+        attrs={
+            "method": "PSIS-LOO (arviz_stats.loo) per model; arviz_stats.compare with stacking weights",
+            "warnings": json.dumps(sorted({str(w.message) for w in caught})),
+        },
+    )
