@@ -5,11 +5,14 @@ dim (``entry``, ``budget``, ``method``, ``train_size``, ...) indexes independent
 with its own parameters. We model $y_{gij} = \log e_{gij}$ at centred log steps
 $x_i = \log\Delta_i - \overline{\log\Delta}$:
 
-$$y_{gij} = m_g(x_i) + \tau_g z_{gj} + \epsilon_{gij}, \quad z_{gj} \sim N(0, 1),\quad
-\epsilon_{gij} \sim t_{\nu_g}(0, \sigma_g),$$
+$$y_{g\cdot j} = m_g(x) + u_{gj} \mathbf 1 + \epsilon_{g\cdot j}, \qquad
+y_{g\cdot j} \sim t_{\nu_g}\big(m_g(x),\ \sigma_g^2 I + \tau_g^2 \mathbf 1 \mathbf 1^T\big),$$
 
-seed effects (a seed's runs share their random numbers) and heavy-tailed noise on the log scale,
-with one of three mean curves $m_g$:
+a seed effect $u_{gj}$ (a seed's runs share their random numbers) and noise, heavy-tailed on
+the log scale: each seed's curve $y_{g\cdot j}$ (its S log errors) is multivariate Student-t,
+the seed effect integrated out in closed form (no per-seed parameters, so NUTS stays fast; its
+conditional mean is stored as `seed_effect`). Seeds are the independent units, so the
+pointwise log likelihood (and PSIS-LOO) is per seed curve. Mean curves $m_g$:
 
 * ``"power_law"``: $m(x) = c + \alpha x$ (error $\propto \Delta^\alpha$);
 * ``"two_term"``: $m(x) = \log(e^{a + p (x - x_{max})} + e^{b - q (x - x_{min})})$, a
@@ -32,9 +35,9 @@ geometric means over seeds): `local_rate` $= dm/dx$ at each studied step; `rate_
 estimands as the bootstrap's); `delta_star`, the step in $[\Delta_{min}, \Delta_{max}]$ that
 minimises $m$ (on a grid of 401 log-spaced steps) and `error_min` $= e^{m(\Delta^*)}$.
 
-**Posterior predictive check.** Discrepancy per group
-$D(y, \theta) = \sum_i \big(\frac1J\sum_j (y_{gij} - \mu_{gij}(\theta))\big)^2$ (squared mean
-residual per step: large when the curve's *shape* is wrong, whatever the seed effects), and
+**Posterior predictive check.** With $\bar r_i = \frac1J\sum_j (y_{gij} - m_g(x_i))$ the mean
+residual at step i, the discrepancy per group is $D(y, \theta) = \sum_i (\bar r_i - \bar{\bar r})^2$
+(large when the curve's *shape* is wrong, whatever the seed effects), and
 $p_g = P(D(y^{rep}, \theta) \ge D(y, \theta) \mid y)$. **Rule:** the model is rejected for a
 group when $p_g < 0.05$ (posterior predictive p-values are conservative, so a correct model is
 rejected less than 5% of the time). A model's numbers for a group are *usable* only when it is
@@ -64,7 +67,6 @@ import numpyro
 import numpyro.distributions as dist
 import xarray as xr
 from numpyro.infer import MCMC, NUTS
-from scipy import stats
 
 from ._checks import integer, number, one_of
 
@@ -190,18 +192,26 @@ ERROR_MODELS = {
 }
 
 
+def _seed_law(mean, sigma, tau, nu):
+    """Law of one seed's log errors at the S steps: multivariate Student-t with location
+    `mean` (..., S), scale matrix sigma^2 I + tau^2 1 1^T and nu degrees of freedom; batch
+    shape (..., 1) (broadcast over seeds)."""
+    s = mean.shape[-1]
+    cov = sigma[..., None, None] ** 2 * jnp.eye(s) + tau[..., None, None] ** 2 * jnp.ones((s, s))
+    return dist.MultivariateStudentT(
+        nu[..., None], mean[..., None, :], jnp.linalg.cholesky(cov)[..., None, :, :]
+    )
+
+
 def _program(model: ErrorModel, x: np.ndarray, n_groups: int, n_seed: int, y=None):
-    """The NumPyro program: x (S,) centred log steps (concrete); y (G, S, J) log errors."""
+    """The NumPyro program: x (S,) centred log steps (concrete); y (G, J, S) log errors."""
     g = n_groups
     theta = model.prior(g, x)
     mean = model.curve(theta, x, x)  # (G, S)
     half = dist.HalfNormal(1.0).expand([g]).to_event(1)
     sigma, tau = numpyro.sample("sigma", half), numpyro.sample("tau", half)
     nu = numpyro.sample("nu", dist.Gamma(2.0, 0.1).expand([g]).to_event(1))
-    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([g, n_seed]).to_event(2))
-    loc = mean[:, :, None] + (tau[:, None] * z)[:, None, :]
-    noise = dist.StudentT(nu[:, None, None], loc, sigma[:, None, None])
-    numpyro.sample(_OBS, noise.expand([g, x.size, n_seed]), obs=y)
+    numpyro.sample(_OBS, _seed_law(mean, sigma, tau, nu).expand([g, n_seed]), obs=y)
 
 
 # ------------------------------------------------------------------ fitting
@@ -291,24 +301,31 @@ def fit_error_model(
     with jax.default_device(jax.devices("cpu")[0]):
         mcmc.run(
             jax.random.key(seed),
-            y=jnp.asarray(y),
+            y=jnp.asarray(np.swapaxes(y, -1, -2)),
             extra_fields=("diverging", "num_steps", "accept_prob", "energy"),
         )
     th = {k: np.asarray(v, np.float64) for k, v in mcmc.get_samples().items()}
     n = chains * draws
 
-    # pointwise log likelihood and replicated data from the Student-t observation model
+    # pointwise (per seed) log likelihood, replicated data and the seed effects' conditional
+    # means E[u_j | y_j, theta] = tau^2 / (sigma^2 + S tau^2) sum_i (y_ij - m_i)
     mean = spec.curve(th, x, x)  # (N, G, S)
-    mu = mean[..., None] + (th["tau"][..., None] * th["z"])[:, :, None, :]  # (N, G, S, J)
-    nu, scale = th["nu"][:, :, None, None], th["sigma"][:, :, None, None]
-    loglik = stats.t.logpdf(y[None], nu, mu, scale)
-    rng = np.random.default_rng([seed, 1])
-    y_rep = mu + scale * rng.standard_t(nu, size=mu.shape)
+    y_seed = np.swapaxes(y, -1, -2)  # (G, J, S)
+    with jax.default_device(jax.devices("cpu")[0]):
+        law = _seed_law(*(jnp.asarray(a) for a in (mean, th["sigma"], th["tau"], th["nu"])))
+        loglik = np.asarray(law.log_prob(jnp.asarray(y_seed)))  # (N, G, J)
+        y_rep = np.asarray(law.expand([n, g, n_seed]).sample(jax.random.key(seed + 1)))
+    resid = y_seed[None] - mean[:, :, None, :]  # (N, G, J, S)
+    shrink = th["tau"] ** 2 / (th["sigma"] ** 2 + n_step * th["tau"] ** 2)
+    seed_effect = shrink[..., None] * resid.sum(-1)  # (N, G, J)
 
-    # posterior predictive check on the squared mean residual per step
-    d_obs = (((y[None] - mu).mean(-1)) ** 2).sum(-1)
-    d_rep = (((y_rep - mu).mean(-1)) ** 2).sum(-1)
-    p_value = (d_rep >= d_obs).mean(0)  # (G,)
+    # posterior predictive check: the shape of the mean residual curve over steps
+    def discrepancy(r):
+        rbar = r.mean(-2)  # mean over seeds: (N, G, S)
+        return ((rbar - rbar.mean(-1, keepdims=True)) ** 2).sum(-1)
+
+    p_value = (discrepancy(y_rep - mean[:, :, None, :]) >= discrepancy(resid)).mean(0)
+    y_rep = np.swapaxes(y_rep, -1, -2)  # (N, G, S, J)
 
     # derived quantities on the typical-seed curve
     grid = np.linspace(x[0], x[-1], _GRID)
@@ -331,9 +348,14 @@ def fit_error_model(
 
     posterior = {}
     for name, v in th.items():
-        tail = {"z": ("seed",), "h_raw": ("curvature_basis",)}.get(name, ())
+        tail = ("curvature_basis",) if name == "h_raw" else ()
         posterior[name] = (_dims(groups, tail), shaped(v, v.shape[2:]))
     derived = {
+        "seed_effect": (
+            seed_effect,
+            ("seed",),
+            "seed effect E[u_j | y_j] (integrated out in the likelihood)",
+        ),
         "local_rate": (np.stack(rate, 1), ("step",), "local rate d log e / d log step"),
         "rate_small": (np.stack(small, 1), (), "secant log-log slope over the two smallest steps"),
         "rate_large": (np.stack(large, 1), (), "secant log-log slope over the two largest steps"),
@@ -342,7 +364,7 @@ def fit_error_model(
     }
     coords = {d: da[d] for d in (*groups, "step", "seed")}
     post = xr.Dataset(posterior, coords=coords)
-    ds_rhat = post.azstats.rhat()
+    ds_rhat = post.azstats.rhat()  # of the parameters (the derived quantities come after)
     ds_ess = post.azstats.ess(method="bulk")
     for name, (arr, tail, long_name) in derived.items():
         post[name] = (_dims(groups, tail), shaped(arr, arr.shape[2:]), {"long_name": long_name})
@@ -360,8 +382,15 @@ def fit_error_model(
     )
     obs_dims = _dims(groups, ("step", "seed"))
     obs_coords = coords | {"chain": np.arange(chains), "draw": np.arange(draws)}
-    loglik_ds = xr.Dataset({_OBS: (obs_dims, shaped(loglik, (n_step, n_seed)))}, coords=obs_coords)
-    pp_ds = xr.Dataset({_OBS: (obs_dims, shaped(y_rep, (n_step, n_seed)))}, coords=obs_coords)
+    loglik_ds = xr.Dataset(
+        {_OBS: (_dims(groups, ("seed",)), shaped(loglik, (n_seed,)))},
+        coords=coords | {"chain": np.arange(chains), "draw": np.arange(draws)},
+    )
+    loglik_ds[_OBS].attrs["long_name"] = "log likelihood of each seed's whole error curve"
+    # replicated log errors in float32 (7 digits are plenty for draws; halves the file)
+    pp_ds = xr.Dataset(
+        {_OBS: (obs_dims, shaped(y_rep, (n_step, n_seed)).astype(np.float32))}, coords=obs_coords
+    )
     observed = xr.Dataset(
         {_OBS: ((*groups, "step", "seed"), y.reshape(*gshape, n_step, n_seed))}, coords=coords
     )
@@ -482,14 +511,14 @@ def compare_error_models(
     `se_group`; `preferred` per group is the usable model (see `fit_error_model`) with the
     highest group elpd ("" when none is usable). Pareto-k warnings are kept, not silenced.
     """
+    names = list(errors) if isinstance(errors, Mapping) else list(models)
+    if len(set(names)) < 2:
+        raise ValueError(f"`models` must name at least 2 models to compare, got {names}")
     if isinstance(errors, Mapping):
         fits = dict(errors)
     else:
-        models = [one_of("models", m, tuple(ERROR_MODELS)) for m in models]
-        fits = {m: fit_error_model(errors, m, **fit_kwargs) for m in models}
-    if len(fits) < 2:
-        raise ValueError(f"`models` must name at least 2 models to compare, got {list(fits)}")
-    names = list(fits)
+        names = [one_of("models", m, tuple(ERROR_MODELS)) for m in names]
+        fits = {m: fit_error_model(errors, m, **fit_kwargs) for m in names}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loos = {m: arviz_stats.loo(fits[m], pointwise=True, var_name=_OBS) for m in names}
@@ -497,10 +526,9 @@ def compare_error_models(
     table = table.loc[names]
     first = fits[names[0]]["checks"].to_dataset()
     gdims = tuple(first.dims)
-    elpd_i = xr.concat([loos[m].elpd_i for m in names], "model")
-    n_obs = elpd_i.sizes["step"] * elpd_i.sizes["seed"]
-    elpd_g = elpd_i.sum(("step", "seed"))
-    se_g = np.sqrt(n_obs * elpd_i.var(("step", "seed")))
+    elpd_i = xr.concat([loos[m].elpd_i for m in names], "model")  # per seed curve
+    elpd_g = elpd_i.sum("seed")
+    se_g = np.sqrt(elpd_i.sizes["seed"] * elpd_i.var("seed"))
     usable = xr.concat([fits[m]["checks"]["usable"] for m in names], "model").values
     score = np.where(usable, elpd_g.transpose("model", ...).values, -np.inf)
     best = np.argmax(score, 0)
