@@ -145,8 +145,8 @@ class EstimationConfig(StudyConfig):
     n_boot: int = 2000
     error_models: tuple = tuple(ERROR_MODELS)
     chains: int = 4
-    warmup: int = 500
-    draws: int = 1000
+    warmup: int = 300
+    draws: int = 600
     ci: float = 0.9
     seed: int = 0
 
