@@ -168,3 +168,34 @@ def data_family(name: str, data) -> None:
             f"`{name}` must be a mcm_prob.data.DataDistribution (a built-in family or your "
             f"subclass of it), got {type(data).__name__}"
         )
+
+
+def error_array(errors, *, along: str = "step", min_values: int = 2):
+    """Positive errors as an `xarray.DataArray` ordered (*groups, ALONG, seed), ALONG
+    increasing: at least `min_values` distinct finite values > 0 of ALONG, 2 seeds, and every
+    error finite and > 0 (the dims other than ALONG and ``seed`` index groups)."""
+    import xarray as xr
+
+    if not isinstance(errors, xr.DataArray):
+        raise TypeError(f"`errors` must be an xarray.DataArray, got {type(errors).__name__}")
+    missing = {along, "seed"} - set(errors.dims)
+    if missing:
+        raise ValueError(
+            f"`errors` needs dims ({along!r}, 'seed') (others index groups); missing {sorted(missing)}"
+        )
+    groups = [d for d in errors.dims if d not in (along, "seed")]
+    errors = errors.transpose(*groups, along, "seed").sortby(along)
+    x = np.asarray(errors[along].values, float)
+    if x.size < min_values or errors.sizes["seed"] < 2:
+        raise ValueError(
+            f"`errors` needs at least {min_values} {along}s and 2 seeds, "
+            f"got {x.size} and {errors.sizes['seed']}"
+        )
+    if not (np.all(np.isfinite(x)) and np.all(x > 0) and np.all(np.diff(x) > 0)):
+        raise ValueError(
+            f"`errors` coordinate {along!r} must be distinct finite values > 0, got {x}"
+        )
+    vals = np.asarray(errors.values, float)
+    if not np.all(np.isfinite(vals)) or np.any(vals <= 0):
+        raise ValueError("`errors` must be finite and > 0 (drop failed runs first)")
+    return errors

@@ -68,14 +68,13 @@ import numpyro.distributions as dist
 import xarray as xr
 from numpyro.infer import MCMC, NUTS
 
-from ._checks import integer, number, one_of
+from ._checks import error_array, integer, number, one_of
 
 __all__ = [
     "ERROR_MODELS",
     "ErrorModel",
     "fit_error_model",
     "compare_error_models",
-    "error_array",
     "PPC_ALPHA",
     "R_HAT_MAX",
 ]
@@ -215,37 +214,6 @@ def _program(model: ErrorModel, x: np.ndarray, n_groups: int, n_seed: int, y=Non
 
 
 # ------------------------------------------------------------------ fitting
-def error_array(errors: xr.DataArray) -> xr.DataArray:
-    """Validate `errors` and order it as (*groups, step, seed), steps increasing."""
-    if not isinstance(errors, xr.DataArray):
-        raise TypeError(f"`errors` must be an xarray.DataArray, got {type(errors).__name__}")
-    missing = {"step", "seed"} - set(errors.dims)
-    if missing:
-        raise ValueError(
-            f"`errors` needs dims 'step' and 'seed' (others index groups); missing {sorted(missing)}"
-        )
-    groups = [d for d in errors.dims if d not in ("step", "seed")]
-    errors = errors.transpose(*groups, "step", "seed").sortby("step")
-    steps = np.asarray(errors["step"].values, float)
-    if steps.size < 3 or errors.sizes["seed"] < 2:
-        raise ValueError(
-            f"`errors` needs at least 3 steps and 2 seeds, got {steps.size} and {errors.sizes['seed']}"
-        )
-    if not (np.all(steps > 0) and np.all(np.isfinite(steps)) and np.all(np.diff(steps) > 0)):
-        raise ValueError(
-            f"`errors` step coordinate must be distinct finite values > 0, got {steps}"
-        )
-    vals = np.asarray(errors.values, float)
-    if not np.all(np.isfinite(vals)) or np.any(vals <= 0):
-        raise ValueError("`errors` must be finite and > 0 (drop failed runs first)")
-    return errors
-
-
-def _flat(da: xr.DataArray, groups: list[str]):
-    gshape = tuple(da.sizes[d] for d in groups)
-    return gshape, int(np.prod(gshape, dtype=int))
-
-
 def _dims(groups, tail):
     return ("chain", "draw", *groups, *tail)
 
@@ -277,10 +245,11 @@ def fit_error_model(
         raise ValueError(
             'error models run in float64: call jax.config.update("jax_enable_x64", True) first'
         )
-    da = error_array(errors)
+    da = error_array(errors, min_values=3)  # (*groups, step, seed)
     spec = ERROR_MODELS[model]
-    groups = [d for d in da.dims if d not in ("step", "seed")]
-    gshape, g = _flat(da, groups)
+    groups = list(da.dims[:-2])
+    gshape = tuple(da.sizes[d] for d in groups)
+    g = int(np.prod(gshape, dtype=int))
     log_steps = np.log(np.asarray(da["step"].values, float))
     x = log_steps - log_steps.mean()
     n_step, n_seed = x.size, da.sizes["seed"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._checks import integer, number
+from ._checks import error_array, integer, number
 from .error_models import compare_error_models, fit_error_model
 
 __all__ = ["bootstrap_rates", "loglog_slope", "fit_error_model", "compare_error_models"]
@@ -46,29 +46,6 @@ def loglog_slope(values: xr.DataArray, along: str = "step") -> xr.DataArray:
     return xr.DataArray(_slope(x, logv), dims=v.dims[:-1], coords={d: v[d] for d in v.dims[:-1]})
 
 
-def _prepare(errors: xr.DataArray, along: str) -> xr.DataArray:
-    if not isinstance(errors, xr.DataArray):
-        raise TypeError(f"`errors` must be an xarray.DataArray, got {type(errors).__name__}")
-    missing = {along, "seed"} - set(errors.dims)
-    if missing:
-        raise ValueError(
-            f"`errors` needs dims ({along!r}, 'seed') (others index groups); missing {sorted(missing)}"
-        )
-    groups = [d for d in errors.dims if d not in (along, "seed")]
-    errors = errors.transpose(*groups, along, "seed").sortby(along)
-    x = np.asarray(errors[along].values, float)
-    if x.size < 2 or errors.sizes["seed"] < 2:
-        raise ValueError(f"need at least 2 values of {along!r} and 2 seeds to fit a rate")
-    if not (np.all(np.isfinite(x)) and np.all(x > 0) and np.all(np.diff(x) > 0)):
-        raise ValueError(
-            f"`errors` coordinate {along!r} must be distinct finite values > 0, got {x}"
-        )
-    vals = np.asarray(errors.values, float)
-    if not np.all(np.isfinite(vals)) or np.any(vals <= 0):
-        raise ValueError("`errors` must be finite and > 0 (drop failed runs first)")
-    return errors
-
-
 def bootstrap_rates(
     errors: xr.DataArray,
     *,
@@ -87,7 +64,7 @@ def bootstrap_rates(
     ci = number("ci", ci, gt=0, lt=1)
     n_boot = integer("n_boot", n_boot, ge=100)
     seed = integer("seed", seed, ge=0)
-    errors = _prepare(errors, along)
+    errors = error_array(errors, along=along)
     groups = list(errors.dims[:-2])
     gshape = tuple(errors.sizes[d] for d in groups)
     vals = np.asarray(errors.values, float).reshape(-1, *errors.shape[-2:])  # (G, S, J)

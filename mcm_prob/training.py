@@ -270,6 +270,12 @@ def training_set(data: DataDistribution, config: TrainConfig, key: jax.Array) ->
     return data.sample(jax.random.fold_in(key, 0x7261696E), config.train_size)
 
 
+@eqx.filter_jit
+def _training_sets(data: DataDistribution, cfg: TrainConfig, keys: jax.Array) -> jax.Array:
+    """`training_set` of every model key, (n_models, train_size, dim), as one compiled program."""
+    return jax.vmap(lambda k: training_set(data, cfg, k))(keys)
+
+
 def _batch(data: DataDistribution, cfg: TrainConfig, step, key, pool=None):
     """One training batch: (x_t, t, x_hat_{t-Delta}, t - Delta, s), in the data's dtype;
     x_0 from `pool` (n, d) with replacement when given, else fresh draws."""
@@ -387,7 +393,7 @@ def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str
     state, static, train_keys = _init(data.dim, run_cfg, keys)
     pools = None
     if cfg.train_size is not None:
-        pools = eqx.filter_jit(jax.vmap(lambda k: training_set(data, cfg, k)))(keys)
+        pools = _training_sets(data, run_cfg, keys)
     steps_arr = jnp.asarray(steps, dtype=jnp.result_type(float))
     losses, snapshots = [], {}
     n_chunks = math.ceil(cfg.iterations / cfg.chunk_size)

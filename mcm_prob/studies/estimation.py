@@ -41,7 +41,7 @@ import xarray as xr
 
 from .. import metrics
 from .._checks import distinct, integer, number, one_of, seeds
-from ..error_models import ERROR_MODELS
+from ..error_models import ERROR_MODELS, PPC_ALPHA
 from ..flow import ExactFlow
 from ..sampling import sample
 from ..statistics import bootstrap_rates, compare_error_models, fit_error_model, loglog_slope
@@ -575,25 +575,26 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
             long_name="usable model with the highest PSIS-LOO elpd ('' if none)"
         )
     }
+    levels = {"": 0.5, "_low": lo, "_high": hi}
+    what = {
+        "": "posterior median",
+        "_low": f"{cfg.ci:.0%} posterior interval, lower",
+        "_high": f"{cfg.ci:.0%} posterior interval, upper",
+    }
     for q, long_name in _QUANTITIES.items():
-        for suffix, level in (("", 0.5), ("_low", lo), ("_high", hi)):
-            per_model = xr.concat(
-                [
-                    fits[m]["posterior"][q].quantile(level, ("chain", "draw")).drop_vars("quantile")
-                    for m in names
-                ],
-                "model",
-            ).assign_coords(model=names)
-            picked = xr.full_like(per_model.isel(model=0), np.nan)
-            for m in names:
-                picked = xr.where(preferred == m, per_model.sel(model=m, drop=True), picked)
-            what = {
-                "": "posterior median",
-                "_low": f"{cfg.ci:.0%} posterior interval, lower",
-                "_high": f"{cfg.ci:.0%} posterior interval, upper",
-            }[suffix]
-            out[f"post_{q}{suffix}"] = picked.assign_attrs(
-                long_name=f"{long_name}: {what} (preferred model; NaN if none usable)"
+        # quantiles of the preferred model, group by group
+        picked = xr.full_like(fits[names[0]]["posterior"][q].isel(chain=0, draw=0), np.nan)
+        picked = picked.expand_dims(quantile=list(levels.values())).copy()
+        for m in names:
+            qs = fits[m]["posterior"][q].quantile(list(levels.values()), ("chain", "draw"))
+            picked = xr.where(preferred == m, qs, picked)
+        for suffix, level in levels.items():
+            out[f"post_{q}{suffix}"] = (
+                picked.sel(quantile=level, drop=True)
+                .drop_vars(["chain", "draw"], errors="ignore")
+                .assign_attrs(
+                    long_name=f"{long_name}: {what[suffix]} (preferred model; NaN if none usable)"
+                )
             )
             b = boot[_BOOT_OF[q] + suffix]
             out[f"boot_{q}{suffix}"] = b.assign_attrs(
@@ -722,7 +723,7 @@ def _report(tree: xr.DataTree) -> str:
             if "power_law_rejected" in g:
                 p_pl = float(g["ppc_p_value"].sel(model="power_law"))
                 verdict = "REJECTED" if bool(g["power_law_rejected"]) else "not rejected"
-                head += f"; single power law {verdict} by its predictive check (p = {p_pl:.3f}, rule p < 0.05)"
+                head += f"; single power law {verdict} by its predictive check (p = {p_pl:.3f}, rule p < {PPC_ALPHA})"
             lines.append(head)
             for q, what in _QUANTITIES.items():
                 boot_name = "best studied step" if q == "delta_star" else "bootstrap"
