@@ -20,6 +20,7 @@ from .sampling import (
     sampler_law,
     sampler_times,
 )
+from .schedules import Schedule
 from .statistics import bootstrap_rates, compare_error_models, fit_error_model
 from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid, training_set
 
@@ -51,6 +52,7 @@ __all__ = [
     "sample_song",
     "sample_gamma",
     "sampler_times",
+    "Schedule",
     "sampler_law",
     "affine_error",
     "SamplerOutput",

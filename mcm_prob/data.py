@@ -554,7 +554,10 @@ class NoisyUniform(dist.Distribution):
         c = w * m
         left = c <= 0
         log_piv = _log_phi(jnp.where(left, a, a - w)) - _log_ndtr_diff(a, w)
-        factor = jnp.where(left, -jnp.expm1(jnp.minimum(c, 0.0)), jnp.expm1(-jnp.maximum(c, 0.0)))
+        # where, not minimum/maximum: those split the derivative at the tie c = 0 (the centre)
+        factor = jnp.where(
+            left, -jnp.expm1(jnp.where(left, c, 0.0)), jnp.expm1(-jnp.where(left, 0.0, c))
+        )
         return jnp.exp(log_piv) * factor / self.noise
 
     @property

@@ -34,25 +34,28 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from ._checks import integer
 from .data import DataDistribution, UniformBox
 from .flow import pf_flow
-from .sampling import sampler_times
+from .schedules import Schedule, as_schedule
 
-__all__ = ["GridLaw", "grid_law_1d", "product_kl", "box_factors"]
+__all__ = ["GridLaw", "grid_law_1d", "product_kl", "box_factors", "coordinate_maps"]
 
 
 class GridLaw(NamedTuple):
     """The 1-d sampler law on a grid: points `x`, sampler density `q`, target density `p`
-    ($p_\\delta$), `kl` = KL(q || p) and `mass` (integral of q, 1 up to quadrature error)."""
+    ($p_\\delta$), `kl` = KL(q || p), `mass` (integral of q, 1 up to quadrature error) and
+    `transport`, how each step pushed the density: ``"exact"`` (exact flow), ``"monotone"``
+    (change of variables through f) or ``"mass"`` (mass transport, f not monotone on the grid)."""
 
     x: np.ndarray
     q: np.ndarray
     p: np.ndarray
     kl: float
     mass: float
+    transport: tuple = ()
 
 
 def box_factors(box: UniformBox) -> list[UniformBox]:
@@ -79,67 +82,147 @@ def _grid(data: DataDistribution, delta: float, n_grid: int, half_width: float) 
     return np.unique(np.round(x, 12))
 
 
-def _density(data: DataDistribution, x: np.ndarray, t: float) -> np.ndarray:
-    return np.exp(np.asarray(data.marginal(t).log_prob(jnp.asarray(x)[:, None])))
+def _log_density(data: DataDistribution, x: np.ndarray, t: float) -> np.ndarray:
+    return np.asarray(data.marginal(t).log_prob(jnp.asarray(x)[:, None]), np.float64)
+
+
+def _exact_step(data, x, q, log_p_t, log_p_s, t, s):
+    """Exact flow t -> s: the ratio q/p is transported unchanged, r_s(y) = r_t(Phi_{s->t}(y))."""
+    back = np.asarray(pf_flow(data, jnp.asarray(x)[:, None], s, t))[:, 0]
+    return np.interp(back, x, q / np.exp(log_p_t)) * np.exp(log_p_s), "exact"
+
+
+def _push_step(f, x, w, q, log_p_s_of, t, s):
+    r"""Push the density q through y = f(x, t, s); returns q_s on the grid.
+
+    Monotone f (strictly increasing on the grid, f' > 0): change of variables
+    $q_s(f(x)) = q_t(x)/f'(x)$, written for the ratio $g = q_s/p_s$ at the image points and
+    interpolated onto the grid (g is smooth and near 1 when f is near the exact flow, so linear
+    interpolation is accurate); f' by reverse-mode autodiff. Otherwise: mass transport, each
+    grid cell's mass w_i q_i moved to f(x_i) and split linearly between its two neighbours."""
+    xs = jnp.asarray(x)[:, None]
+    y = np.asarray(f(xs, t, s), np.float64)[:, 0]
+    dy = np.asarray(jax.grad(lambda z: jnp.sum(f(z, t, s)))(xs), np.float64)[:, 0]
+    if not (np.all(np.isfinite(y)) and np.all(np.isfinite(dy))):
+        raise FloatingPointError(f"f(x, {t:g}, {s:g}) is not finite on the grid")
+    if np.all(np.diff(y) >= 0) and np.all(dy > 0):
+        with np.errstate(divide="ignore"):
+            log_g = np.log(q) - np.log(dy) - log_p_s_of(y)
+        keep = np.append(True, np.diff(y) > 0)  # images equal in f's precision (float32 nets)
+        return np.interp(x, y[keep], np.exp(log_g[keep])) * np.exp(log_p_s_of(x)), "monotone"
+    mass = w * q
+    j = np.clip(np.searchsorted(x, y) - 1, 0, x.size - 2)
+    frac = np.clip((y - x[j]) / (x[j + 1] - x[j]), 0.0, 1.0)
+    moved = np.bincount(j, mass * (1 - frac), x.size) + np.bincount(j + 1, mass * frac, x.size)
+    return moved / w, "mass"
+
+
+def _kl_integrand(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
+    """q log(q/p) - q + p, written as p (r log r - r + 1) with r = q/p (non-negative, of size
+    p (r-1)^2/2) where p is representable, and from the logs where it underflows."""
+    p = np.exp(log_p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = q / p
+        direct = p * (special.xlogy(r, r) - r + 1)
+        logs = special.xlogy(q, q) - q * log_p - q + p
+    return np.where(np.isfinite(direct), direct, logs)
 
 
 def grid_law_1d(
     data: DataDistribution,
     *,
-    delta: float,
-    h: float,
-    steps: int,
+    delta: float | None = None,
+    h: float | None = None,
+    steps: int | None = None,
     tau: float = 0.0,
+    schedule: Schedule | None = None,
+    f=None,
     n_grid: int = 4001,
     half_width: float | None = None,
 ) -> GridLaw:
-    """Law of `mcm_prob.sample` with the exact flow for a 1-d family, on a grid (see module doc).
+    """Law of `mcm_prob.sample` for a 1-d family, on a grid (see module doc).
 
-    **Arguments:** `data` with `dim == 1`; the sampler's `delta`, `h`, `steps`, `tau`; `n_grid`
-    uniform points on [-half_width, half_width] (default: 8 plus the data's extent).
+    **Arguments:** `data` with `dim == 1`; the sampler's schedule (constant step `delta`, `h`,
+    `steps`, `tau`, or any `schedule`); `f`: the consistency function f(x, t, s) on x of shape
+    (n, 1), e.g. a fitted net (default: the exact flow); `n_grid` uniform points on
+    [-half_width, half_width] (default: 8 plus the data's extent).
     """
     if data.dim != 1:
         raise ValueError(f"`data` must be a 1-d family (dim == 1), got dim = {data.dim}")
     integer("n_grid", n_grid, ge=101)
-    t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
+    if f is not None and not callable(f):
+        raise TypeError(f"`f` must be a callable f(x, t, s), got {type(f).__name__}")
+    sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
+    t, s, gap = sched.t, sched.s, sched.gaps
     if half_width is None:
         extent = np.abs(np.asarray(data.sample(jax.random.key(0), 4096))).max()
         half_width = 8.0 + float(extent)
-    x = _grid(data, delta, n_grid, half_width)
+    x = _grid(data, sched.delta, n_grid, half_width)
     w = _trapezoid_weights(x)
     q = stats.norm.pdf(x)
-    for k in range(steps):
-        ratio = q / _density(data, x, t[k])
-        back = np.asarray(pf_flow(data, jnp.asarray(x)[:, None], s[k], t[k]))[:, 0]
-        r_s = np.interp(back, x, ratio)
-        p_s = _density(data, x, s[k])
-        q = r_s * p_s
-        if k < steps - 1 and gap[k] > 0:
+    transport = []
+    for k in range(sched.steps):
+        log_p = _log_density(data, x, s[k])
+        if f is None:
+            q, how = _exact_step(data, x, q, _log_density(data, x, t[k]), log_p, t[k], s[k])
+        else:
+            log_p_s_of = lambda z, tk=s[k]: _log_density(data, z, tk)  # noqa: E731
+            q, how = _push_step(f, x, w, q, log_p_s_of, t[k], s[k])
+        transport.append(how)
+        if k < sched.steps - 1 and gap[k] > 0:
             a, sd = math.exp(-gap[k]), math.sqrt(-math.expm1(-2 * gap[k]))
             kernel = stats.norm.pdf(x[:, None], a * x[None, :], sd)
             kernel /= (w[:, None] * kernel).sum(0, keepdims=True)
             q = kernel @ (w * q)
     mass = float(np.sum(w * q))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        integrand = p_s * np.where(r_s > 0, r_s * np.log(r_s) - r_s + 1, 1.0)
-    kl = float(np.sum(w * integrand))
+    kl = float(np.sum(w * _kl_integrand(q, log_p)))
     if not (math.isfinite(kl) and math.isfinite(mass)):
         raise FloatingPointError("grid propagation produced non-finite values; refine the grid")
-    return GridLaw(x, q, p_s, kl, mass)
+    return GridLaw(x, q, np.exp(log_p), kl, mass, tuple(transport))
 
 
-def product_kl(
-    factors, *, delta: float, h: float, steps: int, tau: float = 0.0, **grid_kwargs
-) -> float:
-    """KL(sampler law || p_delta) for a product target with the given 1-d `factors`:
-    the sum of the 1-d grid KLs (identical factor objects are computed once)."""
+def coordinate_maps(f, dim: int, schedule: Schedule, *, key=None, rtol: float = 1e-6) -> list:
+    """The 1-d maps f_i(x, t, s) of a coordinate-wise consistency function f on R^dim
+    (coordinate i of f depends on x_i only), checked by its Jacobian at a few points."""
+    dim = integer("dim", dim)
+    key = jax.random.key(0) if key is None else key
+    pts = jax.random.normal(key, (4, dim), jnp.result_type(float))
+    t, s = float(schedule.t[0]), float(schedule.s[0])
+    jac = np.asarray(jax.vmap(jax.jacrev(lambda z: f(z[None], t, s)[0]))(pts))
+    off = jac * (1 - np.eye(dim))
+    if np.max(np.abs(off)) > rtol * max(np.max(np.abs(jac)), 1e-300):
+        raise ValueError(
+            "`f` is not coordinate-wise (its Jacobian has off-diagonal entries), so the "
+            "sampler law is not a product of 1-d laws; the grid law applies to 1-d data only"
+        )
+
+    def coordinate(i):
+        def f_i(x, t, s):
+            z = jnp.zeros((x.shape[0], dim), x.dtype).at[:, i].set(x[:, 0])
+            return f(z, t, s)[:, i : i + 1]
+
+        return f_i
+
+    return [coordinate(i) for i in range(dim)]
+
+
+def product_kl(factors, *, f=None, **law_kwargs) -> float:
+    """KL(sampler law || p_delta) for a product target with the given 1-d `factors`: the sum
+    of the 1-d grid KLs. `f`: None (exact flow; identical factor objects computed once) or a
+    list of 1-d maps, one per factor (see `coordinate_maps`). Other keyword arguments (the
+    schedule, grid settings) as `grid_law_1d`."""
     factors = list(factors)
     if not factors:
         raise ValueError("`factors` must contain at least one 1-d family")
+    if f is not None and len(f) != len(factors):
+        raise ValueError(f"`f` must hold one map per factor ({len(factors)}), got {len(f)}")
     cache: dict[int, float] = {}
     total = 0.0
-    for f in factors:
-        if id(f) not in cache:
-            cache[id(f)] = grid_law_1d(f, delta=delta, h=h, steps=steps, tau=tau, **grid_kwargs).kl
-        total += cache[id(f)]
+    for i, fac in enumerate(factors):
+        if f is not None:
+            total += grid_law_1d(fac, f=f[i], **law_kwargs).kl
+            continue
+        if id(fac) not in cache:
+            cache[id(fac)] = grid_law_1d(fac, **law_kwargs).kl
+        total += cache[id(fac)]
     return total

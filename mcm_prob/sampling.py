@@ -5,7 +5,9 @@ for k = 0..K; $x \sim N(0, I)$ at $t_0$; for k = 0..K-1, $s_k = \max(t_{k+1} - \
 $y = f(x, t_k, s_k)$ and, if k < K-1, $x = \alpha_{t_{k+1}-s_k} y + \sigma_{t_{k+1}-s_k}\xi$
 (the OU transition from $s_k$ to $t_{k+1}$). The output is the last y, a draw meant to follow
 $p_\delta$. $\tau = 0$ composes flow maps deterministically; $\tau = \infty$ is Song et al.'s
-multistep Algorithm 1; intermediate $\tau$ is CTM's gamma-sampling in OU time.
+multistep Algorithm 1; intermediate $\tau$ is CTM's gamma-sampling in OU time. Any other start
+and landing times are passed as a `mcm_prob.Schedule` (`schedule=`), of which this constant step
+is one constructor.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jaxtyping import Array
 from ._checks import finite_or_raise, integer, number, real_array
 from .data import Gaussian
 from .forward import alpha, sigma
+from .schedules import Schedule, as_schedule
 
 __all__ = [
     "SamplerOutput",
@@ -43,42 +46,43 @@ class SamplerOutput(NamedTuple):
     nfe: int
 
 
-def _check_schedule(delta, h, steps, tau) -> None:
-    number("delta", delta, gt=0), number("h", h, gt=0)
-    integer("steps", steps)
-    number("tau", tau, ge=0, allow_inf=True)
-
-
 def sampler_times(*, delta: float, h: float, steps: int, tau: float = 0.0):
-    """The schedule as numpy float64 arrays: t_k (K + 1,), s_k (K,), and re-noise lengths
-    t_{k+1} - s_k (K - 1,)."""
-    _check_schedule(delta, h, steps, tau)
-    t = delta + (steps - np.arange(steps + 1)) * float(h)
-    t[-1] = delta
-    s = np.maximum(t[1:] - tau, delta)
-    return t, s, t[1:-1] - s[:-1]
+    """The constant-step schedule as numpy float64 arrays: t_k (K + 1,) with t_K = delta,
+    s_k (K,), and re-noise lengths t_{k+1} - s_k (K - 1,). See `Schedule` for any times."""
+    sched = Schedule.constant(delta=delta, h=h, steps=steps, tau=tau)
+    return np.append(sched.t, sched.delta), sched.s, sched.gaps
 
 
 def sample(
-    f, key: Array, n: int, *, dim: int, delta: float, h: float, steps: int, tau: float = 0.0
+    f,
+    key: Array,
+    n: int,
+    *,
+    dim: int,
+    delta: float | None = None,
+    h: float | None = None,
+    steps: int | None = None,
+    tau: float = 0.0,
+    schedule: Schedule | None = None,
 ) -> SamplerOutput:
     """Run the multi-step consistency sampler with any consistency function f(x, t, s).
 
     **Arguments:** `f` maps x of shape (n, dim) and scalar times to shape (n, dim); `key` (typed
-    JAX key); `n` samples; `dim`; `delta` > 0 stop time; `h` > 0 step; `steps` = K >= 1;
-    `tau` >= 0 re-noising length (`math.inf` for Algorithm 1).
+    JAX key); `n` samples; `dim`; then either the constant step (`delta` > 0 stop time, `h` > 0
+    step, `steps` = K >= 1, `tau` >= 0 re-noising length, `math.inf` for Algorithm 1) or
+    `schedule`, any `mcm_prob.Schedule`.
 
-    **Returns:** `SamplerOutput(samples (n, dim), nfe=steps)`. The loop is a `lax.scan`, so the
+    **Returns:** `SamplerOutput(samples (n, dim), nfe=K)`. The loop is a `lax.scan`, so the
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
     n, dim = integer("n", n), integer("dim", dim)
-    t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
-    gap = np.append(gap, 0.0)  # no re-noising after the last step
+    sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
+    gap = np.append(sched.gaps, 0.0)  # no re-noising after the last step
     dtype = jnp.result_type(float)
-    times = tuple(jnp.asarray(a, dtype) for a in (t[:-1], s, gap))
+    times = tuple(jnp.asarray(a, dtype) for a in (sched.t, sched.s, gap))
     y = _run_sampler(f, key, int(n), int(dim), *times)
     y = finite_or_raise(y, "the sampler produced non-finite values; check f and the schedule")
-    return SamplerOutput(y, int(steps))
+    return SamplerOutput(y, sched.steps)
 
 
 @eqx.filter_jit
@@ -141,10 +145,11 @@ def _gaussian_parts(data: Gaussian):
 def sampler_law(
     data: Gaussian,
     *,
-    delta: float,
-    h: float,
-    steps: int,
+    delta: float | None = None,
+    h: float | None = None,
+    steps: int | None = None,
     tau: float = 0.0,
+    schedule: Schedule | None = None,
     perturbation: tuple | None = None,
 ) -> dist.MultivariateNormal:
     r"""Exact law of `sample` driven by the exact flow map (optionally perturbed) on Gaussian data.
@@ -156,24 +161,37 @@ def sampler_law(
     $\mu \mapsto (A_{t,s}+A)\mu + c$, $C \mapsto (A_{t,s}+A) C (A_{t,s}+A)^\top$, and re-noising
     $x = a y + b\xi$ gives $\mu \mapsto a\mu$, $C \mapsto a^2 C + b^2 I$. Computed in numpy
     float64 (singular data covariances included; delta > 0 keeps the law non-degenerate).
+    The schedule is the constant step (`delta`, `h`, `steps`, `tau`) or any `schedule`.
 
     **Returns:** a `numpyro.distributions.MultivariateNormal` (use x64 for float64 arrays).
     """
     m, lam, u = _gaussian_parts(data)
-    t, s, gap = sampler_times(delta=delta, h=h, steps=steps, tau=tau)
-    d = m.size
-    a_pert, b_pert = _affine(perturbation, d)
-    mu, cov = np.zeros(d), np.eye(d)
+    sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
+    a_pert, b_pert = _affine(perturbation, m.size)
+    mu, cov = gaussian_law_moments(np, m, lam, u, sched.t, sched.s, (a_pert, b_pert))
+    return _gaussian_law(mu, cov)
+
+
+def gaussian_law_moments(xp, m, lam, u, t, s, perturbation=None):
+    """Mean (d,) and covariance (d, d) of the sampler law of `sampler_law` for data mean `m`,
+    covariance eigenvalues `lam` and eigenvectors `u`, start and landing times `t`, `s` (K,),
+    in the array namespace `xp` (numpy for float64 ground truth; jax.numpy to differentiate with
+    respect to the times)."""
+    d, steps = m.shape[0], t.shape[0]
+    mu, cov = xp.zeros(d), xp.eye(d)
     for k in range(steps):
-        nu_t = np.exp(-2 * t[k]) * lam - np.expm1(-2 * t[k])
-        nu_s = np.exp(-2 * s[k]) * lam - np.expm1(-2 * s[k])
-        lin = (u * np.sqrt(nu_s / nu_t)) @ u.T + a_pert
-        shift = np.exp(-s[k]) * m - (u * np.sqrt(nu_s / nu_t)) @ u.T @ (np.exp(-t[k]) * m) + b_pert
+        nu_t = xp.exp(-2 * t[k]) * lam - xp.expm1(-2 * t[k])
+        nu_s = xp.exp(-2 * s[k]) * lam - xp.expm1(-2 * s[k])
+        flow = (u * xp.sqrt(nu_s / nu_t)) @ u.T
+        lin, shift = flow, xp.exp(-s[k]) * m - flow @ (xp.exp(-t[k]) * m)
+        if perturbation is not None:
+            lin, shift = lin + perturbation[0], shift + perturbation[1]
         mu, cov = lin @ mu + shift, lin @ cov @ lin.T
         if k < steps - 1:
-            a, sd = np.exp(-gap[k]), np.sqrt(-np.expm1(-2 * gap[k]))
-            mu, cov = a * mu, a**2 * cov + sd**2 * np.eye(d)
-    return _gaussian_law(mu, cov)
+            gap = t[k + 1] - s[k]
+            a, sd2 = xp.exp(-gap), -xp.expm1(-2 * gap)
+            mu, cov = a * mu, a**2 * cov + sd2 * xp.eye(d)
+    return mu, cov
 
 
 def _gaussian_law(mean: np.ndarray, cov: np.ndarray) -> dist.MultivariateNormal:
