@@ -1,18 +1,22 @@
 r"""Steps to accuracy: the smallest number of steps (and NFE) that brings KL(law || p_delta)
 below a target $\varepsilon^2$, from exact laws (no sampling noise).
 
-* ``"consistency"``: the multi-step sampler with the exact flow at fixed step h (so $t_0 = \delta +
-  Kh$ grows with K): exact Gaussian law (`sampler_law`) or, for product targets, the 1-d grid
-  laws (`grid_law_1d`) summed over coordinates.
+* ``"consistency"``: the multi-step sampler with the exact flow, on the constant step h (so
+  $t_0 = \delta + Kh$ grows with K), on the constant step of a fixed horizon T, or on any
+  family of schedules `schedule(K) -> Schedule`: exact Gaussian law (`sampler_law`) or, for
+  product targets, the 1-d grid laws (`grid_law_1d`) summed over coordinates.
 * fixed-step diffusion baselines (`mcm_prob.diffusion.BASELINES` but the adaptive one) from a
   fixed T with step (T - delta)/K: exact Gaussian laws (`baseline_law`).
 
 KL is assumed non-increasing in K (true for these exact laws in the tested settings); the
-search doubles K, then bisects.
+search doubles K, then bisects. When the target is not reached, `steps_to_accuracy` says why:
+the step budget ran out, and, at a fixed horizon T, the start error $KL(N(0, I) \| p_T)$ (a floor
+for the deterministic samplers: the exact flow preserves KL).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from ._checks import integer, number
@@ -21,6 +25,7 @@ from .diffusion import BASELINES, baseline_law
 from .gridlaw import box_factors, product_kl
 from .metrics import kl_gaussian
 from .sampling import sampler_law
+from .schedules import Schedule
 
 __all__ = ["smallest_steps", "steps_to_accuracy", "kl_of_steps"]
 
@@ -32,19 +37,49 @@ def smallest_steps(kl: Callable[[int], float], eps: float, *, max_steps: int = 4
     eps = number("eps", eps, gt=0)
     max_steps = integer("max_steps", max_steps)
     target = eps**2
+
+    def checked(k):
+        value = kl(k)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"kl({k}) = {value!r} is not a finite number")
+        return value
+
     hi = 1
-    while kl(hi) > target:
+    while checked(hi) > target:
         if hi == max_steps:
             return None
         hi = min(2 * hi, max_steps)
     lo = hi // 2  # kl(lo) > target, or lo == 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if kl(mid) <= target:
+        if checked(mid) <= target:
             hi = mid
         else:
             lo = mid
     return hi
+
+
+def _schedules(delta, h, T, tau, schedule) -> Callable[[int], Schedule]:
+    if schedule is not None:
+        if not callable(schedule):
+            raise TypeError("`schedule` must be a callable steps -> mcm_prob.Schedule")
+        return schedule
+    if h is not None:
+        return lambda k: Schedule.constant(delta=delta, h=h, steps=k, tau=tau)
+    if T is not None:
+        return lambda k: Schedule.fixed_horizon(T=T, delta=delta, steps=k, tau=tau)
+    raise ValueError("the consistency sampler needs `h`, `T` (fixed horizon) or `schedule`")
+
+
+def _product_factors(data, dim):
+    if isinstance(data, UniformBox) and dim is None:
+        return box_factors(data)
+    if data.dim == 1 and dim is not None:
+        return [data] * dim
+    raise ValueError(
+        "exact laws exist for Gaussian data, boxes, and 1-d families with `dim` "
+        f"(i.i.d. coordinates); got {type(data).__name__} with dim={dim}"
+    )
 
 
 def kl_of_steps(
@@ -55,32 +90,24 @@ def kl_of_steps(
     h: float | None = None,
     T: float | None = None,
     tau: float = 0.0,
+    schedule: Callable[[int], Schedule] | None = None,
     dim: int | None = None,
     **grid_kwargs,
 ) -> Callable[[int], float]:
     """K -> KL(law after K steps || p_delta) for the chosen sampler (see the module docstring).
 
-    `dim`: for a 1-d family, the number of i.i.d. coordinates of the product target
-    (KL_d = dim * KL_1). `UniformBox` uses its own coordinates.
+    Consistency sampler: constant step `h` (with `tau`), else the constant step of the fixed
+    horizon `T`, else `schedule`, a callable K -> `Schedule`. `dim`: for a 1-d family, the number
+    of i.i.d. coordinates of the product target (KL_d = dim * KL_1). `UniformBox` uses its own
+    coordinates.
     """
     if sampler == "consistency":
-        if h is None:
-            raise ValueError("`h` is required for the consistency sampler")
+        family = _schedules(delta, h, T, tau, schedule)
         if isinstance(data, Gaussian) and dim is None:
             target = data.marginal(delta)
-            return lambda k: kl_gaussian(
-                sampler_law(data, delta=delta, h=h, steps=k, tau=tau), target
-            )
-        if isinstance(data, UniformBox) and dim is None:
-            factors = box_factors(data)
-        elif data.dim == 1 and dim is not None:
-            factors = [data] * dim
-        else:
-            raise ValueError(
-                "exact laws exist for Gaussian data, boxes, and 1-d families with `dim` "
-                f"(i.i.d. coordinates); got {type(data).__name__} with dim={dim}"
-            )
-        return lambda k: product_kl(factors, delta=delta, h=h, steps=k, tau=tau, **grid_kwargs)
+            return lambda k: kl_gaussian(sampler_law(data, schedule=family(k)), target)
+        factors = _product_factors(data, dim)
+        return lambda k: product_kl(factors, schedule=family(k), **grid_kwargs)
     if sampler not in BASELINES[:-1]:
         raise ValueError(
             f"`sampler` must be 'consistency' or one of {BASELINES[:-1]}, got {sampler!r}"
@@ -93,19 +120,56 @@ def kl_of_steps(
     return lambda k: kl_gaussian(baseline_law(data, sampler, T=T, delta=delta, steps=k), target)
 
 
+def start_error(data: DataDistribution, T: float, delta: float, *, dim=None, **grid_kwargs):
+    """KL(N(0, I) || p_T): the error of starting the samplers at T, computed as the KL of the
+    one-step exact-flow sampler from T to delta (the exact flow preserves KL)."""
+    one = Schedule([T], [delta], "start")
+    if isinstance(data, Gaussian) and dim is None:
+        return kl_gaussian(sampler_law(data, schedule=one), data.marginal(delta))
+    return product_kl(_product_factors(data, dim), schedule=one, **grid_kwargs)
+
+
 def steps_to_accuracy(
     data: DataDistribution, eps: float, *, max_steps: int = 4096, **kwargs
 ) -> dict:
     """Smallest steps and NFE reaching KL <= eps^2 (keyword arguments as `kl_of_steps`).
 
-    **Returns:** dict with ``"steps"``, ``"nfe"`` (None when not reached within `max_steps`)
-    and ``"kl"`` (the KL at that number of steps, or at `max_steps`).
+    **Returns:** dict with ``"steps"``, ``"nfe"`` (None when not reached within `max_steps`),
+    ``"kl"`` (the KL at that number of steps, or at `max_steps`), ``"start_kl"``
+    (KL(N(0, I) || p_T) when the horizon T is fixed, else None) and ``"reason"`` (None when
+    reached, else why not).
     """
     kl = kl_of_steps(data, **kwargs)
     k = smallest_steps(kl, eps, max_steps=max_steps)
-    per_step = _NFE_PER_STEP.get(kwargs.get("sampler", "consistency"), 1)
+    sampler = kwargs.get("sampler", "consistency")
+    per_step = _NFE_PER_STEP.get(sampler, 1)
+    value = kl(max_steps if k is None else k)
+    horizon = None
+    if sampler != "consistency" or kwargs.get("h") is None:
+        horizon = kwargs.get("T")
+        if horizon is None and kwargs.get("schedule") is not None:
+            first, last = kwargs["schedule"](1).horizon, kwargs["schedule"](max_steps).horizon
+            horizon = first if math.isclose(first, last) else None
+    grid = {n: v for n, v in kwargs.items() if n in ("dim", "n_grid", "half_width")}
+    start = None if horizon is None else start_error(data, horizon, kwargs["delta"], **grid)
+    reason = None
+    if k is None:
+        reason = f"max_steps = {max_steps} ran out: KL = {value:.3g} > eps^2 = {eps**2:.3g}"
+        if start is not None:
+            deterministic = sampler.startswith("ode") or (
+                sampler == "consistency"
+                and kwargs.get("schedule") is None
+                and kwargs.get("tau", 0.0) == 0.0
+            )
+            reason += f"; the start error KL(N(0, I) || p_T) at T = {horizon:g} is {start:.3g}" + (
+                ", which a deterministic sampler cannot reduce: increase T"
+                if deterministic and start > eps**2
+                else ""
+            )
     return {
         "steps": k,
         "nfe": None if k is None else k * per_step,
-        "kl": kl(max_steps if k is None else k),
+        "kl": value,
+        "start_kl": start,
+        "reason": reason,
     }

@@ -141,6 +141,7 @@ class Schedule(eqx.Module):
         r = number("rho", rho, gt=0)
         lo, hi = _rho(delta) ** (1 / r), _rho(T) ** (1 / r)
         t = _time((hi + np.arange(k) / k * (lo - hi)) ** r)
+        t[0] = T  # exact horizon (the time change round-trips to within an ulp)
         return cls(*_land(t, delta, tau), "karras")
 
     @classmethod
@@ -150,6 +151,7 @@ class Schedule(eqx.Module):
         delta, T, k, _ = _horizon(T, delta, steps)
         lo, hi = math.log(_rho(delta)), math.log(_rho(T))
         t = _time(np.exp(hi + np.arange(k) / k * (lo - hi)))
+        t[0] = T
         return cls(*_land(t, delta, tau), "song")
 
     @classmethod

@@ -207,7 +207,7 @@ def test_steps_to_accuracy_gaussian_matches_linear_scan():
 
 
 def test_steps_to_accuracy_bad_arguments():
-    with pytest.raises(ValueError, match="`h` is required"):
+    with pytest.raises(ValueError, match="needs `h`, `T`"):
         kl_of_steps(GAUSS, delta=DELTA)
     with pytest.raises(ValueError, match="`T` is required"):
         kl_of_steps(GAUSS, sampler="ode_euler", delta=DELTA)

@@ -1,0 +1,185 @@
+"""Schedules: the type and its constructors, optimal schedules from exact KL, grid laws of the
+sampler driven by any f (learned nets included), steps-to-accuracy reasons."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mcm_prob as mp
+from mcm_prob.accuracy import steps_to_accuracy
+from mcm_prob.gridlaw import coordinate_maps, grid_law_1d, product_kl
+from mcm_prob.optimal import optimal_schedule, schedule_kl_gaussian
+from mcm_prob.schedules import Schedule
+
+DELTA = 0.01
+
+
+def gaussian(d):
+    return mp.data.Gaussian(np.full(d, 0.5), np.diag(np.linspace(0.5, 2.0, d)))
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, math.inf])
+def test_constant_schedule_gives_the_same_laws(tau, key):
+    delta, h, steps = 0.02, 0.4, 5
+    t = delta + (steps - np.arange(steps)) * h  # the DESIGN.md formula, written out
+    s = np.maximum(np.append(t[1:], delta) - tau, delta)
+    s[-1] = delta
+    sched = Schedule.constant(delta=delta, h=h, steps=steps, tau=tau)
+    np.testing.assert_allclose(sched.t, t, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sched.s, s, rtol=0, atol=1e-15)
+    g = gaussian(3)
+    old = mp.sampler_law(g, delta=delta, h=h, steps=steps, tau=tau)
+    new = mp.sampler_law(g, schedule=Schedule(t, s))
+    np.testing.assert_allclose(new.loc, old.loc, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(new.covariance_matrix, old.covariance_matrix, rtol=0, atol=1e-14)
+    f = mp.ExactFlow(g)
+    a = mp.sample(f, key, 64, dim=3, delta=delta, h=h, steps=steps, tau=tau).samples
+    b = mp.sample(f, key, 64, dim=3, schedule=sched).samples
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_schedules_are_refused():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        Schedule([1.0, 1.0], [0.5, 0.1])
+    with pytest.raises(ValueError, match=r"landing time s\[0\] = 0.8 is after the next start"):
+        Schedule([1.0, 0.5], [0.8, 0.1])
+    with pytest.raises(ValueError, match="below delta"):
+        Schedule([1.0, 0.5], [0.05, 0.1])
+    with pytest.raises(ValueError, match="must be > 0"):
+        Schedule([1.0, 0.5], [0.2, 0.0])
+    with pytest.raises(ValueError, match="same length"):
+        Schedule([1.0, 0.5], [0.1])
+    with pytest.raises(ValueError, match="either `schedule` or"):
+        mp.sampler_law(gaussian(2), schedule=Schedule([1.0], [0.1]), h=0.1)
+    with pytest.raises(ValueError, match="reach"):
+        Schedule.halving(T=1.0, delta=0.2, steps=4)
+    with pytest.raises(ValueError, match="middle_sigma"):
+        Schedule.ect(T=0.2, delta=0.01)
+
+
+def test_literature_schedules_in_ou_time():
+    rho = lambda t: np.sqrt(np.expm1(2 * t))  # noqa: E731
+    T, K = 4.0, 5
+    k = Schedule.karras(T=T, delta=DELTA, steps=K)
+    r = rho(np.append(k.t, DELTA)) ** (1 / 7)  # EDM: rho^(1/7) equally spaced from T to delta
+    np.testing.assert_allclose(np.diff(r), (r[-1] - r[0]) / K, rtol=1e-10)
+    assert k.horizon == T and np.all(k.s == DELTA)  # jump to delta (Algorithm 1)
+    g = Schedule.song(T=T, delta=DELTA, steps=K)
+    ratios = np.diff(np.log(rho(np.append(g.t, DELTA))))
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-10)
+    e = Schedule.ect(T=T, delta=DELTA)
+    np.testing.assert_allclose(e.t, [T, 0.5 * math.log1p(0.821**2)], rtol=1e-14)
+    np.testing.assert_allclose(Schedule.halving(T=T, delta=DELTA, steps=3).t, [4.0, 2.0, 1.0])
+    fh = Schedule.fixed_horizon(T=T, delta=DELTA, steps=K, tau=0.5)
+    np.testing.assert_allclose(fh.t, DELTA + (T - DELTA) * (K - np.arange(K)) / K, rtol=1e-14)
+    np.testing.assert_allclose(fh.gaps, 0.5)
+
+
+@pytest.mark.parametrize("d", [2, 16])
+def test_optimised_schedule_beats_the_constant_step(d):
+    g = gaussian(d)
+    for k in (2, 3, 4, 6):
+        const = Schedule.constant(delta=DELTA, h=0.5, steps=k)
+        res = optimal_schedule(g, k, T=const.horizon, delta=DELTA, iterations=200)
+        assert res.schedule.horizon == pytest.approx(const.horizon, rel=1e-12)
+        assert res.schedule.delta == pytest.approx(DELTA, rel=1e-12)
+        assert res.kl == pytest.approx(schedule_kl_gaussian(g, res.schedule), rel=1e-12)
+        assert res.kl <= schedule_kl_gaussian(g, const)
+        # the exact flow preserves KL and re-noising contracts it: restarts near T win by far
+        assert res.kl < 0.2 * schedule_kl_gaussian(g, const)
+        assert np.all(np.isfinite(res.history)) and res.history.shape[1] == 200
+
+
+def test_optimal_schedule_refuses_non_gaussian_data():
+    with pytest.raises(ValueError, match="must be a mcm_prob.data.Gaussian"):
+        optimal_schedule(mp.data.UniformBox([0.0], [1.0]), 2, T=2.0, delta=0.05)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, math.inf])
+def test_grid_law_of_any_f_matches_exact_flow_grid_law(tau):
+    """f = the exact flow through the change-of-variables path versus the exact transport:
+    Gaussian (closed-form flow, derivatives exact) to 1e-12, Dirac mixture (ODE flow,
+    derivatives of the solver) to 1e-4 relative."""
+    kw = dict(delta=0.05, h=0.5, steps=3, tau=tau, n_grid=2001)
+    g = mp.data.Gaussian([0.5], [[2.0]])
+    a, b = grid_law_1d(g, **kw), grid_law_1d(g, f=mp.ExactFlow(g), **kw)
+    assert b.transport == ("monotone",) * 3 and a.transport == ("exact",) * 3
+    assert b.kl == pytest.approx(a.kl, rel=1e-12)
+    dirac = mp.data.DiracMixture([[-1.0], [2.0]], [0.3, 0.7])
+    a, b = grid_law_1d(dirac, **kw), grid_law_1d(dirac, f=mp.ExactFlow(dirac), **kw)
+    assert b.kl == pytest.approx(a.kl, rel=1e-4)
+
+
+def _bin_z(y, law, edges):
+    """Standardised differences of the 10^6-sample bin frequencies from the grid law's."""
+    cdf = np.concatenate([[0], np.cumsum(np.diff(law.x) * (law.q[1:] + law.q[:-1]) / 2)])
+    p = np.diff(np.interp(edges, law.x, cdf))
+    counts, _ = np.histogram(y, edges)
+    return (counts / y.size - p) / np.sqrt(p * (1 - p) / y.size)
+
+
+def test_learned_sampler_grid_law_matches_a_million_samples():
+    """A fitted net's sampler law on the grid against a 10^6-sample histogram of `sample`:
+    80 bins on [-4, 4], chi^2 below its 99.9% quantile (124.8 for 80 dof), |z| <= 4.5."""
+    data = mp.data.GaussianMixture([0.4, 0.6], [[-1.5], [1.0]], [[[0.2]], [[0.3]]])
+    cfg = mp.TrainConfig(method="cd", step=0.1, teacher="exact", T=2.05, delta=0.05,
+                         iterations=400, width=32, depth=2, progress=False)  # fmt: skip
+    net, _ = mp.fit(data, cfg, jax.random.key(0))
+    sched = Schedule.constant(delta=0.05, h=0.5, steps=4, tau=0.5)
+    law = grid_law_1d(data, schedule=sched, f=net)
+    assert law.transport == ("monotone",) * 4
+    assert law.mass == pytest.approx(1.0, abs=1e-4)
+    y = np.asarray(mp.sample(net, jax.random.key(1), 10**6, dim=1, schedule=sched).samples)[:, 0]
+    z = _bin_z(y, law, np.linspace(-4, 4, 81))
+    assert np.sum(z**2) < 124.8 and np.max(np.abs(z)) < 4.5
+    assert law.kl > 100 * grid_law_1d(data, schedule=sched).kl  # the net's error is visible
+
+
+def test_mass_transport_for_a_non_monotone_f():
+    g = mp.data.Gaussian([0.0], [[1.0]])
+    exact = mp.ExactFlow(g)
+    f = lambda x, t, s: exact(x, t, s) + 0.4 * jnp.sin(6 * x) * (t - s)  # noqa: E731
+    sched = Schedule.constant(delta=0.05, h=0.6, steps=2, tau=0.3)
+    law = grid_law_1d(g, schedule=sched, f=f, n_grid=4001)
+    assert "mass" in law.transport
+    y = np.asarray(mp.sample(f, jax.random.key(2), 10**6, dim=1, schedule=sched).samples)[:, 0]
+    z = _bin_z(y, law, np.linspace(-4, 4, 81))
+    assert np.sum(z**2) < 124.8 and np.max(np.abs(z)) < 4.5
+
+
+def test_product_grid_law_with_a_coordinatewise_f():
+    g2 = mp.data.Gaussian([0.5, -1.0], [[2.0, 0.0], [0.0, 0.5]])
+    sched = Schedule.karras(T=2.0, delta=DELTA, steps=3)
+    maps = coordinate_maps(mp.ExactFlow(g2), 2, sched)
+    factors = [mp.data.Gaussian([0.5], [[2.0]]), mp.data.Gaussian([-1.0], [[0.5]])]
+    kl = product_kl(factors, f=maps, schedule=sched)
+    assert kl == pytest.approx(product_kl(factors, schedule=sched), rel=1e-10)
+    # the grid quadrature itself: 4e-9 absolute at KL = 8.5e-4 on this schedule
+    assert kl == pytest.approx(schedule_kl_gaussian(g2, sched), rel=1e-5)
+    rot = mp.data.Gaussian([0.0, 0.0], [[1.0, 0.5], [0.5, 1.0]])
+    with pytest.raises(ValueError, match="not coordinate-wise"):
+        coordinate_maps(mp.ExactFlow(rot), 2, sched)
+
+
+def test_steps_to_accuracy_says_why():
+    g = gaussian(2)
+    ode = steps_to_accuracy(g, 1e-3, sampler="ode_heun", delta=DELTA, T=1.0, max_steps=64)
+    assert ode["steps"] is None and ode["start_kl"] > 1e-6
+    assert "start error" in ode["reason"] and "cannot reduce" in ode["reason"]
+    const = steps_to_accuracy(g, 1e-3, delta=DELTA, h=0.01, max_steps=8)
+    assert const["steps"] is None and const["start_kl"] is None
+    assert const["reason"].startswith("max_steps = 8 ran out")
+    ok = steps_to_accuracy(
+        g, 1e-2, delta=DELTA, schedule=lambda k: Schedule.karras(T=4.0, delta=DELTA, steps=k)
+    )
+    assert ok["reason"] is None and ok["kl"] <= 1e-4
+    assert ok["start_kl"] == pytest.approx(
+        mp.metrics.kl_gaussian(
+            mp.sampler_law(g, schedule=Schedule([4.0], [DELTA])), g.marginal(DELTA)
+        )
+    )
+    with pytest.raises(FloatingPointError, match="not a finite number"):
+        mp.accuracy.smallest_steps(lambda k: math.nan, 0.1)
