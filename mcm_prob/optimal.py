@@ -20,6 +20,7 @@ consistency error (`perturbation`) the trade-off changes and the optimum can be 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -162,11 +163,28 @@ def optimal_schedule(
 def _optimise(m, lam, u, a_pert, b_pert, starts, n_random, k, T, delta, iterations, lr, key):
     """Adam on log KL from every start (vmapped); returns the KL history (starts, iterations)
     and the best parameters of each run."""
-    m, lam, u, a_pert, b_pert = (jnp.asarray(v, jnp.float64) for v in (m, lam, u, a_pert, b_pert))
+    init = [_params(st, T, delta) for st in starts]
+    ka, kb = jax.random.split(key)
+    a0 = np.concatenate(
+        [np.stack([p[0] for p in init]), np.asarray(jax.random.normal(ka, (n_random, k)))]
+    )
+    b0 = np.concatenate(
+        [np.stack([p[1] for p in init]), np.asarray(jax.random.normal(kb, (n_random, k - 1)))]
+    )
+    perturbed = bool(np.any(a_pert) or np.any(b_pert))
+    args = (m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0)
+    hist, best_a, best_b = _adam_runs(*(jnp.asarray(v, jnp.float64) for v in args),
+                                      iterations=iterations, perturbed=perturbed)  # fmt: skip
+    return np.asarray(hist), list(zip(np.asarray(best_a), np.asarray(best_b), strict=True))
+
+
+@functools.partial(jax.jit, static_argnames=("iterations", "perturbed"))
+def _adam_runs(m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0, *, iterations, perturbed):
+    """One compiled program per (K, d, number of starts, iterations): every run of Adam."""
     nu = jnp.exp(-2 * delta) * lam - jnp.expm1(-2 * delta)
     prec = (u / nu) @ u.T
     m_delta, logdet_p = jnp.exp(-delta) * m, jnp.sum(jnp.log(nu))
-    perturbation = (a_pert, b_pert) if bool(jnp.any(a_pert) | jnp.any(b_pert)) else None
+    perturbation = (a_pert, b_pert) if perturbed else None
 
     def log_kl(params):
         t, s = _times(params, T, delta)
@@ -182,14 +200,6 @@ def _optimise(m, lam, u, a_pert, b_pert, starts, n_random, k, T, delta, iteratio
         )
         return jnp.log(jnp.maximum(kl, 1e-300))
 
-    init = [_params(st, T, delta) for st in starts]
-    ka, kb = jax.random.split(key)
-    a0 = np.concatenate(
-        [np.stack([p[0] for p in init]), np.asarray(jax.random.normal(ka, (n_random, k)))]
-    )
-    b0 = np.concatenate(
-        [np.stack([p[1] for p in init]), np.asarray(jax.random.normal(kb, (n_random, k - 1)))]
-    )
     opt = optax.adam(lr)
 
     def run(params):
@@ -202,11 +212,9 @@ def _optimise(m, lam, u, a_pert, b_pert, starts, n_random, k, T, delta, iteratio
             params = optax.apply_updates(params, updates)
             return (params, state, best, jnp.minimum(val, best_val)), jnp.exp(val)
 
-        carry = (params, opt.init(params), params, jnp.inf)
+        carry = (params, opt.init(params), params, jnp.asarray(jnp.inf, m.dtype))
         (_, _, best, _), hist = jax.lax.scan(step, carry, None, length=iterations)
         return hist, best
 
-    hist, best = jax.jit(jax.vmap(run))((jnp.asarray(a0), jnp.asarray(b0)))
-    return np.asarray(hist), [
-        (np.asarray(best[0][i]), np.asarray(best[1][i])) for i in range(a0.shape[0])
-    ]
+    hist, (best_a, best_b) = jax.vmap(run)((a0, b0))
+    return hist, best_a, best_b

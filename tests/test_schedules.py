@@ -183,3 +183,53 @@ def test_steps_to_accuracy_says_why():
     )
     with pytest.raises(FloatingPointError, match="not a finite number"):
         mp.accuracy.smallest_steps(lambda k: math.nan, 0.1)
+
+
+def test_schedules_study_and_cli(tmp_path, capsys):
+    from mcm_prob import cli
+    from mcm_prob.results import load_tree
+
+    cfg_file = tmp_path / "s.toml"
+    cfg_file.write_text(
+        "[schedules]\nsteps = [1, 2, 3]\niterations = 40\nn_random = 1\nn_grid = 201\n"
+        "errors = [0.0, 0.05]\neps = [0.1, 0.001]\n"
+        '[schedules.data.g2]\nfamily = "gaussian"\nmean = [0.5, 0.0]\ncov = [[0.5, 0.2], [0.2, 2.0]]\n'
+        '[schedules.data.box1]\nfamily = "uniform_box"\nlow = [-1.0]\nhigh = [1.0]\n'
+    )
+    out = tmp_path / "s.nc"
+    argv = ["run", "schedules", "--config", str(cfg_file), "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    tree = load_tree(out)
+    res = tree["results"].to_dataset()
+    g = mp.data.Gaussian([0.5, 0.0], [[0.5, 0.2], [0.2, 2.0]])
+    kl = res["kl"].sel(entry="g2", error=0.0)
+    for k in (1, 2, 3):  # every stored KL is the exact law's on the named schedule
+        const = Schedule.constant(delta=DELTA, h=0.5, steps=k)
+        karras = Schedule.karras(T=4.0, delta=DELTA, steps=k)
+        assert float(kl.sel(schedule="constant", steps=k)) == schedule_kl_gaussian(g, const)
+        assert float(kl.sel(schedule="karras", steps=k)) == schedule_kl_gaussian(g, karras)
+        assert float(kl.sel(schedule="optimal_growing", steps=k)) <= schedule_kl_gaussian(g, const)
+    assert np.isnan(kl.sel(schedule="ect", steps=3)) and np.isfinite(
+        kl.sel(schedule="ect", steps=2)
+    )
+    # stored optimal times rebuild a schedule with the stored KL
+    t = res["optimal_t"].sel(entry="g2", error=0.05, horizon_kind="T", steps=3).values
+    s = res["optimal_s"].sel(entry="g2", error=0.05, horizon_kind="T", steps=3).values
+    pert = (0.05 * np.eye(2), 0.05 * np.ones(2))
+    assert schedule_kl_gaussian(g, Schedule(t, s), pert) == pytest.approx(
+        float(res["kl"].sel(entry="g2", error=0.05, schedule="optimal", steps=3)), rel=1e-12
+    )
+    # boxes: grid laws, no optimiser, no injected error
+    box = res["kl"].sel(entry="box1")
+    assert np.all(np.isnan(box.sel(schedule="optimal"))) and np.all(np.isnan(box.sel(error=0.05)))
+    assert np.isfinite(box.sel(error=0.0, schedule="karras")).all()
+    # not reached -> a reason; reached -> none
+    reached = np.isfinite(res["steps_to_eps"].values)
+    assert np.all((res["reason"].values == "") == reached)
+    gain = tree["gain"].to_dataset()["gain"].sel(entry="g2", error=0.0)
+    assert float(gain.sel(steps=3)) > 10
+    assert cli.main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "gain of the optimised schedule" in text and "not reached" in text
+    with pytest.raises(ValueError, match="data.dirac.*needs exact sampler laws"):
+        mp.studies.SchedulesConfig(data={"dirac": {"family": "dirac_mixture", "atoms": [[0.0]]}})

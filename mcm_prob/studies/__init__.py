@@ -7,7 +7,8 @@
 
 Registered studies (`STUDIES`): ``"estimation"`` (consistency error versus the discretization
 step, checked rate analysis), ``"sampling"`` (exact KL of the multi-step sampler versus steps,
-with diffusion baselines), ``"error_injection"`` (KL versus an injected consistency error). Add
+with diffusion baselines), ``"error_injection"`` (KL versus an injected consistency error),
+``"schedules"`` (exact KL of named and optimised sampler schedules). Add
 your own with `register(MyStudy())`; `mcm-prob run/report/info` then work for it too.
 """
 
@@ -32,6 +33,7 @@ from .driver import (
 from .error_injection import InjectionConfig, InjectionStudy
 from .estimation import EstimationConfig, EstimationStudy
 from .sampling import SamplingConfig, SamplingStudy
+from .schedules import SchedulesConfig, SchedulesStudy
 
 __all__ = [
     "STUDIES",
@@ -56,6 +58,8 @@ __all__ = [
     "EstimationConfig",
     "SamplingConfig",
     "InjectionConfig",
+    "SchedulesConfig",
+    "run_schedules",
 ]
 
 STUDIES: dict[str, Study] = {}
@@ -75,7 +79,7 @@ def register(study: Study) -> Study:
     return study
 
 
-for _study in (EstimationStudy(), SamplingStudy(), InjectionStudy()):
+for _study in (EstimationStudy(), SamplingStudy(), InjectionStudy(), SchedulesStudy()):
     register(_study)
 
 
@@ -112,6 +116,13 @@ def run_error_injection(
 ):
     """The error-injection study; `data` (label -> Gaussian spec/object) replaces `config.data`."""
     return run("error_injection", _with_data(config or InjectionConfig(), data), out, **kwargs)
+
+
+def run_schedules(
+    config: SchedulesConfig | None = None, out="schedules.nc", *, data=None, **kwargs
+):
+    """The schedules study; `data` (label -> Gaussian or box spec/object) replaces `config.data`."""
+    return run("schedules", _with_data(config or SchedulesConfig(), data), out, **kwargs)
 
 
 def study_of(tree: xr.DataTree) -> Study:

@@ -1,0 +1,423 @@
+r"""Schedules study: which time points? Exact KL of the multi-step sampler on each schedule.
+
+For every data entry, number of steps K and injected consistency error e, the exact
+KL(sampler law || p_delta) of the sampler driven by the exact flow (perturbed by the affine error
+f = Phi + e (x + 1) when e > 0, Gaussian entries only) on the schedules
+
+* ``constant``: the paper's constant step h (horizon delta + K h, growing with K), tau = `tau`;
+* ``optimal_growing``: the optimised schedule at that same horizon delta + K h;
+* ``fixed_horizon``, ``karras``, ``song``, ``ect`` (K = 2), ``halving``: horizon T (see
+  `mcm_prob.Schedule`);
+* ``optimal``: the optimised schedule at horizon T (`mcm_prob.optimal_schedule`).
+
+Gaussian entries have exact Gaussian laws and optimised schedules; product entries (boxes) have
+1-d grid laws and no optimised schedule (NaN: the optimiser needs the differentiable Gaussian
+law). `steps_to_eps` is the smallest K of the study's grid reaching KL <= eps^2, with the reason
+when none does. `finalize` stores /gain: KL(constant) / KL(optimal_growing) and the best
+schedule at each K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import xarray as xr
+
+from .._checks import distinct, integer, number
+from ..accuracy import start_error
+from ..data import Gaussian, UniformBox
+from ..gridlaw import box_factors, product_kl
+from ..optimal import optimal_schedule, schedule_kl_gaussian
+from ..schedules import Schedule
+from .driver import TIME_UNITS, Study, StudyConfig
+
+__all__ = ["SchedulesConfig", "SchedulesStudy", "SCHEDULES"]
+
+SCHEDULES = (
+    "constant",
+    "optimal_growing",
+    "fixed_horizon",
+    "karras",
+    "song",
+    "ect",
+    "halving",
+    "optimal",
+)
+_OPTIMISED = {"optimal": "T", "optimal_growing": "growing"}
+
+
+def default_schedules_data() -> dict:
+    """N(0.5, diag(0.5..2)) in d = 2 and 16, and the square [-1, 1]^2."""
+    gauss = {
+        f"gaussian_d{d}": {
+            "family": "gaussian",
+            "mean": [0.5] * d,
+            "cov": np.diag(np.linspace(0.5, 2.0, d)).tolist(),
+        }
+        for d in (2, 16)
+    }
+    return gauss | {"box_d2": {"family": "uniform_box", "low": [-1.0] * 2, "high": [1.0] * 2}}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulesConfig(StudyConfig):
+    """Settings of the schedules study (TOML table ``[schedules]``).
+
+    - `data`: entries label -> Gaussian or uniform-box spec (optional ``delta``) or object.
+    - `steps`: the K studied; `h`, `tau`: the paper's constant step; `T`: the fixed horizon.
+    - `errors`: injected affine consistency errors e (0 = exact flow; e > 0 Gaussian only).
+    - `eps`: accuracy targets KL <= eps^2.
+    - `iterations`, `learning_rate`, `n_random`, `seed`: the optimiser (Adam on log KL).
+    - `delta_smooth`, `delta_nonsmooth`, `n_grid`: stop times and the grid of the grid laws.
+    """
+
+    data: Mapping = dataclasses.field(default_factory=default_schedules_data)
+    steps: tuple = (1, 2, 3, 4, 6, 8)
+    h: float = 0.5
+    tau: float = 0.0
+    T: float = 4.0
+    errors: tuple = (0.0, 0.02)
+    eps: tuple = (0.1, 0.03, 0.01)
+    iterations: int = 300
+    learning_rate: float = 0.05
+    n_random: int = 4
+    seed: int = 0
+    delta_smooth: float = 0.01
+    delta_nonsmooth: float = 0.05
+    n_grid: int = 1001
+
+    def __post_init__(self):
+        super().__post_init__()
+        for label, entry in self.entries.items():
+            if type(entry.data) not in (Gaussian, UniformBox):
+                raise ValueError(
+                    f"config key `data.{label}`: the schedules study needs exact sampler laws, "
+                    "i.e. a 'gaussian' (any mean and covariance) or a 'uniform_box'; got "
+                    f"{type(entry.data).__name__}"
+                )
+        pos = lambda n, v: number(n, v, gt=0)  # noqa: E731
+        object.__setattr__(self, "steps", tuple(sorted(distinct("steps", self.steps, integer))))
+        errors = distinct("errors", self.errors, lambda n, v: number(n, v, ge=0))
+        object.__setattr__(self, "errors", errors)
+        object.__setattr__(self, "eps", distinct("eps", self.eps, pos))
+        for name in ("h", "delta_smooth", "delta_nonsmooth", "learning_rate"):
+            number(name, getattr(self, name), gt=0)
+        number("tau", self.tau, ge=0, allow_inf=True)
+        integer("iterations", self.iterations)
+        integer("n_random", self.n_random, ge=0)
+        integer("seed", self.seed, ge=0, lt=2**32)
+        integer("n_grid", self.n_grid, ge=101)
+        for label in self.entries:
+            number("T", self.T, gt=self.entry_delta(label))
+
+
+QUICK = dict(
+    data={
+        "gaussian_d2": default_schedules_data()["gaussian_d2"],
+        "box_d1": {"family": "uniform_box", "low": [-1.0], "high": [1.0]},
+    },
+    steps=(1, 2, 3, 4),
+    iterations=100,
+    n_random=2,
+    n_grid=501,
+)
+
+
+def _schedule(name: str, c: SchedulesConfig, k: int, delta: float) -> Schedule | None:
+    """The named schedule with K steps, or None where it does not exist (ECT: K = 2 only;
+    halving below delta)."""
+    if name == "constant":
+        return Schedule.constant(delta=delta, h=c.h, steps=k, tau=c.tau)
+    if name == "fixed_horizon":
+        return Schedule.fixed_horizon(T=c.T, delta=delta, steps=k, tau=c.tau)
+    if name == "ect":
+        return Schedule.ect(T=c.T, delta=delta) if k == 2 else None
+    if name == "halving" and c.T / 2 ** (k - 1) <= delta:
+        return None
+    return getattr(Schedule, name)(T=c.T, delta=delta, steps=k)
+
+
+def _first_reaching(kl_row, steps, eps) -> list[float]:
+    return [
+        next((float(k) for k, v in zip(steps, kl_row, strict=True) if v <= e**2), np.nan)
+        for e in eps
+    ]
+
+
+class SchedulesStudy(Study):
+    name = "schedules"
+    config_type = SchedulesConfig
+    quick = QUICK
+
+    def seeds(self, c):
+        return (c.seed,)
+
+    def schema(self, c: SchedulesConfig) -> xr.Dataset:
+        n, ne, ns, nk = len(c.entries), len(c.errors), len(SCHEDULES), len(c.steps)
+        kmax = max(c.steps)
+        coords, specs = c.entry_coords()
+        nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
+        opt = ("entry", "error", "horizon_kind", "steps")
+        return xr.Dataset(
+            {
+                "kl": (
+                    ("entry", "error", "schedule", "steps"),
+                    nan(n, ne, ns, nk),
+                    {"long_name": "exact KL(sampler law || p_delta)", "units": "nats"},
+                ),
+                "horizon": (
+                    ("entry", "schedule", "steps"),
+                    nan(n, ns, nk),
+                    {"long_name": "start time t_0 of the schedule", "units": TIME_UNITS},
+                ),
+                "start_kl": (
+                    ("entry", "schedule", "steps"),
+                    nan(n, ns, nk),
+                    {"long_name": "start error KL(N(0, I) || p_{t_0})", "units": "nats"},
+                ),
+                "steps_to_eps": (
+                    ("entry", "error", "schedule", "eps"),
+                    nan(n, ne, ns, len(c.eps)),
+                    {"long_name": "smallest studied K with KL <= eps^2 (NaN: none; see reason)"},
+                ),
+                "reason": (
+                    ("entry", "error", "schedule", "eps"),
+                    np.full((n, ne, ns, len(c.eps)), "", dtype=object),
+                    {"long_name": "why steps_to_eps is NaN (empty when reached)"},
+                ),
+                "optimal_t": (
+                    (*opt, "k"),
+                    nan(n, ne, 2, nk, kmax),
+                    {"long_name": "optimised start times t_k", "units": TIME_UNITS},
+                ),
+                "optimal_s": (
+                    (*opt, "k"),
+                    nan(n, ne, 2, nk, kmax),
+                    {"long_name": "optimised landing times s_k", "units": TIME_UNITS},
+                ),
+                "optimal_history": (
+                    (*opt, "iteration"),
+                    nan(n, ne, 2, nk, c.iterations),
+                    {"long_name": "best KL over the starts at each Adam iteration"},
+                ),
+                "done": ("entry", np.zeros(n, bool), {"long_name": "cell finished and saved"}),
+            },
+            coords=coords
+            | {
+                "family": ("entry", [e.data.family or "" for e in c.entries.values()]),
+                "error": (
+                    "error",
+                    np.array(c.errors),
+                    {"long_name": "injected consistency error e: f = Phi + e (x + 1)"},
+                ),
+                "schedule": ("schedule", list(SCHEDULES), {"long_name": "sampler schedule"}),
+                "steps": ("steps", np.array(c.steps), {"long_name": "sampler steps K (NFE)"}),
+                "eps": ("eps", np.array(c.eps), {"long_name": "target accuracy: KL <= eps^2"}),
+                "horizon_kind": (
+                    "horizon_kind",
+                    ["T", "growing"],
+                    {"long_name": "optimised at horizon T, or at delta + K h (as `constant`)"},
+                ),
+                "k": ("k", np.arange(kmax), {"long_name": "step index"}),
+            },
+            attrs={
+                "h": c.h,
+                "tau": c.tau,
+                "T": c.T,
+                "note": "box entries: 1-d grid laws (floor about 1e-9), no optimised "
+                "schedules and no injected error (NaN)",
+            }
+            | specs,  # fmt: skip
+        )
+
+    def cells(self, c):
+        return [{"entry": i} for i in range(len(c.entries))]
+
+    def run_cell(self, c, ds, cell, cache, *, progress):
+        i = cell["entry"]
+        label = list(c.entries)[i]
+        data, delta = c.entries[label].data, c.entry_delta(label)
+        gauss = isinstance(data, Gaussian)
+        grid = {"n_grid": c.n_grid}
+
+        def kl(sched, e):
+            if gauss:
+                pert = None if e == 0 else (e * np.eye(data.dim), e * np.ones(data.dim))
+                return schedule_kl_gaussian(data, sched, pert)
+            if e > 0:
+                return np.nan
+            return product_kl(box_factors(data), schedule=sched, **grid)
+
+        starts: dict[float, float] = {}
+
+        def start(T):
+            if T not in starts:
+                starts[T] = start_kl(T)
+            return starts[T]
+
+        def start_kl(T):
+            if gauss:
+                return start_error(data, T, delta)
+            return product_kl(box_factors(data), schedule=Schedule([T], [delta]), **grid)
+
+        for j, name in enumerate(SCHEDULES):
+            for m, k in enumerate(c.steps):
+                sched = _schedule(name, c, k, delta) if name not in _OPTIMISED else None
+                T = (delta + k * c.h) if name in ("constant", "optimal_growing") else c.T
+                if name in _OPTIMISED and not gauss:
+                    continue
+                if name not in _OPTIMISED and sched is None:
+                    continue
+                ds["horizon"][i, j, m] = T
+                ds["start_kl"][i, j, m] = start(T)
+                for q, e in enumerate(c.errors):
+                    if name in _OPTIMISED:
+                        ds["kl"][i, q, j, m] = self._optimise(c, ds, data, i, q, name, m, k, T, delta, e)  # fmt: skip
+                    else:
+                        ds["kl"][i, q, j, m] = kl(sched, e)
+        for q in range(len(c.errors)):
+            for j in range(len(SCHEDULES)):
+                row = ds["kl"].values[i, q, j]
+                ds["steps_to_eps"][i, q, j] = _first_reaching(row, c.steps, c.eps)
+                for p, target in enumerate(c.eps):
+                    if np.isfinite(ds["steps_to_eps"].values[i, q, j, p]):
+                        continue
+                    ds["reason"][i, q, j, p] = self._reason(ds, c, i, j, row, target**2)
+
+    def _optimise(self, c, ds, data, i, q, name, m, k, T, delta, e):
+        pert = None if e == 0 else (e * np.eye(data.dim), e * np.ones(data.dim))
+        res = optimal_schedule(
+            data, k, T=T, delta=delta, perturbation=pert, iterations=c.iterations,
+            learning_rate=c.learning_rate, n_random=c.n_random,
+            key=jax.random.key(c.seed),
+        )  # fmt: skip
+        h = 0 if _OPTIMISED[name] == "T" else 1
+        ds["optimal_t"][i, q, h, m, :k] = res.schedule.t
+        ds["optimal_s"][i, q, h, m, :k] = res.schedule.s
+        if res.history.shape[1]:
+            ds["optimal_history"][i, q, h, m] = res.history.min(axis=0)
+        return res.kl
+
+    @staticmethod
+    def _reason(ds, c, i, j, row, target: float) -> str:
+        """Why no studied K reaches KL <= target (= eps^2)."""
+        finite = np.isfinite(row)
+        if not finite.any():
+            return "schedule not available for this entry or these K"
+        starts = ds["start_kl"].values[i, j]
+        fixed = SCHEDULES[j] not in ("constant", "optimal_growing")
+        last = int(np.nonzero(finite)[0][-1])
+        msg = f"not reached up to K = {c.steps[last]}: KL = {row[last]:.3g} > eps^2 = {target:.3g}"
+        if fixed and np.isfinite(starts[last]) and starts[last] > target:
+            msg += f"; the start error at T = {c.T:g} is {starts[last]:.3g} > eps^2"
+        return msg
+
+    def finalize(self, c, ds):
+        kl = ds["kl"]
+        ratio = kl.sel(schedule="constant") / kl.sel(schedule="optimal_growing")
+        fixed = kl.drop_sel(schedule=["constant", "optimal_growing"])
+        best = fixed.fillna(np.inf).argmin("schedule")
+        names = np.asarray(fixed["schedule"].values)[best.values]
+        names = np.where(np.isfinite(fixed.min("schedule").values), names, "")
+        gain = xr.Dataset(
+            {
+                "gain": (
+                    ratio.dims,
+                    ratio.values,
+                    {"long_name": "KL(constant) / KL(optimal_growing): same horizon delta + K h"},
+                ),
+                "best_fixed_horizon": (
+                    best.dims,
+                    names.astype(object),
+                    {"long_name": "schedule with the smallest KL among those at horizon T"},
+                ),
+                "best_fixed_horizon_kl": (
+                    best.dims,
+                    fixed.min("schedule").values,
+                    {"long_name": "its KL", "units": "nats"},
+                ),
+            },
+            coords={d: ds[d] for d in ratio.dims} | {"regime": ds["regime"]},
+        )
+        return {"/gain": gain}
+
+    def report(self, tree: xr.DataTree) -> str:
+        res = tree["results"].to_dataset()
+        lines = []
+        fmt = lambda v: "-" if not np.isfinite(v) else f"{v:.2e}"  # noqa: E731
+        for g in res["entry"].values:
+            for e in res["error"].values:
+                r = res.sel(entry=g, error=e)
+                if not np.isfinite(r["kl"]).any():
+                    continue
+                lines.append(
+                    f"{g} (d = {int(r['dim'])}, delta = {float(r['delta']):g}), error e = {e:g}: "
+                    f"exact KL(law || p_delta); constant/optimal_growing at horizon delta + K h "
+                    f"(h = {res.attrs['h']:g}), the rest at T = {res.attrs['T']:g}"
+                )
+                lines.append(
+                    f"{'schedule':<16}"
+                    + "".join(f"{'K=' + str(k):>10}" for k in res["steps"].values)
+                )
+                for s in res["schedule"].values:
+                    row = r["kl"].sel(schedule=s).values
+                    if np.isfinite(row).any():
+                        lines.append(f"{s:<16}" + "".join(f"{fmt(v):>10}" for v in row))
+                lines.append(
+                    "steps to KL <= eps^2: "
+                    + "; ".join(
+                        f"{s} "
+                        + "/".join(
+                            "-" if not np.isfinite(v) else str(int(v))
+                            for v in r["steps_to_eps"].sel(schedule=s).values
+                        )
+                        for s in res["schedule"].values
+                        if np.isfinite(r["kl"].sel(schedule=s)).any()
+                    )
+                    + f"  (eps = {'/'.join(format(x, 'g') for x in res['eps'].values)})"
+                )
+                for s in ("constant", "optimal"):
+                    for x, why in zip(
+                        res["eps"].values, r["reason"].sel(schedule=s).values, strict=True
+                    ):
+                        if str(why):
+                            lines.append(f"  {s}, eps = {x:g}: {why}")
+        if "gain" in tree.children:
+            gain = tree["gain"].to_dataset()
+            lines.append("gain of the optimised schedule over the constant step (same horizon):")
+            for g in gain["entry"].values:
+                for e in gain["error"].values:
+                    row = gain["gain"].sel(entry=g, error=e).values
+                    if np.isfinite(row).any():
+                        lines.append(
+                            f"  {g}, e = {e:g}: "
+                            + ", ".join(
+                                f"K={k} x{v:.3g}"
+                                for k, v in zip(gain["steps"].values, row, strict=True)
+                                if np.isfinite(v)
+                            )
+                        )
+        else:
+            lines.append("study is partial: no gain table yet (resume it to finish)")
+        return "\n".join(lines)
+
+    def plot(self, tree: xr.DataTree):
+        import matplotlib.pyplot as plt
+
+        res = tree["results"].to_dataset()
+        entries = list(res["entry"].values)
+        fig, axes = plt.subplots(1, len(entries), figsize=(4.5 * len(entries), 4), squeeze=False)
+        for ax, g in zip(axes[0], entries, strict=True):
+            r = res.sel(entry=g, error=res["error"].values[0])
+            for s in res["schedule"].values:
+                row = r["kl"].sel(schedule=s)
+                if np.isfinite(row).any():
+                    style = "-" if s.startswith("optimal") else "--"
+                    ax.semilogy(res["steps"], row, style, marker=".", label=s)
+            ax.set(xlabel="steps K", ylabel="KL(law || p_delta)", title=f"{g}: exact flow")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        return fig
