@@ -192,8 +192,17 @@ def test_methods_budget_and_train_size_axes(tmp_path):
     summary = tree["summary"].to_dataset()
     assert np.isnan(summary["teacher_order_theory"].sel(fit_method="ct"))
     assert float(summary["teacher_order_theory"].sel(fit_method="cd-euler")) == 2.0
+    # 1-d entry: the sampler's exact KL from grid laws, the exact flow's equal to the closed form
+    g1 = mp.data.Gaussian([0.5], [[0.6]])
+    sched = mp.Schedule.constant(delta=0.01, h=cfg.horizon / cfg.sampler_steps,
+                                 steps=cfg.sampler_steps, tau=cfg.sampler_tau)  # fmt: skip
+    exact = mp.metrics.kl_gaussian(mp.sampler_law(g1, schedule=sched), g1.marginal(0.01))
+    assert float(res["kl_grid_exact_flow"].sel(entry="g1")) == pytest.approx(exact, rel=1e-4)
+    grid = res["kl_grid"].values  # at the largest budget
+    assert np.all(np.isfinite(grid)) and np.all(grid > 10 * exact)  # 40-iteration nets
     text = studies.report(tree)
     assert "against budget" in text and "against train_size" in text
+    assert "exact KL from the 1-d grid law" in text
 
 
 def test_own_data_from_toml_through_the_cli(tmp_path, capsys):

@@ -10,7 +10,9 @@ error against the exact flow; the teacher's own error (its composed Delta-steps 
 exact flow, no learning: the discretization part) and the learning error (against the composed
 teacher map, which is what CD targets); at the largest budget the quality of the multi-step
 sampler driven by the learned net (k-NN KL estimate against the exact $p_\delta$ and energy
-distance, with standard errors), next to the exact flow's (the estimator's floor).
+distance, with standard errors), next to the exact flow's (the estimator's floor); for 1-d
+entries also the sampler law's exact KL from the grid law of the learned net
+(`mcm_prob.gridlaw.grid_law_1d` with f = the net), which has no estimator floor.
 
 Analysis (`finalize`, `mcm_prob.statistics`): per group (entry, fit_method, train_size, budget), a
 bootstrap over seeds and the three checked error models of `mcm_prob.error_models` fitted to
@@ -43,7 +45,9 @@ from .. import metrics
 from .._checks import distinct, integer, number, one_of, seeds
 from ..error_models import ERROR_MODELS, PPC_ALPHA
 from ..flow import ExactFlow
+from ..gridlaw import grid_law_1d
 from ..sampling import sample
+from ..schedules import Schedule
 from ..statistics import bootstrap_rates, compare_error_models, fit_error_model, loglog_slope
 from ..training import FittedGrid, TrainConfig, fit_grid, teacher_map
 from .driver import TIME_UNITS, Study, StudyConfig
@@ -267,6 +271,12 @@ _VARIABLES = {
     "teacher_error_mean": (_T, "teacher error averaged over pairs", _SQ),
     "kl_estimate": (_Q, "k-NN estimate of KL(sampler law || p_delta), learned net", "nats"),
     "kl_stderr": (_Q, "standard error of kl_estimate", "nats"),
+    "kl_grid": (
+        _Q,
+        "exact KL(sampler law || p_delta) of the learned net, 1-d grid law "
+        "(NaN: entry not 1-d; a net mixes coordinates, so product entries have no grid law)",
+        "nats",
+    ),
     "energy_distance": (_Q, "energy distance to exact samples of p_delta", "data units"),
     "energy_stderr": (_Q, "jackknife standard error of energy_distance", "data units"),
     "kl_estimate_exact_flow": (
@@ -275,6 +285,11 @@ _VARIABLES = {
         "nats",
     ),
     "kl_stderr_exact_flow": (("entry",), "standard error of kl_estimate_exact_flow", "nats"),
+    "kl_grid_exact_flow": (
+        ("entry",),
+        "exact KL of the exact-flow sampler from the 1-d grid law (NaN: entry not 1-d)",
+        "nats",
+    ),
     "energy_distance_exact_flow": (
         ("entry",),
         "energy distance for the exact-flow sampler",
@@ -285,24 +300,32 @@ _VARIABLES = {
 }
 
 
-def _sample_quality(f, data, cfg: EstimationConfig, label: str, key):
-    delta = cfg.entry_delta(label)
-    k1, k2 = jax.random.split(key)
-    x = sample(
-        f,
-        k1,
-        cfg.sample_size,
-        dim=data.dim,
-        delta=delta,
+def _sampler_schedule(cfg: EstimationConfig, label: str) -> Schedule:
+    return Schedule.constant(
+        delta=cfg.entry_delta(label),
         h=cfg.horizon / cfg.sampler_steps,
         steps=cfg.sampler_steps,
         tau=cfg.sampler_tau,
-    ).samples
-    target = data.marginal(delta)
+    )
+
+
+def _grid_kl(f, data, cfg: EstimationConfig, label: str) -> float:
+    """Exact KL of the sampler law with f (None: the exact flow) from the 1-d grid law; NaN for
+    entries that are not 1-d."""
+    if data.dim != 1:
+        return np.nan
+    return grid_law_1d(data, schedule=_sampler_schedule(cfg, label), f=f, n_grid=2001).kl
+
+
+def _sample_quality(f, data, cfg: EstimationConfig, label: str, key):
+    """k-NN KL and energy distance of `sample_size` draws of the sampler with f."""
+    sched = _sampler_schedule(cfg, label)
+    k1, k2 = jax.random.split(key)
+    x = sample(f, k1, cfg.sample_size, dim=data.dim, schedule=sched).samples
+    target = data.marginal(sched.delta)
     kl = metrics.kl_knn(np.asarray(x, np.float64), target.log_prob)
     ref = target.sample(k2, (cfg.sample_size,))
-    en = metrics.energy_distance(np.asarray(x, np.float64), np.asarray(ref))
-    return kl, en
+    return kl, metrics.energy_distance(np.asarray(x, np.float64), np.asarray(ref))
 
 
 class EstimationStudy(Study):
@@ -399,6 +422,7 @@ class EstimationStudy(Study):
             flow = ExactFlow(data, rtol=1e-8, atol=1e-8)
             kl, en = _sample_quality(flow, data, cfg, label, jax.random.fold_in(key, 999))
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
+            ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label)
             ds["energy_distance_exact_flow"][r] = en.value
         return {"label": label, "data": data, "key": key, "reference": reference}
 
@@ -468,6 +492,7 @@ class EstimationStudy(Study):
                 final[0, j], data, cfg, label, jax.random.fold_in(key, 1000 + j)
             )
             ds["kl_estimate"][at | {"seed": j}], ds["kl_stderr"][at | {"seed": j}] = kl
+            ds["kl_grid"][at | {"seed": j}] = _grid_kl(final[0, j], data, cfg, label)
             ds["energy_distance"][at | {"seed": j}], ds["energy_stderr"][at | {"seed": j}] = en
         ds["cell_wall_time"][at] = time.perf_counter() - start
 
@@ -788,6 +813,15 @@ def _report(tree: xr.DataTree) -> str:
         lines.append(
             f"{e:<12} exact-flow sampler KL estimate (estimator floor): {_fmt(r['kl_estimate_exact_flow'])} +- {_fmt(r['kl_stderr_exact_flow'], 2)}"
         )
+        if "kl_grid" in r and np.isfinite(r["kl_grid_exact_flow"]):
+            grid = last.sel(entry=e)["kl_grid"]
+            lines.append(
+                f"{e:<12} exact KL from the 1-d grid law: exact flow {_fmt(r['kl_grid_exact_flow'])}; "
+                f"learned net, per step (mean over seeds and methods): "
+                + ", ".join(
+                    f"{st:g}: {_fmt(grid.sel(step=st).mean())}" for st in res["step"].values
+                )
+            )
     lines.append("")
     lines.append(f"{'entry':<12} {'regime':<10} {'dim':>4} {'delta':>6}  data")
     for e in res["entry"].values:
