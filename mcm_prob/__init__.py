@@ -1,15 +1,27 @@
 """mcm_prob: multi-step consistency models with exact ground truth.
 
 Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> exact flow maps
-(`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`) -> sampling (`sample`) -> metrics
+(`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
 -> statistics (`bootstrap_rates`, `fit_error_model`, `compare_error_models`) -> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
 """
 
-from . import accuracy, data, diffusion, error_models, gridlaw, metrics, statistics, studies
+from . import (
+    accuracy,
+    data,
+    diffusion,
+    error_models,
+    gridlaw,
+    metrics,
+    optimal,
+    schedules,
+    statistics,
+    studies,
+)
 from .flow import ExactFlow, flow_map, pf_flow, pf_ode_step, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
 from .networks import ConsistencyNet
+from .optimal import OptimalSchedule, optimal_schedule
 from .sampling import (
     SamplerOutput,
     affine_error,
@@ -53,6 +65,10 @@ __all__ = [
     "sample_gamma",
     "sampler_times",
     "Schedule",
+    "schedules",
+    "optimal",
+    "optimal_schedule",
+    "OptimalSchedule",
     "sampler_law",
     "affine_error",
     "SamplerOutput",
