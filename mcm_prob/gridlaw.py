@@ -34,14 +34,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import log_ndtr, logsumexp
+from jaxtyping import Array
 from scipy import special, stats
 
 from ._checks import integer
-from .data import DataDistribution, UniformBox
+from .data import DataDistribution, DiracMixture, Gaussian, GaussianMixture, UniformBox
 from .flow import pf_flow
 from .schedules import Schedule, as_schedule
 
-__all__ = ["GridLaw", "grid_law_1d", "product_kl", "box_factors", "coordinate_maps"]
+__all__ = [
+    "GridLaw",
+    "grid_law_1d",
+    "grid_points",
+    "grid_kl_cdf",
+    "log_cdfs_1d",
+    "has_closed_form_cdf",
+    "product_kl",
+    "box_factors",
+    "coordinate_maps",
+]
 
 
 class GridLaw(NamedTuple):
@@ -74,8 +86,20 @@ def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
     return w
 
 
-def _grid(data: DataDistribution, delta: float, n_grid: int, half_width: float) -> np.ndarray:
-    u = (np.arange(2000) + 0.5) / 2000
+def grid_points(
+    data: DataDistribution,
+    delta: float,
+    n_grid: int = 4001,
+    half_width: float | None = None,
+    n_focus: int = 2000,
+) -> np.ndarray:
+    """The grid of the 1-d grid laws: `n_grid` uniform points on [-half_width, half_width]
+    (default: 8 plus the data's extent) merged with the images under Phi_{10 -> delta} of
+    `n_focus` normal quantiles (points where p_delta has its mass)."""
+    if half_width is None:
+        extent = np.abs(np.asarray(data.sample(jax.random.key(0), 4096))).max()
+        half_width = 8.0 + float(extent)
+    u = (np.arange(n_focus) + 0.5) / n_focus
     quantiles = stats.norm.ppf(u)[:, None]
     focused = np.asarray(pf_flow(data, jnp.asarray(quantiles), 10.0, delta))[:, 0]
     x = np.concatenate([np.linspace(-half_width, half_width, n_grid), focused])
@@ -87,7 +111,9 @@ def _log_density(data: DataDistribution, x: np.ndarray, t: float) -> np.ndarray:
 
 
 def _exact_step(data, x, q, log_p_t, log_p_s, t, s):
-    """Exact flow t -> s: the ratio q/p is transported unchanged, r_s(y) = r_t(Phi_{s->t}(y))."""
+    """Exact flow t -> s: the ratio q/p is transported unchanged, r_s(y) = r_t(Phi_{s->t}(y)).
+    (The CDF route of `grid_kl_cdf` avoids the ODE solve but is about 2.5 times less accurate
+    here: 7e-9 against 2.5e-9 absolute at KL = 5.9e-3, n_grid = 4001.)"""
     back = np.asarray(pf_flow(data, jnp.asarray(x)[:, None], s, t))[:, 0]
     return np.interp(back, x, q / np.exp(log_p_t)) * np.exp(log_p_s), "exact"
 
@@ -154,10 +180,7 @@ def grid_law_1d(
         raise TypeError(f"`f` must be a callable f(x, t, s), got {type(f).__name__}")
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
     t, s, gap = sched.t, sched.s, sched.gaps
-    if half_width is None:
-        extent = np.abs(np.asarray(data.sample(jax.random.key(0), 4096))).max()
-        half_width = 8.0 + float(extent)
-    x = _grid(data, sched.delta, n_grid, half_width)
+    x = grid_points(data, sched.delta, n_grid, half_width)
     w = _trapezoid_weights(x)
     q = stats.norm.pdf(x)
     transport = []
@@ -226,3 +249,93 @@ def product_kl(factors, *, f=None, **law_kwargs) -> float:
             cache[id(fac)] = grid_law_1d(fac, **law_kwargs).kl
         total += cache[id(fac)]
     return total
+
+
+# -- exact-flow grid laws without ODE solves (1-d families with closed-form CDFs) ----------------
+def _normal_mixture_1d(data: DataDistribution):
+    """(weights, means, variances) of a 1-d family that is a mixture of normals (variance 0 for
+    Diracs), or None."""
+    if data.dim != 1:
+        return None
+    if isinstance(data, Gaussian):
+        return jnp.ones(1), jnp.reshape(data.mean, (1,)), jnp.reshape(data.cov, (1,))
+    if isinstance(data, GaussianMixture):
+        return data.weights, data.means[:, 0], data.covs[:, 0, 0]
+    if isinstance(data, DiracMixture):
+        return data.weights, data.atoms[:, 0], jnp.zeros_like(data.weights)
+    return None
+
+
+def _log_psi(z):
+    r"""$\log\Psi(z)$, $\Psi(z) = z\Phi(z) + \varphi(z)$ (the antiderivative of $\Phi$): for
+    z <= 0 as $\log\varphi(z) + \log(1 + zR(z))$ with the Mills ratio R = Phi/phi (relative
+    error about 1e-16 z^2), for z > 0 through $\Psi(z) = z + \Psi(-z)$."""
+    zn = -jnp.abs(z)
+    log_phi = -0.5 * zn**2 - 0.5 * math.log(2 * math.pi)
+    neg = log_phi + jnp.log1p(zn * jnp.exp(log_ndtr(zn) - log_phi))
+    pos = jnp.logaddexp(jnp.log(jnp.maximum(jnp.abs(z), 1e-300)), neg)
+    return jnp.where(z > 0, pos, neg)
+
+
+def has_closed_form_cdf(data: DataDistribution) -> bool:
+    """Whether `log_cdfs_1d` knows the family (1-d Gaussian, mixtures, Diracs, box)."""
+    box = isinstance(data, UniformBox) and data.dim == 1
+    return box or _normal_mixture_1d(data) is not None
+
+
+def log_cdfs_1d(data: DataDistribution, x: Array, t) -> tuple[Array, Array]:
+    r"""$(\log F_t(x), \log(1 - F_t(x)))$ for the 1-d marginal $p_t$ (x of shape (n,)), in
+    closed form: normal mixtures $\sum_k w_k \Phi((x - \alpha_t m_k)/\nu_k^{1/2})$; the box
+    $(\Psi(a) - \Psi(b))/(a - b)$ with $a = (x - \alpha_t l)/\sigma_t$, $b = (x - \alpha_t
+    h)/\sigma_t$. Both tails in log space; differentiable in x and t (JAX)."""
+    a_t, s_t = jnp.exp(-t), jnp.sqrt(-jnp.expm1(-2 * t))
+    mix = _normal_mixture_1d(data)
+    if mix is not None:
+        w, m, v = mix
+        z = (x[:, None] - a_t * m) / jnp.sqrt(a_t**2 * v + s_t**2)
+        return (
+            logsumexp(jnp.log(w) + log_ndtr(z), axis=1),
+            logsumexp(jnp.log(w) + log_ndtr(-z), axis=1),
+        )
+    if not (isinstance(data, UniformBox) and data.dim == 1):
+        raise ValueError(f"no closed-form CDF for {type(data).__name__} with dim {data.dim}")
+    lo, hi = data.low[0], data.high[0]
+    a, b = (x - a_t * lo) / s_t, (x - a_t * hi) / s_t
+    log_width = jnp.log(a_t * (hi - lo) / s_t)
+
+    def log_diff(u, v):  # log(Psi(u) - Psi(v)), u > v
+        lu, lv = _log_psi(u), _log_psi(v)
+        return lu + jnp.log(-jnp.expm1(jnp.minimum(lv - lu, -1e-300)))
+
+    return log_diff(a, b) - log_width, log_diff(-b, -a) - log_width
+
+
+def grid_kl_cdf(data: DataDistribution, x: Array, t: Array, s: Array) -> Array:
+    r"""KL(sampler law || p_delta) for the exact flow on a 1-d family with a closed-form CDF,
+    on the grid x (sorted, shape (n,)), start and landing times t, s of shape (K,); a JAX function
+    of the times (jit- and grad-compatible).
+
+    In 1-d the exact flow $\Phi_{t\to s} = F_s^{-1}\circ F_t$ keeps the density ratio $r = q/p$
+    constant along quantile levels, so $r_s(y) = r_t(x)$ where $F_s(y) = F_t(x)$: the flow is an
+    interpolation in the logit of the CDF, no ODE solve. Re-noising as in `grid_law_1d`, with
+    kernel columns normalised in log space (well defined for vanishing gaps)."""
+    dx = jnp.diff(x)
+    w = jnp.zeros_like(x).at[:-1].add(dx / 2).at[1:].add(dx / 2)
+    q = jnp.exp(-0.5 * x**2 - 0.5 * math.log(2 * math.pi))
+    steps = t.shape[0]
+    for k in range(steps):
+        lp_t = data.marginal_law(t[k]).log_prob(x[:, None])
+        lp_s = data.marginal_law(s[k]).log_prob(x[:, None])
+        logit_t, logit_s = (jnp.subtract(*log_cdfs_1d(data, x, tk)) for tk in (t[k], s[k]))
+        ratio = jnp.interp(logit_s, logit_t, q * jnp.exp(-lp_t))
+        q = ratio * jnp.exp(lp_s)
+        if k < steps - 1:
+            gap = t[k + 1] - s[k]
+            a, var = jnp.exp(-gap), jnp.maximum(-jnp.expm1(-2 * gap), 1e-30)
+            log_kernel = -0.5 * (x[:, None] - a * x[None, :]) ** 2 / var
+            log_kernel = log_kernel - logsumexp(log_kernel + jnp.log(w)[:, None], axis=0)
+            q = jnp.exp(log_kernel) @ (w * q)
+    ratio = q * jnp.exp(-lp_s)
+    safe = jnp.where(ratio > 0, ratio, 1.0)
+    integrand = jnp.exp(lp_s) * jnp.where(ratio > 0, safe * jnp.log(safe) - safe + 1, 1.0)
+    return jnp.sum(w * integrand)

@@ -29,12 +29,13 @@ import numpy as np
 import optax
 
 from ._checks import integer, number
-from .data import Gaussian
+from .data import DataDistribution, Gaussian, UniformBox
+from .gridlaw import box_factors, grid_kl_cdf, grid_points, has_closed_form_cdf, product_kl
 from .metrics import kl_gaussian
 from .sampling import _affine, _gaussian_parts, gaussian_law_moments, sampler_law
 from .schedules import Schedule
 
-__all__ = ["OptimalSchedule", "optimal_schedule", "schedule_kl_gaussian"]
+__all__ = ["OptimalSchedule", "optimal_schedule", "schedule_kl", "schedule_kl_gaussian"]
 
 
 class OptimalSchedule(NamedTuple):
@@ -70,43 +71,77 @@ def _params(schedule: Schedule, T: float, delta: float):
     return a, np.log(frac) - np.log1p(-frac)
 
 
+def schedule_kl(data: DataDistribution, schedule: Schedule, *, perturbation=None, dim=None,
+                **grid_kwargs) -> float:  # fmt: skip
+    """Exact KL(law of the exact-flow sampler on `schedule` || p_delta): the Gaussian law
+    (with an optional affine `perturbation`) or, for product targets (a box, or a 1-d family
+    with `dim` i.i.d. coordinates), the sum of the 1-d grid laws (`grid_law_1d`)."""
+    if isinstance(data, Gaussian) and dim is None:
+        return schedule_kl_gaussian(data, schedule, perturbation)
+    if perturbation is not None:
+        raise ValueError("`perturbation` applies to Gaussian data only")
+    return product_kl(_factors(data, dim), schedule=schedule, **grid_kwargs)
+
+
+def _factors(data, dim):
+    if isinstance(data, UniformBox) and dim is None:
+        return box_factors(data)
+    if data.dim == 1 and dim is not None:
+        return [data] * integer("dim", dim)
+    raise ValueError(
+        "`data` must be Gaussian (exact law), a UniformBox, or a 1-d family with `dim` i.i.d. "
+        f"coordinates (product target); got {type(data).__name__} with dim={dim}"
+    )
+
+
 def optimal_schedule(
-    data: Gaussian,
+    data: DataDistribution,
     steps: int,
     *,
     T: float,
     delta: float,
+    dim: int | None = None,
     starts: list[Schedule] | None = None,
     n_random: int = 4,
     iterations: int = 400,
     learning_rate: float = 0.05,
     perturbation: tuple | None = None,
     key: jax.Array | None = None,
+    n_grid: int = 301,
+    grid: dict | None = None,
 ) -> OptimalSchedule:
     r"""Minimise KL(sampler law || p_delta) over K-step schedules with horizon T (module doc).
 
-    **Arguments:** Gaussian `data`; `steps` K; horizon `T` > `delta` > 0; `starts`: schedules with
-    K steps, horizon T and stop time delta (default: the constant step at horizon T with tau = 0
-    and tau = inf, and the Karras spacing) plus `n_random` random ones drawn with `key`;
-    `iterations` of Adam with `learning_rate` on $\log KL$; `perturbation` = (A, b), an affine
-    consistency error as in `sampler_law`.
+    **Arguments:** `data`: Gaussian (exact law), or a product target: a `UniformBox`, or a 1-d
+    family with `dim` i.i.d. coordinates, whose 1-d factors have closed-form CDFs (normal
+    mixtures, Diracs, the box; see `grid_kl_cdf`); `steps` K; horizon `T` > `delta` > 0;
+    `starts`: schedules with K steps, horizon T and stop time delta (default: the constant step
+    at horizon T with tau = 0 and tau = inf, and the Karras spacing) plus `n_random` random ones
+    drawn with `key`; `iterations` of Adam with `learning_rate` on $\log KL$; `perturbation` =
+    (A, b), an affine consistency error as in `sampler_law` (Gaussian data); `n_grid`: uniform
+    (and as many focused) grid points of the product targets' grid laws while optimising;
+    `grid`: keyword arguments of `grid_law_1d` for the final KLs of product targets.
 
     **Returns:** `OptimalSchedule`; `schedule` is the best iterate of all runs or, if none is
-    better, the best start, and `kl` its exact float64 KL (numpy, as `sampler_law`).
+    better, the best start, and `kl` its KL by `schedule_kl` (float64 Gaussian law, or the
+    default `grid_law_1d`).
     """
-    if not isinstance(data, Gaussian):
-        raise ValueError(
-            "`data` must be a mcm_prob.data.Gaussian: optimal schedules use the exact, "
-            f"differentiable Gaussian sampler law; got {type(data).__name__}"
-        )
+    gaussian = isinstance(data, Gaussian) and dim is None
+    if not gaussian:
+        factors = _factors(data, dim)
+        bad = [type(f).__name__ for f in factors if not has_closed_form_cdf(f)]
+        if bad:
+            raise ValueError(
+                f"optimal schedules for product targets need 1-d factors with closed-form CDFs "
+                f"(Gaussian, GaussianMixture, DiracMixture, UniformBox); got {bad[0]}"
+            )
     k = integer("steps", steps)
     delta = number("delta", delta, gt=0)
     T = number("T", T, gt=delta)
     integer("iterations", iterations)
     integer("n_random", n_random, ge=0)
+    integer("n_grid", n_grid, ge=101)
     number("learning_rate", learning_rate, gt=0)
-    m, lam, u = _gaussian_parts(data)
-    a_pert, b_pert = _affine(perturbation, m.size)
     if starts is None:
         starts = [
             Schedule.fixed_horizon(T=T, delta=delta, steps=k, tau=tau) for tau in (0.0, np.inf)
@@ -121,60 +156,70 @@ def optimal_schedule(
                 f"`starts[{i}]` must have horizon T = {T:g} and delta = {delta:g}, got "
                 f"{st.horizon:g} and {st.delta:g}"
             )
-    start_kl = np.array([schedule_kl_gaussian(data, st, perturbation) for st in starts])
-    best_i = int(np.argmin(start_kl))
-    if k == 1:
-        return OptimalSchedule(
-            starts[best_i],
-            float(start_kl[best_i]),
-            np.zeros((len(starts), 0)),
-            tuple(starts),
-            start_kl,
-        )
-    with jax.enable_x64(True):
-        history, params = _optimise(
-            m,
-            lam,
-            u,
-            a_pert,
-            b_pert,
-            starts,
-            n_random,
-            k,
-            T,
-            delta,
-            iterations,
-            learning_rate,
-            jax.random.key(0) if key is None else key,
-        )
-    candidates = [
-        Schedule(*(np.asarray(v, np.float64) for v in _times(p, T, delta)), "optimal")
-        for p in params
-    ]
-    found = [schedule_kl_gaussian(data, c, perturbation) for c in candidates]
-    j = int(np.argmin(found))
-    if found[j] < start_kl[best_i]:
-        return OptimalSchedule(candidates[j], float(found[j]), history, tuple(starts), start_kl)
-    return OptimalSchedule(
-        starts[best_i], float(start_kl[best_i]), history, tuple(starts), start_kl
-    )
+    grid = {} if gaussian or grid is None else dict(grid)
+    exact = lambda sched: schedule_kl(data, sched, perturbation=perturbation, dim=dim, **grid)  # noqa: E731
+    start_kl = np.array([exact(st) for st in starts])
+    best = (starts[int(np.argmin(start_kl))], float(start_kl.min()))
+    history = np.zeros((len(starts) + n_random, 0))
+    if k > 1:
+        a0, b0 = _initial(starts, n_random, k, T, delta, jax.random.key(0) if key is None else key)
+        with jax.enable_x64(True):
+            if gaussian:
+                history, params = _optimise_gaussian(
+                    data, perturbation, T, delta, learning_rate, a0, b0, iterations
+                )
+            else:
+                history, params = _optimise_product(
+                    factors, T, delta, learning_rate, a0, b0, iterations, n_grid
+                )
+        for p in params:
+            cand = Schedule(*(np.asarray(v, np.float64) for v in _times(p, T, delta)), "optimal")
+            value = exact(cand)
+            if value < best[1]:
+                best = (cand, value)
+    return OptimalSchedule(best[0], best[1], history, tuple(starts), start_kl)
 
 
-def _optimise(m, lam, u, a_pert, b_pert, starts, n_random, k, T, delta, iterations, lr, key):
-    """Adam on log KL from every start (vmapped); returns the KL history (starts, iterations)
-    and the best parameters of each run."""
+def _initial(starts, n_random, k, T, delta, key):
+    """Parameters of the starting schedules and of `n_random` random ones."""
     init = [_params(st, T, delta) for st in starts]
     ka, kb = jax.random.split(key)
-    a0 = np.concatenate(
-        [np.stack([p[0] for p in init]), np.asarray(jax.random.normal(ka, (n_random, k)))]
-    )
-    b0 = np.concatenate(
-        [np.stack([p[1] for p in init]), np.asarray(jax.random.normal(kb, (n_random, k - 1)))]
-    )
-    perturbed = bool(np.any(a_pert) or np.any(b_pert))
+    a0 = np.concatenate([np.stack([p[0] for p in init]), jax.random.normal(ka, (n_random, k))])
+    b0 = np.concatenate([np.stack([p[1] for p in init]), jax.random.normal(kb, (n_random, k - 1))])
+    return a0, b0
+
+
+def _optimise_gaussian(data, perturbation, T, delta, lr, a0, b0, iterations):
+    """Adam from every start (vmapped) on the exact Gaussian law; returns the KL history
+    (starts, iterations) and the best parameters of each run."""
+    m, lam, u = _gaussian_parts(data)
+    a_pert, b_pert = _affine(perturbation, m.size)
     args = (m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0)
-    hist, best_a, best_b = _adam_runs(*(jnp.asarray(v, jnp.float64) for v in args),
-                                      iterations=iterations, perturbed=perturbed)  # fmt: skip
+    hist, (best_a, best_b) = _adam_runs(
+        *(jnp.asarray(v, jnp.float64) for v in args),
+        iterations=iterations,
+        perturbed=perturbation is not None,
+    )
+    return np.asarray(hist), list(zip(np.asarray(best_a), np.asarray(best_b), strict=True))
+
+
+def _optimise_product(factors, T, delta, lr, a0, b0, iterations, n_grid):
+    """Adam from every start on the sum of the factors' CDF grid laws (`grid_kl_cdf`)."""
+    distinct: dict[int, list] = {}
+    for f in factors:
+        distinct.setdefault(id(f), [f, 0])[1] += 1
+    grids = [
+        (f, count, jnp.asarray(grid_points(f, delta, n_grid, n_focus=n_grid)))
+        for f, count in distinct.values()
+    ]
+
+    def log_kl(params):
+        t, s = _times(params, T, delta)
+        kl = sum(count * grid_kl_cdf(f, x, t, s) for f, count, x in grids)
+        return jnp.log(jnp.maximum(kl, 1e-300))
+
+    run = jax.jit(jax.vmap(lambda p: _adam_scan(log_kl, p, lr, iterations)))
+    hist, (best_a, best_b) = run((jnp.asarray(a0), jnp.asarray(b0)))
     return np.asarray(hist), list(zip(np.asarray(best_a), np.asarray(best_b), strict=True))
 
 
@@ -200,21 +245,22 @@ def _adam_runs(m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0, *, iterations, p
         )
         return jnp.log(jnp.maximum(kl, 1e-300))
 
+    return jax.vmap(lambda p: _adam_scan(log_kl, p, lr, iterations))((a0, b0))
+
+
+def _adam_scan(log_kl, params, lr, iterations: int):
+    """Adam on `log_kl` from `params`; returns the KL of every iterate and the best params."""
     opt = optax.adam(lr)
 
-    def run(params):
-        def step(carry, _):
-            params, state, best, best_val = carry
-            val, grad = jax.value_and_grad(log_kl)(params)
-            better = val < best_val
-            best = jax.tree.map(lambda n, o: jnp.where(better, n, o), params, best)
-            updates, state = opt.update(grad, state)
-            params = optax.apply_updates(params, updates)
-            return (params, state, best, jnp.minimum(val, best_val)), jnp.exp(val)
+    def step(carry, _):
+        params, state, best, best_val = carry
+        val, grad = jax.value_and_grad(log_kl)(params)
+        better = val < best_val
+        best = jax.tree.map(lambda n, o: jnp.where(better, n, o), params, best)
+        updates, state = opt.update(grad, state)
+        params = optax.apply_updates(params, updates)
+        return (params, state, best, jnp.minimum(val, best_val)), jnp.exp(val)
 
-        carry = (params, opt.init(params), params, jnp.asarray(jnp.inf, m.dtype))
-        (_, _, best, _), hist = jax.lax.scan(step, carry, None, length=iterations)
-        return hist, best
-
-    hist, (best_a, best_b) = jax.vmap(run)((a0, b0))
-    return hist, best_a, best_b
+    carry = (params, opt.init(params), params, jnp.asarray(jnp.inf, params[0].dtype))
+    (_, _, best, _), hist = jax.lax.scan(step, carry, None, length=iterations)
+    return hist, best
