@@ -109,6 +109,7 @@ def optimal_schedule(
     key: jax.Array | None = None,
     n_grid: int = 301,
     grid: dict | None = None,
+    floor: float = 0.0,
 ) -> OptimalSchedule:
     r"""Minimise KL(sampler law || p_delta) over K-step schedules with horizon T (module doc).
 
@@ -120,7 +121,9 @@ def optimal_schedule(
     drawn with `key`; `iterations` of Adam with `learning_rate` on $\log KL$; `perturbation` =
     (A, b), an affine consistency error as in `sampler_law` (Gaussian data); `n_grid`: uniform
     (and as many focused) grid points of the product targets' grid laws while optimising;
-    `grid`: keyword arguments of `grid_law_1d` for the final KLs of product targets.
+    `grid`: keyword arguments of `grid_law_1d` for the final KLs of product targets; `floor`:
+    no optimisation when a start's KL is already at or below it (the accuracy floor of the KL
+    computation: nothing smaller can be told apart), and then `history` has no iterations.
 
     **Returns:** `OptimalSchedule`; `schedule` is the best iterate of all runs or, if none is
     better, the best start, and `kl` its KL by `schedule_kl` (float64 Gaussian law, or the
@@ -161,7 +164,8 @@ def optimal_schedule(
     start_kl = np.array([exact(st) for st in starts])
     best = (starts[int(np.argmin(start_kl))], float(start_kl.min()))
     history = np.zeros((len(starts) + n_random, 0))
-    if k > 1:
+    number("floor", floor, ge=0)
+    if k > 1 and best[1] > floor:
         a0, b0 = _initial(starts, n_random, k, T, delta, jax.random.key(0) if key is None else key)
         with jax.enable_x64(True):
             if gaussian:

@@ -299,7 +299,7 @@ class SchedulesStudy(Study):
         res = optimal_schedule(
             data, k, T=T, delta=delta, perturbation=_error(data, e), iterations=c.iterations,
             learning_rate=c.learning_rate, n_random=c.n_random, key=jax.random.key(c.seed),
-            grid={"n_grid": c.n_grid},
+            grid={"n_grid": c.n_grid}, floor=KL_FLOOR[data.family],
         )  # fmt: skip
         h = 0 if _OPTIMISED[name] == "T" else 1
         ds["optimal_t"][i, q, h, m, :k] = res.schedule.t
