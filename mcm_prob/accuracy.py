@@ -27,7 +27,14 @@ from .metrics import kl_gaussian
 from .sampling import sampler_law
 from .schedules import Schedule
 
-__all__ = ["smallest_steps", "steps_to_accuracy", "kl_of_steps"]
+__all__ = [
+    "smallest_steps",
+    "steps_to_accuracy",
+    "kl_of_steps",
+    "schedule_kl",
+    "start_error",
+    "product_factors",
+]
 
 _NFE_PER_STEP = {"ode_heun": 2}
 
@@ -71,15 +78,31 @@ def _schedules(delta, h, T, tau, schedule) -> Callable[[int], Schedule]:
     raise ValueError("the consistency sampler needs `h`, `T` (fixed horizon) or `schedule`")
 
 
-def _product_factors(data, dim):
+def product_factors(data: DataDistribution, dim: int | None = None) -> list:
+    """The 1-d factors of a product target: a box's coordinates, or `dim` i.i.d. copies of a
+    1-d family."""
     if isinstance(data, UniformBox) and dim is None:
         return box_factors(data)
     if data.dim == 1 and dim is not None:
-        return [data] * dim
+        return [data] * integer("dim", dim)
     raise ValueError(
         "exact laws exist for Gaussian data, boxes, and 1-d families with `dim` "
         f"(i.i.d. coordinates); got {type(data).__name__} with dim={dim}"
     )
+
+
+def schedule_kl(
+    data: DataDistribution, schedule: Schedule, *, perturbation=None, dim=None, **grid_kwargs
+) -> float:
+    """Exact KL(law of the exact-flow sampler on `schedule` || p_delta): the float64 Gaussian law
+    (with an optional affine `perturbation`, as `sampler_law`) or, for product targets (a box,
+    or a 1-d family with `dim` i.i.d. coordinates), the sum of the 1-d grid laws."""
+    if isinstance(data, Gaussian) and dim is None:
+        law = sampler_law(data, schedule=schedule, perturbation=perturbation)
+        return kl_gaussian(law, data.marginal(schedule.delta))
+    if perturbation is not None:
+        raise ValueError("`perturbation` applies to Gaussian data only")
+    return product_kl(product_factors(data, dim), schedule=schedule, **grid_kwargs)
 
 
 def kl_of_steps(
@@ -103,11 +126,9 @@ def kl_of_steps(
     """
     if sampler == "consistency":
         family = _schedules(delta, h, T, tau, schedule)
-        if isinstance(data, Gaussian) and dim is None:
-            target = data.marginal(delta)
-            return lambda k: kl_gaussian(sampler_law(data, schedule=family(k)), target)
-        factors = _product_factors(data, dim)
-        return lambda k: product_kl(factors, schedule=family(k), **grid_kwargs)
+        if not isinstance(data, Gaussian) or dim is not None:
+            product_factors(data, dim)  # refuse data without exact laws before any work
+        return lambda k: schedule_kl(data, family(k), dim=dim, **grid_kwargs)
     if sampler not in BASELINES[:-1]:
         raise ValueError(
             f"`sampler` must be 'consistency' or one of {BASELINES[:-1]}, got {sampler!r}"
@@ -123,10 +144,7 @@ def kl_of_steps(
 def start_error(data: DataDistribution, T: float, delta: float, *, dim=None, **grid_kwargs):
     """KL(N(0, I) || p_T): the error of starting the samplers at T, computed as the KL of the
     one-step exact-flow sampler from T to delta (the exact flow preserves KL)."""
-    one = Schedule([T], [delta], "start")
-    if isinstance(data, Gaussian) and dim is None:
-        return kl_gaussian(sampler_law(data, schedule=one), data.marginal(delta))
-    return product_kl(_product_factors(data, dim), schedule=one, **grid_kwargs)
+    return schedule_kl(data, Schedule([T], [delta], "start"), dim=dim, **grid_kwargs)
 
 
 def steps_to_accuracy(

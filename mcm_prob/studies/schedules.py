@@ -27,9 +27,9 @@ import numpy as np
 import xarray as xr
 
 from .._checks import distinct, integer, number
-from ..accuracy import start_error
+from ..accuracy import schedule_kl, start_error
 from ..data import Gaussian, UniformBox
-from ..optimal import optimal_schedule, schedule_kl
+from ..optimal import optimal_schedule
 from ..schedules import Schedule
 from .driver import TIME_UNITS, Study, StudyConfig
 
