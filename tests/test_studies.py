@@ -322,7 +322,7 @@ def test_user_subclass_flow_fit_and_study(tmp_path):
 def test_sampling_study_and_cli(tmp_path, capsys):
     cfg_file = tmp_path / "s.toml"
     cfg_file.write_text(
-        "[sampling]\nmax_steps = 3\ntaus = [0.0, inf]\nbaseline_steps = [4, 8]\neps = [0.1]\nn_grid = 201\n"
+        "[sampling]\nmax_steps = 3\ntaus = [0.0, inf]\nbaseline_steps = [4, 8]\neps = [0.1, 0.001]\nn_grid = 201\n"
         '[sampling.data.g1]\nfamily = "gaussian"\nmean = [0.5]\ncov = [[0.5]]\n'
         '[sampling.data.g2]\nfamily = "gaussian"\nmean = [0.5, 0.0]\ncov = [[0.5, 0.2], [0.2, 2.0]]\n'
         '[sampling.data.box1]\nfamily = "uniform_box"\nlow = [-1.0]\nhigh = [1.0]\n'
@@ -356,6 +356,14 @@ def test_sampling_study_and_cli(tmp_path, capsys):
     assert cli.main(["report", str(out)]) == 0
     text = capsys.readouterr().out
     assert "steps to reach KL <= eps^2" in text and (tmp_path / "s_sampling.png").exists()
+    # every '-' says why: the consistency sampler's step budget, the baselines' reasons
+    missing = res["steps_to_eps"].isnull()
+    assert int(missing.sum()) == text.count("max_steps = 3 ran out (KL there") > 0
+    reached = np.isfinite(res["nfe_to_eps_baseline"].values)
+    assert np.all(
+        (res["reason_baseline"].values == "")
+        == (reached | np.isnan(res["kl_baseline"].values[..., :1]))
+    )
     assert cli.main(["info", str(out)]) == 0
     assert '"max_steps": 3' not in capsys.readouterr().out  # printed as `max_steps: 3`
     assert cli.main(["run", "sampling", "--config", str(cfg_file), "--out", str(out)]) == 1

@@ -154,6 +154,11 @@ class SamplingStudy(Study):
                         "long_name": "smallest NFE with KL <= eps^2 (NaN: more than 4096 steps or not Gaussian)"
                     },
                 ),
+                "reason_baseline": (
+                    ("baseline", "entry", "eps"),
+                    np.full((nb, n, len(c.eps)), "", dtype=object),
+                    {"long_name": "why nfe_to_eps_baseline is NaN (empty when reached)"},
+                ),
                 "done": ("entry", np.zeros(n, bool), {"long_name": "cell finished and saved"}),
             },
             coords=coords
@@ -215,10 +220,11 @@ class SamplingStudy(Study):
         for m, method in enumerate(c.baselines):
             kl = kl_of_steps(data, sampler=method, delta=delta, T=c.T)
             ds["kl_baseline"][m, i] = [kl(int(k)) for k in c.baseline_steps]
-            nfe = [
-                steps_to_accuracy(data, e, sampler=method, delta=delta, T=c.T)["nfe"] for e in c.eps
+            found = [steps_to_accuracy(data, e, sampler=method, delta=delta, T=c.T) for e in c.eps]
+            ds["nfe_to_eps_baseline"][m, i] = [
+                np.nan if r["nfe"] is None else r["nfe"] for r in found
             ]
-            ds["nfe_to_eps_baseline"][m, i] = [np.nan if v is None else v for v in nfe]
+            ds["reason_baseline"][m, i] = [r["reason"] or "" for r in found]
 
     def finalize(self, c: SamplingConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
         regimes = sorted(set(ds["regime"].values.tolist()))
@@ -264,6 +270,14 @@ class SamplingStudy(Study):
                     f"{g:<14} {str(r['regime'].values):<10} {int(r['dim']):>4} {tau:>6g} "
                     + " ".join(f"{dash(v):>9}" for v in row)
                 )
+        for g in res["entry"].values:
+            for tau in res["tau"].values:
+                row, kl = (res[v].sel(entry=g, tau=tau).values for v in ("steps_to_eps", "kl"))
+                for e in eps[np.isnan(row) & np.isfinite(kl[-1])]:
+                    lines.append(
+                        f"  '-' for {g}, tau = {tau:g}, eps = {e:g}: max_steps = "
+                        f"{int(res['steps'][-1])} ran out (KL there {kl[-1]:.3g} > eps^2 = {e**2:.3g})"
+                    )
         if "fits" in tree.children:
             fits = tree["fits"].to_dataset()
             lines.append(
@@ -287,6 +301,12 @@ class SamplingStudy(Study):
                 for g in gauss:
                     row = res["nfe_to_eps_baseline"].sel(baseline=m, entry=g).values
                     lines.append(f"{m:<20} {g:<14} " + " ".join(f"{dash(v):>9}" for v in row))
+            why = res.get("reason_baseline")
+            for m in res["baseline"].values if why is not None else ():
+                for g in gauss:
+                    for e, text in zip(eps, why.sel(baseline=m, entry=g).values, strict=True):
+                        if str(text):
+                            lines.append(f"  '-' for {m}, {g}, eps = {e:g}: {text}")
         return "\n".join(lines)
 
     def plot(self, tree: xr.DataTree):
