@@ -257,11 +257,6 @@ class SchedulesStudy(Study):
         gauss = isinstance(data, Gaussian)
         grid = {"n_grid": c.n_grid}
 
-        def kl(sched, e):
-            if e > 0 and not gauss:
-                return np.nan
-            return schedule_kl(data, sched, perturbation=_error(data, e), **grid)
-
         starts: dict[float, float] = {}
 
         def start(T):
@@ -270,22 +265,23 @@ class SchedulesStudy(Study):
             return starts[T]
 
         for j, name in enumerate(SCHEDULES):
+            optimised = name in _OPTIMISED
+            if optimised and not (gauss or c.optimise_products):
+                continue
             for m, k in enumerate(c.steps):
-                sched = _schedule(name, c, k, delta) if name not in _OPTIMISED else None
+                sched = None if optimised else _schedule(name, c, k, delta)
+                if not optimised and sched is None:
+                    continue
                 T = (delta + k * c.h) if name in ("constant", "optimal_growing") else c.T
-                if name in _OPTIMISED and not (gauss or c.optimise_products):
-                    continue
-                if name not in _OPTIMISED and sched is None:
-                    continue
                 ds["horizon"][i, j, m] = T
                 ds["start_kl"][i, j, m] = start(T)
                 for q, e in enumerate(c.errors):
-                    if name in _OPTIMISED and (gauss or e == 0):
+                    if e > 0 and not gauss:
+                        continue  # boxes: no injected error
+                    if optimised:
                         ds["kl"][i, q, j, m] = self._optimise(c, ds, data, i, q, name, m, k, T, delta, e)  # fmt: skip
-                    elif name in _OPTIMISED:
-                        continue
                     else:
-                        ds["kl"][i, q, j, m] = kl(sched, e)
+                        ds["kl"][i, q, j, m] = schedule_kl(data, sched, perturbation=_error(data, e), **grid)  # fmt: skip
         for q in range(len(c.errors)):
             for j in range(len(SCHEDULES)):
                 row = ds["kl"].values[i, q, j]
