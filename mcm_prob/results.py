@@ -58,6 +58,7 @@ def provenance(*, config_json: str, seeds, dtype: str, wall_time: float, study: 
         "dtype": dtype,
         "device": str(jax.devices()[0]),
         "jax_x64": int(bool(jax.config.jax_enable_x64)),
+        "compilation_cache": jax.config.jax_compilation_cache_dir or "off",
         "python": platform.python_version(),
         "versions": json.dumps({name: _version(name) for name in PACKAGES}),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -1,6 +1,7 @@
 """Studies, results files, resume after interruption, config validation and the CLI."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -502,3 +503,21 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(studies, "run_study", interrupted)
     assert cli.main(["run", "sampling", "--quick", "--out", str(tmp_path / "i.nc")]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_persistent_compilation_cache_on_by_default(tmp_path):
+    """`mcm-prob run` fills the cache under $XDG_CACHE_HOME and records it; `off` opts out."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[error_injection]\nsteps = [2]\neps = [0.01, 0.1]\nfit_points = 2\n")
+    cmd = [sys.executable, "-m", "mcm_prob.cli", "run", "error_injection", "--config", str(cfg)]
+    for choice, out in (("", "on.nc"), ("off", "off.nc")):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMP")}
+        env |= {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "MCM_PROB_COMPILATION_CACHE": choice}
+        done = subprocess.run(
+            cmd + ["--out", str(tmp_path / out), "--no-progress"], env=env, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    cache = tmp_path / "xdg" / "mcm_prob" / "jax"
+    assert cache.is_dir() and any(cache.iterdir())
+    assert load_tree(tmp_path / "on.nc").attrs["compilation_cache"] == str(cache)
+    assert load_tree(tmp_path / "off.nc").attrs["compilation_cache"] == "off"

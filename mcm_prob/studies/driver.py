@@ -41,6 +41,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .._checks import number
+from ..cache import enable_compilation_cache
 from ..data import DataDistribution, from_spec
 from ..results import load_tree, provenance, save_tree
 
@@ -358,6 +359,8 @@ def run_study(
 
     `stop_after`: return after that many newly finished cells (the file is then partial and
     `resume=True` completes it). Interruptions (KeyboardInterrupt) keep the finished cells.
+    JAX's persistent compilation cache is turned on (`mcm_prob.cache`; opt out with
+    ``MCM_PROB_COMPILATION_CACHE=off``) and its directory recorded in the provenance.
     """
     if not isinstance(config, study.config_type):
         raise TypeError(
@@ -365,6 +368,7 @@ def run_study(
             f"got {type(config).__name__}"
         )
     _require_x64()
+    enable_compilation_cache()
     out = Path(out)
     cfg_json = config.to_json()
     previous = _open(out, cfg_json, resume, overwrite, study.name)
