@@ -7,6 +7,7 @@ Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> 
 
 from . import (
     accuracy,
+    cache,
     data,
     diffusion,
     error_models,
@@ -81,4 +82,5 @@ __all__ = [
     "fit_error_model",
     "compare_error_models",
     "studies",
+    "cache",
 ]
