@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from ._checks import integer, number
 from .data import DataDistribution, Gaussian, UniformBox
 from .diffusion import BASELINES, baseline_law
@@ -29,6 +31,7 @@ from .schedules import Schedule
 
 __all__ = [
     "smallest_steps",
+    "first_reaching",
     "steps_to_accuracy",
     "kl_of_steps",
     "schedule_kl",
@@ -64,6 +67,14 @@ def smallest_steps(kl: Callable[[int], float], eps: float, *, max_steps: int = 4
         else:
             lo = mid
     return hi
+
+
+def first_reaching(kl, steps, eps) -> list[float]:
+    """Per target e in `eps`, the first K of `steps` whose KL (`kl`, aligned with `steps`) is
+    <= e^2, as a float (NaN when none is): steps to accuracy read off a tabulated grid."""
+    return [
+        next((float(k) for k, v in zip(steps, kl, strict=True) if v <= e**2), np.nan) for e in eps
+    ]
 
 
 def _schedules(delta, h, T, tau, schedule) -> Callable[[int], Schedule]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,19 +188,26 @@ def _optimise_product(factors, T, delta, lr, a0, b0, iterations, n_grid):
     distinct: dict[int, list] = {}
     for f in factors:
         distinct.setdefault(id(f), [f, 0])[1] += 1
-    grids = [
-        (f, count, jnp.asarray(grid_points(f, delta, n_grid, n_focus=n_grid)))
-        for f, count in distinct.values()
-    ]
+    data = tuple(f for f, _ in distinct.values())
+    counts = tuple(c for _, c in distinct.values())
+    grids = tuple(jnp.asarray(grid_points(f, delta, n_grid, n_focus=n_grid)) for f in data)
+    times = tuple(jnp.asarray(v, jnp.float64) for v in (T, delta, lr))
+    hist, (best_a, best_b) = _product_runs(
+        data, grids, *times, jnp.asarray(a0), jnp.asarray(b0), counts=counts, iterations=iterations
+    )
+    return np.asarray(hist), list(zip(np.asarray(best_a), np.asarray(best_b), strict=True))
+
+
+@eqx.filter_jit
+def _product_runs(data, grids, T, delta, lr, a0, b0, *, counts, iterations):
+    """One compiled program per (factors' structure, grid sizes, K, starts, iterations)."""
 
     def log_kl(params):
         t, s = _times(params, T, delta)
-        kl = sum(count * grid_kl_cdf(f, x, t, s) for f, count, x in grids)
+        kl = sum(c * grid_kl_cdf(f, x, t, s) for f, c, x in zip(data, counts, grids, strict=True))
         return jnp.log(jnp.maximum(kl, 1e-300))
 
-    run = jax.jit(jax.vmap(lambda p: _adam_scan(log_kl, p, lr, iterations)))
-    hist, (best_a, best_b) = run((jnp.asarray(a0), jnp.asarray(b0)))
-    return np.asarray(hist), list(zip(np.asarray(best_a), np.asarray(best_b), strict=True))
+    return jax.vmap(lambda p: _adam_scan(log_kl, p, lr, iterations))((a0, b0))
 
 
 @functools.partial(jax.jit, static_argnames=("iterations", "perturbed"))

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from .._checks import distinct, integer, number, one_of
-from ..accuracy import kl_of_steps, steps_to_accuracy
+from ..accuracy import first_reaching, kl_of_steps, steps_to_accuracy
 from ..data import Gaussian, UniformBox
 from ..diffusion import BASELINES
 from .driver import TIME_UNITS, Study, StudyConfig
@@ -107,14 +107,6 @@ QUICK = dict(
     baseline_steps=(4, 16, 64),
     n_grid=1001,
 )
-
-
-def _first_reaching(kl_row, steps, eps) -> list[float]:
-    """Smallest K in `steps` whose KL <= e^2, per e (NaN if none)."""
-    return [
-        next((float(k) for k, v in zip(steps, kl_row, strict=True) if v <= e**2), np.nan)
-        for e in eps
-    ]
 
 
 class SamplingStudy(Study):
@@ -214,7 +206,7 @@ class SamplingStudy(Study):
             kl = kl_of_steps(data, delta=delta, h=c.h, tau=tau, **grid)
             row = [kl(int(k)) for k in steps]
             ds["kl"][i, j] = row
-            ds["steps_to_eps"][i, j] = _first_reaching(row, steps, c.eps)
+            ds["steps_to_eps"][i, j] = first_reaching(row, steps, c.eps)
         if not isinstance(data, Gaussian):
             return
         for m, method in enumerate(c.baselines):

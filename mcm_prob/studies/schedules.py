@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 from .._checks import distinct, integer, number
-from ..accuracy import schedule_kl, start_error
+from ..accuracy import first_reaching, schedule_kl, start_error
 from ..data import Gaussian, UniformBox
 from ..optimal import optimal_schedule
 from ..schedules import Schedule
@@ -155,13 +155,6 @@ def _error(data, e: float):
     return None if e == 0 else (e * np.eye(data.dim), e * np.ones(data.dim))
 
 
-def _first_reaching(kl_row, steps, eps) -> list[float]:
-    return [
-        next((float(k) for k, v in zip(steps, kl_row, strict=True) if v <= e**2), np.nan)
-        for e in eps
-    ]
-
-
 class SchedulesStudy(Study):
     name = "schedules"
     config_type = SchedulesConfig
@@ -285,7 +278,7 @@ class SchedulesStudy(Study):
         for q in range(len(c.errors)):
             for j in range(len(SCHEDULES)):
                 row = ds["kl"].values[i, q, j]
-                ds["steps_to_eps"][i, q, j] = _first_reaching(row, c.steps, c.eps)
+                ds["steps_to_eps"][i, q, j] = first_reaching(row, c.steps, c.eps)
                 for p, target in enumerate(c.eps):
                     if np.isfinite(ds["steps_to_eps"].values[i, q, j, p]):
                         continue
