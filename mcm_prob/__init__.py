@@ -9,6 +9,7 @@ from . import (
     accuracy,
     cache,
     data,
+    devices,
     diffusion,
     error_models,
     gridlaw,
@@ -83,4 +84,5 @@ __all__ = [
     "compare_error_models",
     "studies",
     "cache",
+    "devices",
 ]

@@ -6,7 +6,8 @@
 
 STUDY is any registered study (`mcm_prob.studies.STUDIES`). Ground truth runs in float64 (the
 command enables JAX's x64 mode for its own process); networks train in float32 by default, as
-the files' `dtype` attribute says.
+the files' `dtype` attribute says. On a CPU the command gives XLA one device per core
+(`mcm_prob.devices`), over which training grids are sharded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _run(args) -> int:
+    from .devices import use_every_cpu_core
+
+    use_every_cpu_core()  # before JAX starts: fit_grid spreads its models over the cores
     import jax
 
     from . import studies

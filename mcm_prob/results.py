@@ -51,12 +51,15 @@ def provenance(*, config_json: str, seeds, dtype: str, wall_time: float, study: 
     """Global provenance attributes: versions, config, seeds, dtype, device, timestamp, wall time."""
     import jax
 
+    from .devices import describe_devices
+
     return {
         "study": study,
         "config": config_json,
         "seeds": json.dumps([int(s) for s in seeds]),
         "dtype": dtype,
         "device": str(jax.devices()[0]),
+        "devices": describe_devices(),
         "jax_x64": int(bool(jax.config.jax_enable_x64)),
         "compilation_cache": jax.config.jax_compilation_cache_dir or "off",
         "python": platform.python_version(),

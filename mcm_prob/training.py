@@ -209,7 +209,9 @@ def _teacher_step(data, teacher: str, rtol, atol, x, t, t_prev):
 
 
 @eqx.filter_jit
-def _teacher_chain(data, teacher: str, rtol, atol, x, t, step, n: int):
+def _teacher_chain(data, teacher: str, rtol, atol, x, t, step, n):
+    """n teacher steps from t (n traced: one compilation for every (t, s, step))."""
+
     def body(k, x):
         tk = jnp.full(x.shape[:1], t - k * step, x.dtype)
         return _teacher_step(data, teacher, rtol, atol, x, tk, tk - step)
@@ -242,7 +244,14 @@ def teacher_map(
         raise ValueError(f"(t - s) / step must be an integer, got ({t} - {s}) / {step}")
     x = jnp.asarray(x)
     return _teacher_chain(
-        data, teacher, rtol, atol, x, jnp.asarray(t, x.dtype), jnp.asarray(step, x.dtype), n
+        data,
+        teacher,
+        rtol,
+        atol,
+        x,
+        jnp.asarray(t, x.dtype),
+        jnp.asarray(step, x.dtype),
+        jnp.asarray(n, jnp.int32),
     )
 
 
@@ -383,6 +392,34 @@ def _init(dim: int, cfg: TrainConfig, keys: jax.Array):
     return state, static, train_keys
 
 
+def _spread(steps: np.ndarray, keys: jax.Array):
+    """Pad the model axis to a multiple of the local device count (repeating the last model)
+    and return `place`, which shards a pytree's leading model axis over the devices (a 1-d
+    mesh ``"models"``); with one device nothing is padded or moved. Models never interact,
+    so the partitioned program computes exactly what the single-device one does."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return steps, keys, lambda tree: tree
+    pad = -len(steps) % len(devices)
+    if pad:
+        steps = np.concatenate([steps, np.repeat(steps[-1:], pad)])
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad)])
+    mesh = jax.sharding.Mesh(np.array(devices), ("models",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
+
+    def place(tree):
+        return jax.tree_util.tree_map(
+            lambda a: jax.device_put(a, rows) if eqx.is_array(a) and a.ndim else a, tree
+        )
+
+    return steps, place(keys), place
+
+
+def _first(tree, n: int):
+    """The first n models of a stacked pytree (drops the padding of `_spread`)."""
+    return jax.tree_util.tree_map(lambda a: a[:n] if eqx.is_array(a) and a.ndim else a, tree)
+
+
 def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str, checkpoints=()):
     """Train len(steps) models (one per (Delta, key)); returns (models, losses, failed_at,
     wall, snapshots) with `snapshots` the evaluation weights after each of `checkpoints`."""
@@ -390,11 +427,13 @@ def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str
     # fields that do not change the compiled program are normalised, so that fits differing
     # only in Delta (a traced argument), chunking or progress display share one compilation
     run_cfg = dataclasses.replace(cfg, step=cfg.T - cfg.delta, chunk_size=1, progress=False)
-    state, static, train_keys = _init(data.dim, run_cfg, keys)
+    n_models = len(steps)
+    steps, keys, place = _spread(np.asarray(steps), keys)
+    state, static, train_keys = place(_init(data.dim, run_cfg, keys))
     pools = None
     if cfg.train_size is not None:
-        pools = _training_sets(data, run_cfg, keys)
-    steps_arr = jnp.asarray(steps, dtype=jnp.result_type(float))
+        pools = place(_training_sets(data, run_cfg, keys))
+    steps_arr = place(jnp.asarray(steps, dtype=jnp.result_type(float)))
     losses, snapshots = [], {}
     n_chunks = math.ceil(cfg.iterations / cfg.chunk_size)
     bounds = np.linspace(0, cfg.iterations, n_chunks + 1).round().astype(int)
@@ -408,8 +447,8 @@ def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str
             chunk_loss = np.asarray(chunk_loss)
             losses.append(chunk_loss)
             if hi in checkpoints:
-                snapshots[int(hi)] = eqx.combine(
-                    state[2] if cfg.ema_decay > 0 else state[0], static
+                snapshots[int(hi)] = _first(
+                    eqx.combine(state[2] if cfg.ema_decay > 0 else state[0], static), n_models
                 )
             bar.update(int(hi - lo))
             last = chunk_loss[:, -1]
@@ -417,11 +456,11 @@ def _train(data, cfg: TrainConfig, steps: np.ndarray, keys: jax.Array, desc: str
                 bar.set_postfix(loss=f"{np.nanmean(last):.3g}")
     params, _, ema, _, _, failed_at = state
     final = ema if cfg.ema_decay > 0 else params
-    models = eqx.combine(final, static)
+    models = _first(eqx.combine(final, static), n_models)
     return (
         models,
-        np.concatenate(losses, axis=1),
-        np.asarray(failed_at),
+        np.concatenate(losses, axis=1)[:n_models],
+        np.asarray(failed_at)[:n_models],
         time.perf_counter() - start,
         snapshots,
     )
@@ -469,9 +508,16 @@ class FittedGrid(eqx.Module):
         return jax.tree_util.tree_map(lambda a: a[i, j] if eqx.is_array(a) else a, self.models)
 
     def __call__(self, x, t, s):
-        params, static = eqx.partition(self.models, eqx.is_array)
-        call = lambda p: eqx.combine(p, static)(x, t, s)  # noqa: E731
-        return jax.vmap(jax.vmap(call))(params)
+        dtype = jnp.result_type(float)
+        return _grid_call(self.models, x, jnp.asarray(t, dtype), jnp.asarray(s, dtype))
+
+
+@eqx.filter_jit
+def _grid_call(models, x, t, s):
+    """Every model of a (rows, cols) stack on the same x: one compiled program."""
+    params, static = eqx.partition(models, eqx.is_array)
+    call = lambda p: eqx.combine(p, static)(x, t, s)  # noqa: E731
+    return jax.vmap(jax.vmap(call))(params)
 
 
 def fit_grid(

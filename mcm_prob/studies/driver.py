@@ -388,7 +388,7 @@ def run_study(
         save_tree(tree, out)
 
     cells = study.cells(config)
-    todo = [c for c in cells if not bool(ds["done"][c])]
+    todo = [c for c in cells if not bool(ds["done"][c].all())]
     cache: dict = {}
     with tqdm(
         total=len(cells),

@@ -249,7 +249,8 @@ QUICK = dict(
 )
 
 _SQ = "squared distance (data units^2)"
-_CELL = ("entry", "fit_method", "train_size", "step")
+_PROGRAM = ("entry", "fit_method", "train_size")  # one compiled training program: a cell
+_CELL = _PROGRAM + ("step",)
 _Q = _CELL + ("seed",)  # at the largest budget
 _L = ("entry", "fit_method", "train_size", "budget", "step", "seed")
 _T = ("entry", "fit_method", "step")
@@ -296,8 +297,15 @@ _VARIABLES = {
         "data units",
     ),
     "final_loss": (_Q, "mean training loss over the last 10% of iterations", None),
-    "cell_wall_time": (_CELL, "wall time of the cell", "s"),
+    "cell_wall_time": (_PROGRAM, "wall time of the cell (training and evaluation)", "s"),
 }
+
+
+def _select(grid: FittedGrid, i: int, n_steps: int) -> FittedGrid:
+    """Rows i, i + n_steps, ... of a (budget x step, seed) grid: step i at every budget."""
+    rows = slice(i, None, n_steps)
+    models = jax.tree_util.tree_map(lambda a: a[rows] if eqx.is_array(a) else a, grid.models)
+    return FittedGrid(models, grid.steps[rows], grid.seeds)
 
 
 def _sampler_schedule(cfg: EstimationConfig, label: str) -> Schedule:
@@ -405,11 +413,10 @@ class EstimationStudy(Study):
         )
 
     def cells(self, cfg: EstimationConfig) -> list[dict[str, int]]:
+        """One cell per training program: (entry, fit_method, train_size), all steps."""
         return [
-            dict(zip(_CELL, idx, strict=True))
-            for idx in np.ndindex(
-                len(cfg.entries), len(cfg.methods), len(cfg.train_sizes), len(cfg.steps)
-            )
+            dict(zip(_PROGRAM, idx, strict=True))
+            for idx in np.ndindex(len(cfg.entries), len(cfg.methods), len(cfg.train_sizes))
         ]
 
     def _prepare(self, cfg: EstimationConfig, ds: xr.Dataset, r: int) -> dict:
@@ -427,73 +434,89 @@ class EstimationStudy(Study):
         return {"label": label, "data": data, "key": key, "reference": reference}
 
     def run_cell(self, cfg, ds, cell, cache, *, progress):
-        r, m, n, i = (int(cell[d]) for d in _CELL)
+        """One (entry, fit_method, train_size): the whole (step x seed) grid trained as one
+        program, with weight snapshots at every budget, then evaluated."""
+        r, m, n = (int(cell[d]) for d in _PROGRAM)
         if r not in cache:
             cache[r] = self._prepare(cfg, ds, r)
         ctx = cache[r]
         label, data, key, reference = ctx["label"], ctx["data"], ctx["key"], ctx["reference"]
         start = time.perf_counter()
-        method, step = cfg.methods[m], cfg.steps[i]
-        tcfg = cfg.train_config(label, step, method, cfg.train_sizes[n])
+        method, steps, pairs = cfg.methods[m], list(cfg.steps), cfg.pairs(label)
+        tcfg = cfg.train_config(label, steps[-1], method, cfg.train_sizes[n])
         tcfg = dataclasses.replace(tcfg, progress=progress)
         _, history = fit_grid(
-            data, tcfg, steps=[step], seeds=list(cfg.seeds), checkpoints=cfg.budgets
+            data, tcfg, steps=steps, seeds=list(cfg.seeds), checkpoints=cfg.budgets
         )
-        pairs = cfg.pairs(label)
-        failed = history["failed_at"][0] >= 0
-        teach = None
+        failed = history["failed_at"] >= 0  # (step, seed)
+        at = dict(entry=r, fit_method=m, train_size=n)
+        learned = None
         if METHODS[method][1] is not None:
-            teach = [
-                teacher_map(data, x, t, s, step=step, teacher=tcfg.teacher)
-                for (x, _), (t, s) in zip(reference, pairs, strict=True)
-            ]
-            te = metrics.consistency_error(
-                lambda x, t, s: x,
-                data,
-                pairs,
-                key=key,
-                reference=[(y, z) for y, (_, z) in zip(teach, reference, strict=True)],
-            )
-            at = dict(entry=r, fit_method=m, step=i)
-            ds["teacher_error"][at], ds["teacher_error_mean"][at] = te.per_pair, te.mean
-        # every budget's snapshot as one grid (budget x seed) evaluated in one call
+            teacher, learned = [], []
+            for step in steps:
+                teach = [
+                    teacher_map(data, x, t, s, step=step, teacher=tcfg.teacher)
+                    for (x, _), (t, s) in zip(reference, pairs, strict=True)
+                ]
+                teacher.append(
+                    metrics.consistency_error(
+                        lambda x, t, s: x,
+                        data,
+                        pairs,
+                        key=key,
+                        reference=[(y, z) for y, (_, z) in zip(teach, reference, strict=True)],
+                    )
+                )
+                learned.append([(x, y) for (x, _), y in zip(reference, teach, strict=True)])
+            te = dict(entry=r, fit_method=m)
+            ds["teacher_error"][te] = np.stack([e.per_pair for e in teacher])
+            ds["teacher_error_mean"][te] = np.stack([e.mean for e in teacher])
+        # every budget's snapshot: one (budget x step, seed) grid evaluated in one call per pair
         snaps = [history["checkpoints"][b].models for b in cfg.budgets]
+        nb, ns = len(cfg.budgets), len(steps)
         by_budget = FittedGrid(
             jax.tree_util.tree_map(
                 lambda *a: jnp.concatenate(a) if eqx.is_array(a[0]) else a[0], *snaps
             ),
-            tuple(float(b) for b in cfg.budgets),
+            tuple(float(b) for b in cfg.budgets for _ in steps),
             tuple(cfg.seeds),
         )
-        at = dict(entry=r, fit_method=m, train_size=n, step=i)
 
-        def store(name, err):  # err.per_pair: (budget, seed, pair)
-            ds[name][at] = np.where(failed[None, :, None], np.nan, err.per_pair)
-            ds[name + "_mean"][at] = np.where(failed[None, :], np.nan, err.mean)
+        def store(name, per_pair):  # per_pair: (budget, step, seed, pair)
+            ds[name][at] = np.where(failed[None, :, :, None], np.nan, per_pair)
+            ds[name + "_mean"][at] = np.where(failed[None], np.nan, per_pair.mean(-1))
+
+        def budget_step(err):  # (budget x step, seed, pair) -> (budget, step, seed, pair)
+            return err.per_pair.reshape(nb, ns, *err.per_pair.shape[1:])
 
         store(
             "consistency_error",
-            metrics.consistency_error(by_budget, data, pairs, key=key, reference=reference),
+            budget_step(
+                metrics.consistency_error(by_budget, data, pairs, key=key, reference=reference)
+            ),
         )
-        if teach is not None:
-            learned = [(x, y) for (x, _), y in zip(reference, teach, strict=True)]
-            store(
-                "learning_error",
-                metrics.consistency_error(by_budget, data, pairs, key=key, reference=learned),
-            )
+        if learned is not None:  # each step against its own teacher map
+            per_step = [
+                metrics.consistency_error(
+                    _select(by_budget, i, ns), data, pairs, key=key, reference=learned[i]
+                ).per_pair
+                for i in range(ns)
+            ]
+            store("learning_error", np.stack(per_step, 1))
         tail = max(1, tcfg.iterations // 10)
-        ds["final_loss"][at] = np.nanmean(history["loss"][0, :, -tail:], axis=-1)
+        ds["final_loss"][at] = np.nanmean(history["loss"][..., -tail:], axis=-1)
         ds["failed"][at] = failed
         final = history["checkpoints"][cfg.budgets[-1]]
-        for j in range(len(cfg.seeds)):
-            if failed[j]:
+        for i, j in np.ndindex(ns, len(cfg.seeds)):
+            if failed[i, j]:
                 continue
             kl, en = _sample_quality(
-                final[0, j], data, cfg, label, jax.random.fold_in(key, 1000 + j)
+                final[i, j], data, cfg, label, jax.random.fold_in(key, 1000 + j)
             )
-            ds["kl_estimate"][at | {"seed": j}], ds["kl_stderr"][at | {"seed": j}] = kl
-            ds["kl_grid"][at | {"seed": j}] = _grid_kl(final[0, j], data, cfg, label)
-            ds["energy_distance"][at | {"seed": j}], ds["energy_stderr"][at | {"seed": j}] = en
+            q = at | {"step": i, "seed": j}
+            ds["kl_estimate"][q], ds["kl_stderr"][q] = kl
+            ds["kl_grid"][q] = _grid_kl(final[i, j], data, cfg, label)
+            ds["energy_distance"][q], ds["energy_stderr"][q] = en
         ds["cell_wall_time"][at] = time.perf_counter() - start
 
     def finalize(self, cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
