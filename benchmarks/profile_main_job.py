@@ -68,7 +68,7 @@ _PHASES = [
     (estimation, "_sample_quality", "sampler checks (sample, k-NN KL, energy)"),
     (estimation, "_grid_kl", "grid laws (1-d entries)"),
     (estimation, "bootstrap_rates", "bootstrap"),
-    (estimation, "fit_error_model", "error models (NUTS + checks)"),
+    (estimation, "fit_error_models", "error models (NUTS + checks)"),
     (estimation, "compare_error_models", "LOO comparison"),
     (driver, "save_tree", "saving netCDF"),
 ]

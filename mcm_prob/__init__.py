@@ -30,12 +30,13 @@ from .sampling import (
     sample,
     sample_deterministic,
     sample_gamma,
+    sample_grid,
     sample_song,
     sampler_law,
     sampler_times,
 )
 from .schedules import Schedule
-from .statistics import bootstrap_rates, compare_error_models, fit_error_model
+from .statistics import bootstrap_rates, compare_error_models, fit_error_model, fit_error_models
 from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid, training_set
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "metrics",
     "consistency_error",
     "sample",
+    "sample_grid",
     "sample_deterministic",
     "sample_song",
     "sample_gamma",
@@ -81,6 +83,7 @@ __all__ = [
     "error_models",
     "bootstrap_rates",
     "fit_error_model",
+    "fit_error_models",
     "compare_error_models",
     "studies",
     "cache",

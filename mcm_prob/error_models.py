@@ -55,8 +55,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 
 import arviz_base
 import arviz_stats  # registers the .azstats accessors
@@ -74,6 +77,7 @@ __all__ = [
     "ERROR_MODELS",
     "ErrorModel",
     "fit_error_model",
+    "fit_error_models",
     "compare_error_models",
     "PPC_ALPHA",
     "R_HAT_MAX",
@@ -464,6 +468,49 @@ def fit_error_model(
             "curve": curve,
         }
     )
+
+
+def _worker_init(cache_dir: str | None) -> None:
+    """A fitting process: CPU only (never the parent's accelerator), float64, the parent's
+    persistent compilation cache."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_enable_x64", True)
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def fit_error_models(
+    errors: xr.DataArray, models=tuple(ERROR_MODELS), *, workers: int | None = None, **kwargs
+) -> dict[str, xr.DataTree]:
+    """`fit_error_model` for each of `models` (same `kwargs`), as ``{model: tree}``.
+
+    NUTS on these small models is latency-bound and keeps about 1.3 cores busy, and NumPyro's
+    effect handlers are process-global (not thread-safe), so with `workers` > 1 the models are
+    fitted in that many spawned worker processes on the CPU. None = one per model, at most one
+    per two cores: on 2 cores parallel fits gain nothing (measured: the three default models
+    took 57 s in 3 processes against 54 s one after the other), on a 16-core host they run
+    side by side. The results are those of fitting the models one after the other (same
+    programs, same seeds).
+    """
+    models = tuple(one_of("models", m, tuple(ERROR_MODELS)) for m in models)
+    if len(set(models)) != len(models) or not models:
+        raise ValueError(f"`models` must be distinct names from {list(ERROR_MODELS)}, got {models}")
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        workers = min(len(models), max(1, cores // 2))
+    workers = integer("workers", workers, ge=1)
+    error_array(errors, min_values=3)  # refuse bad input before starting processes
+    if workers == 1 or len(models) == 1:
+        return {m: fit_error_model(errors, m, **kwargs) for m in models}
+    with ProcessPoolExecutor(
+        min(workers, len(models)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(jax.config.jax_compilation_cache_dir,),
+    ) as pool:
+        futures = {m: pool.submit(fit_error_model, errors, m, **kwargs) for m in models}
+        return {m: f.result() for m, f in futures.items()}
 
 
 def compare_error_models(

@@ -30,6 +30,7 @@ from .schedules import Schedule, as_schedule
 __all__ = [
     "SamplerOutput",
     "sample",
+    "sample_grid",
     "sample_deterministic",
     "sample_song",
     "sample_gamma",
@@ -102,6 +103,46 @@ def _run_sampler(f, key, n: int, dim: int, t, s, gap):
 
     (_, y), _ = jax.lax.scan(body, (x, x), (jnp.arange(t.shape[0]), t, s, gap))
     return y
+
+
+def sample_grid(grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip=None) -> Array:
+    """`sample` for every model of a `mcm_prob.FittedGrid` as one compiled program.
+
+    Model (i, j) draws with ``keys[j]`` (one key per seed column: the models of one seed
+    share their noise, common random numbers across Delta), so ``out[i, j]`` equals
+    ``sample(grid[i, j], keys[j], n, dim=dim, schedule=schedule).samples`` up to float
+    round-off. `skip`: optional boolean (n_rows, n_cols) mask of models to leave out (e.g.
+    diverged fits); their draws are NaN. **Returns:** shape (n_rows, n_cols, n, dim);
+    non-finite draws of any other model raise.
+    """
+    n, dim = integer("n", n), integer("dim", dim)
+    sched = as_schedule(schedule)
+    rows, cols = grid.shape
+    if keys.shape != (cols,):
+        raise ValueError(f"`keys` must hold one key per grid column ({cols}), got {keys.shape}")
+    gap = np.append(sched.gaps, 0.0)
+    dtype = jnp.result_type(float)
+    times = tuple(jnp.asarray(a, dtype) for a in (sched.t, sched.s, gap))
+    y = _run_sampler_grid(grid.models, keys, int(n), int(dim), *times)
+    if skip is not None:
+        skip = np.asarray(skip, bool)
+        if skip.shape != (rows, cols):
+            raise ValueError(f"`skip` must have the grid's shape {(rows, cols)}, got {skip.shape}")
+        y = jnp.where(jnp.asarray(skip)[:, :, None, None], jnp.nan, y)
+        if not bool(jnp.all(jnp.isfinite(y) | jnp.asarray(skip)[:, :, None, None])):
+            raise FloatingPointError("the sampler produced non-finite values; check the models")
+        return y
+    return finite_or_raise(y, "the sampler produced non-finite values; check the models")
+
+
+@eqx.filter_jit
+def _run_sampler_grid(models, keys, n: int, dim: int, t, s, gap):
+    params, static = eqx.partition(models, eqx.is_array)
+
+    def one(p, key):
+        return _run_sampler(eqx.combine(p, static), key, n, dim, t, s, gap)
+
+    return jax.vmap(jax.vmap(one), in_axes=(0, None))(params, keys)
 
 
 def sample_deterministic(f, key, n, *, dim, delta, h, steps) -> SamplerOutput:

@@ -13,7 +13,7 @@ unit: a seed's runs share its random numbers, so seeds are resampled jointly acr
   (`best_step`) and that error (`error_min`), and the per-value mean errors.
 * `loglog_slope`: the deterministic least-squares slope of log values on log ALONG (e.g. the
   teacher's discretization order).
-* `fit_error_model`, `compare_error_models`: the NumPyro error models with posterior predictive
+* `fit_error_model` (`fit_error_models`: several, in parallel processes), `compare_error_models`: the NumPyro error models with posterior predictive
   checks and PSIS-LOO (`mcm_prob.error_models`).
 """
 
@@ -23,9 +23,15 @@ import numpy as np
 import xarray as xr
 
 from ._checks import error_array, integer, number
-from .error_models import compare_error_models, fit_error_model
+from .error_models import compare_error_models, fit_error_model, fit_error_models
 
-__all__ = ["bootstrap_rates", "loglog_slope", "fit_error_model", "compare_error_models"]
+__all__ = [
+    "bootstrap_rates",
+    "loglog_slope",
+    "fit_error_model",
+    "fit_error_models",
+    "compare_error_models",
+]
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:

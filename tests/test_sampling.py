@@ -238,3 +238,26 @@ def test_bad_law_arguments():
         mp.metrics.kl_gaussian(GAUSS.marginal(1.0), mp.data.Gaussian([0.0], [[1.0]]).marginal(1.0))
     with pytest.raises(TypeError, match="`p` must be a Gaussian law"):
         mp.metrics.kl_gaussian(object(), GAUSS.marginal(1.0))
+
+
+def test_sample_grid_equals_per_model_sampling():
+    """Every model of a FittedGrid sampled in one program: model (i, j) with keys[j] gives
+    `sample(grid[i, j], keys[j], ...)` to float32 round-off; skipped models are NaN."""
+    data = mp.data.Gaussian([1.0, -0.5], [[1.0, 0.3], [0.3, 0.5]])
+    cfg = mp.TrainConfig(iterations=30, width=16, depth=1, batch_size=32, T=2.0, progress=False)
+    grid, _ = mp.fit_grid(data, cfg, steps=[0.1, 0.4], seeds=[0, 1, 2])
+    sched = mp.Schedule.constant(delta=0.01, h=0.6, steps=3, tau=0.2)
+    keys = jnp.stack([jax.random.key(k) for k in (5, 6, 7)])
+    out = mp.sample_grid(grid, keys, 50, dim=2, schedule=sched)
+    assert out.shape == (2, 3, 50, 2)
+    for i in range(2):
+        for j in range(3):
+            alone = mp.sample(grid[i, j], keys[j], 50, dim=2, schedule=sched).samples
+            np.testing.assert_allclose(out[i, j], alone, rtol=1e-5, atol=1e-6)
+    skip = np.array([[False, True, False], [False, False, False]])
+    masked = mp.sample_grid(grid, keys, 50, dim=2, schedule=sched, skip=skip)
+    assert np.all(np.isnan(masked[0, 1])) and np.array_equal(masked[1], out[1])
+    with pytest.raises(ValueError, match="one key per grid column"):
+        mp.sample_grid(grid, keys[:2], 50, dim=2, schedule=sched)
+    with pytest.raises(ValueError, match="`skip` must have the grid's shape"):
+        mp.sample_grid(grid, keys, 50, dim=2, schedule=sched, skip=skip[:1])

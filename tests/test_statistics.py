@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mcm_prob.statistics import bootstrap_rates, compare_error_models, fit_error_model
+from mcm_prob.statistics import (
+    bootstrap_rates,
+    compare_error_models,
+    fit_error_model,
+    fit_error_models,
+)
 
 STEPS = np.array([0.025, 0.05, 0.1, 0.2, 0.4])
 
@@ -189,3 +194,20 @@ def test_error_model_bad_input():
         fit_error_model(bad)
     with pytest.raises(ValueError, match="at least 2 models"):
         compare_error_models(data, models=["power_law"])
+
+
+def test_error_models_in_worker_processes_equal_in_process():
+    """`fit_error_models` with 2 spawned CPU workers returns the fits of `fit_error_model` one
+    after the other, number for number; bad input is refused before any process starts."""
+    data = synthetic([2.0], rng=np.random.default_rng(5))
+    kw = dict(chains=2, warmup=100, draws=100, seed=4)
+    parallel = fit_error_models(data, ("power_law", "two_term"), workers=2, **kw)
+    assert list(parallel) == ["power_law", "two_term"]
+    for m, tree in parallel.items():
+        alone = fit_error_model(data, m, **kw)
+        for group in ("posterior", "log_likelihood", "checks"):
+            xr.testing.assert_identical(tree[group].to_dataset(), alone[group].to_dataset())
+    with pytest.raises(ValueError, match="`models` must be one of"):
+        fit_error_models(data, ("power_law", "cubic"), workers=2)
+    with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
+        fit_error_models(data, workers=0)

@@ -43,12 +43,12 @@ import xarray as xr
 
 from .. import metrics
 from .._checks import distinct, integer, number, one_of, seeds
-from ..error_models import ERROR_MODELS, PPC_ALPHA
+from ..error_models import ERROR_MODELS, PPC_ALPHA, fit_error_models
 from ..flow import ExactFlow
 from ..gridlaw import grid_law_1d
-from ..sampling import sample
+from ..sampling import sample, sample_grid
 from ..schedules import Schedule
-from ..statistics import bootstrap_rates, compare_error_models, fit_error_model, loglog_slope
+from ..statistics import bootstrap_rates, compare_error_models, loglog_slope
 from ..training import FittedGrid, TrainConfig, fit_grid, teacher_map
 from .driver import TIME_UNITS, Study, StudyConfig
 
@@ -325,15 +325,34 @@ def _grid_kl(f, data, cfg: EstimationConfig, label: str) -> float:
     return grid_law_1d(data, schedule=_sampler_schedule(cfg, label), f=f, n_grid=2001).kl
 
 
+def _seed_keys(key, n_seeds: int) -> list:
+    """The sampler-check key of each seed column (split into sampler and reference keys)."""
+    return [jax.random.fold_in(key, 1000 + j) for j in range(n_seeds)]
+
+
+def _reference_draws(data, cfg: EstimationConfig, label: str, key) -> np.ndarray:
+    """`sample_size` exact draws of p_delta, the energy distance's reference."""
+    target = data.marginal(cfg.entry_delta(label))
+    return np.asarray(target.sample(jax.random.split(key)[1], (cfg.sample_size,)), np.float64)
+
+
+def _quality(x: np.ndarray, ref: np.ndarray, data, cfg: EstimationConfig, label: str):
+    """k-NN KL against the exact p_delta and energy distance to exact draws of it."""
+    target = data.marginal(cfg.entry_delta(label))
+    return metrics.kl_knn(x, target.log_prob), metrics.energy_distance(x, ref)
+
+
 def _sample_quality(f, data, cfg: EstimationConfig, label: str, key):
     """k-NN KL and energy distance of `sample_size` draws of the sampler with f."""
-    sched = _sampler_schedule(cfg, label)
-    k1, k2 = jax.random.split(key)
-    x = sample(f, k1, cfg.sample_size, dim=data.dim, schedule=sched).samples
-    target = data.marginal(sched.delta)
-    kl = metrics.kl_knn(np.asarray(x, np.float64), target.log_prob)
-    ref = target.sample(k2, (cfg.sample_size,))
-    return kl, metrics.energy_distance(np.asarray(x, np.float64), np.asarray(ref))
+    x = sample(
+        f,
+        jax.random.split(key)[0],
+        cfg.sample_size,
+        dim=data.dim,
+        schedule=_sampler_schedule(cfg, label),
+    ).samples
+    ref = _reference_draws(data, cfg, label, key)
+    return _quality(np.asarray(x, np.float64), ref, data, cfg, label)
 
 
 class EstimationStudy(Study):
@@ -507,12 +526,20 @@ class EstimationStudy(Study):
         ds["final_loss"][at] = np.nanmean(history["loss"][..., -tail:], axis=-1)
         ds["failed"][at] = failed
         final = history["checkpoints"][cfg.budgets[-1]]
+        draws = sample_grid(
+            final,
+            jnp.stack([jax.random.split(k)[0] for k in _seed_keys(key, len(cfg.seeds))]),
+            cfg.sample_size,
+            dim=data.dim,
+            schedule=_sampler_schedule(cfg, label),
+            skip=failed,
+        )
+        draws = np.asarray(draws, np.float64)
+        refs = [_reference_draws(data, cfg, label, k) for k in _seed_keys(key, len(cfg.seeds))]
         for i, j in np.ndindex(ns, len(cfg.seeds)):
             if failed[i, j]:
                 continue
-            kl, en = _sample_quality(
-                final[i, j], data, cfg, label, jax.random.fold_in(key, 1000 + j)
-            )
+            kl, en = _quality(draws[i, j], refs[j], data, cfg, label)
             q = at | {"step": i, "seed": j}
             ds["kl_estimate"][q], ds["kl_stderr"][q] = kl
             ds["kl_grid"][q] = _grid_kl(final[i, j], data, cfg, label)
@@ -569,12 +596,9 @@ def _analyse(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
     used = json.dumps([int(v) for v in err["seed"].values])
     boot = bootstrap_rates(err, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
     boot.attrs["seeds_used"] = used
-    fits = {
-        m: fit_error_model(
-            err, m, chains=cfg.chains, warmup=cfg.warmup, draws=cfg.draws, seed=cfg.seed
-        )
-        for m in cfg.error_models
-    }
+    fits = fit_error_models(
+        err, cfg.error_models, chains=cfg.chains, warmup=cfg.warmup, draws=cfg.draws, seed=cfg.seed
+    )
     out = {"/bootstrap": boot}
     for m, tree in fits.items():
         for node in tree.subtree:
