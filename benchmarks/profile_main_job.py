@@ -66,6 +66,8 @@ _PHASES = [
     (estimation, "teacher_map", "teacher maps"),
     (estimation.metrics, "consistency_error", "consistency errors"),
     (estimation, "_sample_quality", "sampler checks (sample, k-NN KL, energy)"),
+    (estimation, "sample_grid", "sampler checks (sample, k-NN KL, energy)"),
+    (estimation, "_quality", "sampler checks (sample, k-NN KL, energy)"),
     (estimation, "_grid_kl", "grid laws (1-d entries)"),
     (estimation, "bootstrap_rates", "bootstrap"),
     (estimation, "fit_error_models", "error models (NUTS + checks)"),

@@ -473,7 +473,7 @@ def fit_error_model(
 def _worker_init(cache_dir: str | None) -> None:
     """A fitting process: CPU only (never the parent's accelerator), float64, the parent's
     persistent compilation cache."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")  # read at import from the environment: too late
     jax.config.update("jax_enable_x64", True)
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -1,0 +1,17 @@
+# Device runs behind benchmarks/README.md (bash benchmarks/run_gpu.sh MODE on the GPU host).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks || exit
+nvidia-smi --query-gpu=name --format=csv,noheader
+export XDG_CACHE_HOME=/tmp/xdgx
+case "$1" in
+main)  # main job, one GPU, cold then warm cache; PyTorch side by side
+  export CUDA_VISIBLE_DEVICES=0
+  python3 benchmarks/profile_main_job.py 2>$OUT/pcold.err | tee $OUT/cold.json
+  python3 benchmarks/profile_main_job.py 2>$OUT/pwarm.err | tee $OUT/warm.json
+  timeout 330 python3 benchmarks/bench_pytorch.py --models 1 16 64 256 1024 --iterations 200 2>$OUT/torch.err | tee $OUT/torch.json ;;
+scaling)  # strong scaling of a 1024-model grid and of the main job over 1, 2, 4 GPUs
+  for d in 0 0,1 0,1,2,3; do
+    CUDA_VISIBLE_DEVICES=$d python3 benchmarks/bench_scaling.py --models 1024 --iterations 1000 2>>$OUT/scaling.err | tee -a $OUT/scaling.json
+  done
+  CUDA_VISIBLE_DEVICES=0,1,2,3 python3 benchmarks/profile_main_job.py 2>$OUT/p4.err | tee $OUT/main4.json
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --variants torch-vmap torch-compile 2>$OUT/torch.err | tee $OUT/torch.json ;;
+esac
