@@ -17,7 +17,9 @@ PyTorch variants, all on the same arithmetic:
 * ``torch-cudagraphs``: `torch.compile(mode="reduce-overhead")`, which captures CUDA graphs (CUDA
   only).
 
-Every side is timed after warm-up iterations that compile it (best of `--repeats`); JAX runs the
+On a CPU, JAX gets one XLA device per core (`mcm_prob.devices`; the grid is sharded over them)
+and PyTorch its default intra-op threads over the same cores. Every side is timed after warm-up
+iterations that compile it (best of `--repeats`); JAX runs the
 `iterations` inside one `lax.scan`, PyTorch as a Python loop of steps (its idiom). A large
 matrix product (4096^2 float32, TF32 off) is timed in the same process by each library; the
 FLOP/s of each side is reported as a fraction of its own library's.
@@ -36,11 +38,14 @@ import json
 import math
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from mcm_prob.devices import use_every_cpu_core
 
-import mcm_prob as mp
+use_every_cpu_core()  # on a CPU: one XLA device per core, as the mcm-prob command does
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mcm_prob as mp  # noqa: E402
 
 MEAN = np.array([1.0, -0.5])
 COV = np.array([[1.0, 0.3], [0.3, 0.5]])

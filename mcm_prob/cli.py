@@ -1,6 +1,8 @@
 """The `mcm-prob` command line: it only parses arguments; the studies do the work.
 
     mcm-prob run STUDY [--config FILE.toml] [--quick] --out FILE.nc [--resume | --overwrite]
+                       [--part I/N]
+    mcm-prob merge STUDY PART.nc... [--config FILE.toml] [--quick] --out FILE.nc
     mcm-prob report FILE.nc      # summary table on stdout, a PNG plot next to the file
     mcm-prob info FILE.nc        # provenance and the data specs
 
@@ -39,14 +41,19 @@ def _run(args) -> int:
         return _fail(f"bad config: {err}", 2)
     out = Path(args.out)
     try:
-        tree = studies.run_study(
-            study,
-            config,
-            out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        part = _parse_part(args.part)
+        if args.command == "merge":
+            tree = studies.merge(study.name, config, args.parts, out)
+        else:
+            tree = studies.run_study(
+                study,
+                config,
+                out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                part=part,
+            )
     except (studies.StudyExists, ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
@@ -58,6 +65,15 @@ def _run(args) -> int:
         f"wrote {out} ({tree.attrs.get('status')}, wall time {tree.attrs.get('wall_time_s', float('nan')):.1f} s)"
     )
     return 0
+
+
+def _parse_part(text: str | None):
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit()):
+        raise ValueError(f"--part must look like I/N (e.g. 0/2), got {text!r}")
+    return int(i), int(n)
 
 
 def _load(path: Path):
@@ -141,7 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--overwrite", action="store_true", help="replace an existing file")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--part",
+        help="I/N: run only every N-th cell from cell I (process I of N, e.g. one per host); "
+        "combine the N files with `mcm-prob merge`",
+    )
     run.set_defaults(func=_run)
+    merge = sub.add_parser(
+        "merge", help="combine the part files of a split run (--part I/N) into one file"
+    )
+    merge.add_argument("study", choices=sorted(STUDIES))
+    merge.add_argument("parts", nargs="+", help="the part files")
+    merge.add_argument("--config", help="the TOML file the parts were run with")
+    merge.add_argument("--quick", action="store_true", help="the parts were run with --quick")
+    merge.add_argument("--out", required=True, help="output netCDF file")
+    merge.set_defaults(func=_run, part=None)
     rep = sub.add_parser("report", help="print a summary and write a plot next to the file")
     rep.add_argument("file")
     rep.set_defaults(func=_report)

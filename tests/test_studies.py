@@ -370,6 +370,26 @@ def test_sampling_study_and_cli(tmp_path, capsys):
     assert '"max_steps": 3' not in capsys.readouterr().out  # printed as `max_steps: 3`
     assert cli.main(["run", "sampling", "--config", str(cfg_file), "--out", str(out)]) == 1
     assert "--resume" in capsys.readouterr().err
+    # split over 2 processes (--part I/N, e.g. one per host) and merged: the single run's file
+    parts = [tmp_path / f"part{i}.nc" for i in range(2)]
+    for i, path in enumerate(parts):
+        args = ["run", "sampling", "--config", str(cfg_file), "--out", str(path)]
+        assert cli.main(args + ["--part", f"{i}/2", "--no-progress"]) == 0
+        part = load_tree(path)
+        assert part.attrs["status"] == "partial" and part.attrs["part"] == f"{i}/2"
+        np.testing.assert_array_equal(part["results"]["done"].values, [i == 0, i == 1] * 2)
+    merged_file = tmp_path / "merged.nc"
+    args = ["merge", "sampling", *map(str, parts), "--config", str(cfg_file)]
+    assert cli.main(args + ["--out", str(merged_file)]) == 0
+    merged = load_tree(merged_file)
+    assert merged.attrs["status"] == "complete" and merged.attrs["merged_from"] == 2
+    for group in ("results", "fits"):
+        xr.testing.assert_identical(merged[group].to_dataset(), tree[group].to_dataset())
+    assert cli.main(args + ["--out", str(merged_file)]) == 1  # never replaces a file
+    assert cli.main(args[:-2] + ["--out", str(tmp_path / "m2.nc")]) == 1  # config differs
+    assert "different config" in capsys.readouterr().err
+    assert cli.main(["run", "sampling", "--part", "2/2", "--out", str(tmp_path / "x.nc")]) == 1
+    assert "`part` must be (i, n) with integers 0 <= i < n" in capsys.readouterr().err
     with pytest.raises(ValueError, match="data.dirac.*needs exact sampler laws"):
         studies.SamplingConfig(data={"dirac": {"family": "dirac_mixture", "atoms": [[0.0]]}})
 

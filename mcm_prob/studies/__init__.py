@@ -28,6 +28,7 @@ from .driver import (
     data_entries,
     describe,
     load_config,
+    merge_parts,
     run_study,
 )
 from .error_injection import InjectionConfig, InjectionStudy
@@ -40,6 +41,7 @@ __all__ = [
     "register",
     "get",
     "run",
+    "merge",
     "run_estimation",
     "run_sampling",
     "run_error_injection",
@@ -93,6 +95,11 @@ def get(name: str) -> Study:
 def run(name: str, config, out: str | Path, **kwargs) -> xr.DataTree:
     """Run the registered study `name` (keyword arguments as `run_study`)."""
     return run_study(get(name), config, out, **kwargs)
+
+
+def merge(name: str, config, parts, out: str | Path) -> xr.DataTree:
+    """Merge the part files of the registered study `name` (see `driver.merge_parts`)."""
+    return merge_parts(get(name), config, parts, out)
 
 
 def _with_data(config, data):

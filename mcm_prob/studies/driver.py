@@ -53,6 +53,7 @@ __all__ = [
     "data_entries",
     "describe",
     "run_study",
+    "merge_parts",
     "load_config",
     "config_diff",
     "TIME_UNITS",
@@ -354,14 +355,21 @@ def run_study(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> xr.DataTree:
     """Run (or resume) `study` with `config`, saving `out` after every finished cell.
 
     `stop_after`: return after that many newly finished cells (the file is then partial and
     `resume=True` completes it). Interruptions (KeyboardInterrupt) keep the finished cells.
+    `part` = (i, n): run only cells i, i + n, i + 2n, ... (process i of n, e.g. one per host
+    after `jax.distributed.initialize`, with ``(jax.process_index(), jax.process_count())``);
+    the file stays ``"partial"`` with attribute ``part`` = "i/n", and `merge_parts` combines
+    the n files into one and runs the analysis.
     JAX's persistent compilation cache is turned on (`mcm_prob.cache`; opt out with
     ``MCM_PROB_COMPILATION_CACHE=off``) and its directory recorded in the provenance.
     """
+    if part is not None:
+        part = _part(part)
     if not isinstance(config, study.config_type):
         raise TypeError(
             f"`config` must be a {study.config_type.__name__} for the {study.name} study, "
@@ -385,9 +393,13 @@ def run_study(
             wall_time=elapsed + time.perf_counter() - start,
             study=study.name,
         ) | {"status": status}
+        if part is not None:
+            tree.attrs["part"] = f"{part[0]}/{part[1]}"
         save_tree(tree, out)
 
     cells = study.cells(config)
+    if part is not None:
+        cells = cells[part[0] :: part[1]]
     todo = [c for c in cells if not bool(ds["done"][c].all())]
     cache: dict = {}
     with tqdm(
@@ -403,5 +415,68 @@ def run_study(
             bar.update(1)
             if stop_after is not None and n >= stop_after and n < len(todo):
                 return load_tree(out)
+    if part is not None:
+        save({"/results": ds}, "partial")
+        return load_tree(out)
     save({"/results": ds} | study.finalize(config, ds), "complete")
+    return load_tree(out)
+
+
+def _part(part) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in part)
+        ok = 0 <= i < n and tuple(part) == (i, n)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"`part` must be (i, n) with integers 0 <= i < n, got {part!r}")
+    return i, n
+
+
+def merge_parts(study: Study, config, parts, out: str | Path) -> xr.DataTree:
+    """Combine the files of a run split with `run_study(..., part=(i, n))` into `out`.
+
+    Every part must hold this study with this config. A cell's values come from the part
+    that finished it; values outside the cells (per-entry references) from the first part
+    that has them. When every cell is done the study's analysis runs and `out` is complete;
+    otherwise it stays partial and `run_study(..., resume=True)` finishes it. Wall times add.
+    """
+    _require_x64()
+    parts, out = [Path(p) for p in parts], Path(out)
+    if not parts:
+        raise ValueError("`parts` must name at least one partial result file")
+    if out.exists():
+        raise StudyExists(f"{out} exists: merge into a new file")
+    cfg_json = config.to_json()
+    trees = []
+    for path in parts:
+        tree = _open(path, cfg_json, resume=True, overwrite=False, study=study.name)
+        trees.append(tree)
+    merged = trees[0]["results"].to_dataset()
+    done_dims = merged["done"].dims
+    for tree in trees[1:]:
+        ds = tree["results"].to_dataset()
+        done = ds["done"]
+        for name, var in ds.data_vars.items():
+            if name == "done":
+                continue
+            if set(done_dims) <= set(var.dims):
+                merged[name] = xr.where(done, var, merged[name]).transpose(*var.dims)
+            else:
+                merged[name] = merged[name].fillna(var) if var.dtype.kind == "f" else merged[name]
+        merged["done"] = merged["done"] | done
+    for name, var in trees[0]["results"].to_dataset().data_vars.items():
+        merged[name].attrs = var.attrs
+    wall = sum(float(t.attrs.get("wall_time_s", 0.0)) for t in trees)
+    complete = bool(merged["done"].all())
+    groups = {"/results": merged} | (study.finalize(config, merged) if complete else {})
+    tree = xr.DataTree.from_dict(groups)
+    tree.attrs = provenance(
+        config_json=cfg_json,
+        seeds=study.seeds(config),
+        dtype=study.dtype(config),
+        wall_time=wall,
+        study=study.name,
+    ) | {"status": "complete" if complete else "partial", "merged_from": len(parts)}
+    save_tree(tree, out)
     return load_tree(out)
