@@ -179,7 +179,7 @@ def steps_to_accuracy(
         if horizon is None and kwargs.get("schedule") is not None:
             first, last = kwargs["schedule"](1).horizon, kwargs["schedule"](max_steps).horizon
             horizon = first if math.isclose(first, last) else None
-    grid = {n: v for n, v in kwargs.items() if n in ("dim", "n_grid", "half_width")}
+    grid = {n: v for n, v in kwargs.items() if n in ("dim", "n_grid", "half_width", "grid")}
     start = None if horizon is None else start_error(data, horizon, kwargs["delta"], **grid)
     reason = None
     if k is None:

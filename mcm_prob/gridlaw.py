@@ -49,7 +49,7 @@ from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array
 from scipy import special, stats
 
-from ._checks import integer
+from ._checks import integer, real_array
 from .data import DataDistribution, DiracMixture, Gaussian, GaussianMixture, UniformBox
 from .flow import pf_flow
 from .schedules import Schedule, as_schedule
@@ -176,13 +176,16 @@ def grid_law_1d(
     f=None,
     n_grid: int = 4001,
     half_width: float | None = None,
+    grid: np.ndarray | None = None,
 ) -> GridLaw:
     """Law of `mcm_prob.sample` for a 1-d family, on a grid (see module doc).
 
     **Arguments:** `data` with `dim == 1`; the sampler's schedule (constant step `delta`, `h`,
     `steps`, `tau`, or any `schedule`); `f`: the consistency function f(x, t, s) on x of shape
     (n, 1), e.g. a fitted net (default: the exact flow); `n_grid` uniform points on
-    [-half_width, half_width] (default: 8 plus the data's extent).
+    [-half_width, half_width] (default: 8 plus the data's extent). `grid`: the points of
+    `grid_points(data, delta, n_grid, half_width)` computed once, when many laws of the same
+    data and delta are wanted (it replaces `n_grid` and `half_width`).
     """
     if data.dim != 1:
         raise ValueError(f"`data` must be a 1-d family (dim == 1), got dim = {data.dim}")
@@ -191,10 +194,15 @@ def grid_law_1d(
         raise TypeError(f"`f` must be a callable f(x, t, s), got {type(f).__name__}")
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
     t, s, gap = sched.t, sched.s, sched.gaps
-    x = grid_points(data, sched.delta, n_grid, half_width)
+    if grid is None:
+        x = grid_points(data, sched.delta, n_grid, half_width)
+    else:
+        x = real_array("grid", grid, ndim=1)
+        if x.size < 101 or not np.all(np.diff(x) > 0):
+            raise ValueError("`grid` must be at least 101 strictly increasing points")
     w = _trapezoid_weights(x)
     q = stats.norm.pdf(x)
-    transport = []
+    transport, kernels = [], {}
     for k in range(sched.steps):
         log_p = _log_density(data, x, s[k])
         if f is None:
@@ -204,10 +212,15 @@ def grid_law_1d(
             q, how = _push_step(f, x, w, q, log_p_s_of, t[k], s[k])
         transport.append(how)
         if k < sched.steps - 1 and gap[k] > 0:
-            a, sd = math.exp(-gap[k]), math.sqrt(-math.expm1(-2 * gap[k]))
-            kernel = stats.norm.pdf(x[:, None], a * x[None, :], sd)
-            kernel /= (w[:, None] * kernel).sum(0, keepdims=True)
-            q = kernel @ (w * q)
+            if gap[k] not in kernels:  # OU transition density, columns normalised on the grid
+                a, sd = math.exp(-gap[k]), math.sqrt(-math.expm1(-2 * gap[k]))
+                kernel = np.subtract.outer(x / sd, (a / sd) * x)  # in place: N^2 floats
+                np.square(kernel, out=kernel)
+                kernel *= -0.5
+                np.exp(kernel, out=kernel)
+                kernel /= w @ kernel
+                kernels[gap[k]] = kernel
+            q = kernels[gap[k]] @ (w * q)
     mass = float(np.sum(w * q))
     kl = float(np.sum(w * _kl_integrand(q, log_p)))
     if not (math.isfinite(kl) and math.isfinite(mass)):

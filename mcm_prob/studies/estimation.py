@@ -3,9 +3,10 @@ r"""Estimation study: consistency error versus the discretization step, on the u
 Grid: data entry (label -> spec or distribution; its regime comes from the distribution) x
 fitting method `fit_method` (``cd-euler``, ``cd-heun``, ``cd-exact``, ``ct``) x training-set size
 `train_size` (inf = fresh draws every iteration) x training `budget` (iterations) x step
-Delta x seed. One cell = (entry, fit_method, train_size, step): all seeds in one compiled
-program, snapshots of the weights at every budget (constant learning rate: a snapshot at k is
-the k-iteration fit). Recorded on (t, s) pairs that lie on every Delta grid: the consistency
+Delta x seed. One cell = (entry, fit_method, train_size): the whole (step x seed) grid in one
+compiled program (sharded over the local devices), snapshots of the weights at every budget
+(constant learning rate: a snapshot at k is the k-iteration fit), evaluated by compiled
+programs over all its models. Recorded on (t, s) pairs that lie on every Delta grid: the consistency
 error against the exact flow; the teacher's own error (its composed Delta-steps against the
 exact flow, no learning: the discretization part) and the learning error (against the composed
 teacher map, which is what CD targets); at the largest budget the quality of the multi-step
