@@ -35,11 +35,15 @@ def use_every_cpu_core() -> bool:
     """Ask XLA for one CPU device per available core (see the module docstring). Returns True
     when the flag was set; False when ``XLA_FLAGS`` already names a count, there is one core,
     or JAX's backends are already running (then the flag would have no effect)."""
-    from jax._src import xla_bridge
+    try:  # a private helper of JAX; without it assume the backends are not running yet
+        from jax._src.xla_bridge import backends_are_initialized
 
+        started = backends_are_initialized()
+    except (ImportError, AttributeError):
+        started = False
     flags = os.environ.get("XLA_FLAGS", "")
     n = _cores()
-    if _FLAG in flags or n < 2 or xla_bridge.backends_are_initialized():
+    if _FLAG in flags or n < 2 or started:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
     return True

@@ -1,0 +1,32 @@
+"""One XLA CPU device per core for the command line (`mcm_prob.devices`)."""
+
+import os
+import subprocess
+import sys
+
+_CHECK = """
+import os, jax
+from mcm_prob.devices import describe_devices, use_every_cpu_core
+cores = len(os.sched_getaffinity(0))
+set_now = use_every_cpu_core()
+print(set_now, cores, jax.local_device_count(), describe_devices(), use_every_cpu_core())
+"""
+
+
+def _run(env):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env
+    out = subprocess.run(
+        [sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+def test_one_cpu_device_per_core_unless_the_user_chose():
+    set_now, cores, n, *desc, again = _run({"JAX_PLATFORMS": "cpu"})
+    cores, n = int(cores), int(n)
+    assert set_now == str(cores > 1) and n == cores and again == "False"
+    assert " ".join(desc) == f"{cores} x cpu (cpu)"
+    # a device count already in XLA_FLAGS wins
+    flags = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    set_now, _, n, *_ = _run(flags)
+    assert set_now == "False" and n == "3"
