@@ -27,8 +27,8 @@ learning error remains.
 $P(n) \propto \Phi(\frac{\log t_n - \mu}{s}) - \Phi(\frac{\log t_{n-1} - \mu}{s})$ (iCT).
 
 **Fitting.** Every model of a grid of $(\Delta, \text{seed})$ pairs is trained in one
-`jax.jit`-compiled program: `jax.vmap` over models, `lax.scan` over iterations, chunked for a
-progress bar. A non-finite loss freezes that model (its later losses are NaN) and
+`jax.jit`-compiled program: `jax.vmap` over models (sharded over every local device),
+`lax.scan` over iterations, chunked for a progress bar. A non-finite loss freezes that model (its later losses are NaN) and
 records the iteration; `fit` then raises, `fit_grid` marks the model as failed.
 """
 
@@ -396,7 +396,8 @@ def _spread(steps: np.ndarray, keys: jax.Array):
     """Pad the model axis to a multiple of the local device count (repeating the last model)
     and return `place`, which shards a pytree's leading model axis over the devices (a 1-d
     mesh ``"models"``); with one device nothing is padded or moved. Models never interact,
-    so the partitioned program computes exactly what the single-device one does."""
+    so the partitioned program computes the single-device models, up to round-off (XLA may
+    vectorise another number of models per device differently)."""
     devices = jax.local_devices()
     if len(devices) == 1:
         return steps, keys, lambda tree: tree
