@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from ._checks import integer
+from ._checks import check_times, integer
 from .forward import alpha, sigma, snr_ratio
 
 __all__ = ["ConsistencyNet", "boundary_coefficients"]
@@ -41,8 +41,17 @@ def boundary_coefficients(t: ArrayLike, s: ArrayLike) -> tuple[Array, Array]:
     return ratio, jnp.where(same, 0.0, alpha(s) - alpha(t) * ratio)
 
 
+def _log_snr_ratio(tau: Array) -> Array:
+    """log rho_tau, finite for every tau >= 0 in float32 too: e^{2 tau} - 1 overflows float32
+    beyond tau = 44, so large tau use log rho = tau + log(1 - e^{-2 tau}) / 2 (equal to round-off
+    where both are finite); tau = 0 gives log of the dtype's tiny number."""
+    large = tau > 15.0
+    direct = jnp.log(jnp.maximum(snr_ratio(jnp.where(large, 0.0, tau)), jnp.finfo(tau.dtype).tiny))
+    return jnp.where(large, tau + 0.5 * jnp.log(-jnp.expm1(-2.0 * tau)), direct)
+
+
 def _time_features(tau: Array, n_freq: int) -> Array:
-    c = 0.25 * jnp.log(jnp.maximum(snr_ratio(tau), jnp.finfo(tau.dtype).tiny))
+    c = 0.25 * _log_snr_ratio(tau)
     freqs = 2.0 ** jnp.arange(n_freq, dtype=tau.dtype)
     return jnp.concatenate([c[None], jnp.sin(freqs * c), jnp.cos(freqs * c)])
 
@@ -97,6 +106,7 @@ class ConsistencyNet(eqx.Module):
         return skip * x + out * self.denoiser(x, t, s)
 
     def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
+        check_times(t, s)  # 0 <= s <= t where the times are concrete (not under jit)
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"`x` must have trailing dimension {self.dim}, got shape {x.shape}")

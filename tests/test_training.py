@@ -339,3 +339,22 @@ def test_sharded_grid_equals_single_device(tmp_path):
     np.testing.assert_allclose(got["loss"], history["loss"], rtol=1e-12)
     for k, a in enumerate(jax.tree_util.tree_leaves(eqx.filter(grid.models, eqx.is_array))):
         np.testing.assert_allclose(got[f"w{k}"], np.asarray(a), rtol=1e-11, atol=1e-14)
+
+
+def test_network_finite_at_large_times_and_refuses_s_above_t():
+    """float32 nets stay finite far beyond t = 44 (where e^{2t} - 1 overflows float32); the
+    time feature log rho_t matches float64 numpy to float32 round-off; s > t is refused."""
+    from mcm_prob.networks import _log_snr_ratio
+
+    tau = np.array([1e-4, 0.3, 5.0, 14.9, 15.1, 40.0, 44.5, 100.0, 1e4])
+    exact = tau + 0.5 * np.log(-np.expm1(-2 * tau))  # log sqrt(e^{2 tau} - 1), float64
+    got = np.asarray(_log_snr_ratio(jnp.asarray(tau, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-6)
+    net = mp.ConsistencyNet(2, width=16, depth=1, key=jax.random.key(0))
+    x = jnp.ones((3, 2), jnp.float32)
+    for t, s in ((50.0, 0.01), (100.0, 60.0), (300.0, 300.0), (44.0, 0.0)):
+        out = np.asarray(net(x, t, s))
+        assert np.all(np.isfinite(out)), (t, s)
+    np.testing.assert_array_equal(net(x, 300.0, 300.0), x)  # f(x, t, t) = x
+    with pytest.raises(ValueError, match=r"need 0 <= s <= t, got s=2.0 > t=1.0"):
+        net(x, 1.0, 2.0)
