@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 
 from mcm_prob.devices import use_every_cpu_core
 
@@ -44,12 +42,22 @@ use_every_cpu_core()  # on a CPU: one XLA device per core, as the mcm-prob comma
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_training import (  # noqa: E402  (the standard workload, one definition)
+    BATCH,
+    COV,
+    DELTA,
+    DEPTH,
+    LR,
+    MEAN,
+    N_FREQ,
+    WIDTH,
+    T,
+    config,
+    timed,
+)
 
 import mcm_prob as mp  # noqa: E402
 
-MEAN = np.array([1.0, -0.5])
-COV = np.array([[1.0, 0.3], [0.3, 0.5]])
-WIDTH, DEPTH, BATCH, LR, T, DELTA, N_FREQ = 128, 3, 256, 1e-3, 4.0, 0.01, 4
 N_IN = 2 + 2 * (1 + 2 * N_FREQ)
 MACS = N_IN * WIDTH + (DEPTH - 1) * WIDTH * WIDTH + WIDTH * 2  # per sample, forward
 FLOP_PER_MODEL_IT = 4 * 2 * BATCH * MACS
@@ -57,45 +65,19 @@ FLOP_PER_MODEL_IT = 4 * 2 * BATCH * MACS
 
 def jax_side(n_models: int, iterations: int, repeats: int) -> float:
     """Seconds for `iterations` of an n-model `fit_grid` (after a compiling call)."""
-    cfg = mp.TrainConfig(
-        method="cd",
-        teacher="euler",
-        iterations=iterations,
-        chunk_size=iterations,
-        width=WIDTH,
-        depth=DEPTH,
-        batch_size=BATCH,
-        learning_rate=LR,
-        T=T,
-        delta=DELTA,
-        ema_decay=0.0,
-        progress=False,
-    )
-    data = mp.data.Gaussian(MEAN, COV)
+    data, cfg = mp.data.Gaussian(MEAN, COV), config(iterations)
     steps = np.geomspace(0.05, 0.4, n_models)
 
     def run():
         jax.block_until_ready(mp.fit_grid(data, cfg, steps=steps, seeds=[0])[0].models)
 
-    return _best(run, repeats, warmup=1)
+    return timed(run, repeats)
 
 
 def jax_matmul_flops() -> float:
     a = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
     f = jax.jit(lambda a: jnp.matmul(a, a, precision="highest"))
-    sec = _best(lambda: f(a).block_until_ready(), 3, warmup=1)
-    return 2 * 4096**3 / sec
-
-
-def _best(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return 2 * 4096**3 / timed(lambda: f(a).block_until_ready(), 3)
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -159,13 +141,13 @@ def torch_sides(n_models: int, iterations: int, repeats: int, variants) -> dict[
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(step_fn):
+    def time_steps(step_fn):
         def run():
             for _ in range(iterations):
                 step_fn()
             sync()
 
-        return _best(run, repeats, warmup=1)
+        return timed(run, repeats)
 
     if "torch-loop" in variants:
         opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in nets]
@@ -180,7 +162,7 @@ def torch_sides(n_models: int, iterations: int, repeats: int, variants) -> dict[
                 loss.backward()
                 opt.step()
 
-        out["torch-loop"] = timed(loop_step)
+        out["torch-loop"] = time_steps(loop_step)
 
     params, buffers = stack_module_state([copy.deepcopy(m) for m in nets])
     base = copy.deepcopy(nets[0]).to("meta")
@@ -201,7 +183,7 @@ def torch_sides(n_models: int, iterations: int, repeats: int, variants) -> dict[
         opt.step()
 
     if "torch-vmap" in variants:
-        out["torch-vmap"] = timed(vmap_step)
+        out["torch-vmap"] = time_steps(vmap_step)
     modes = {"torch-compile": "default"}
     if dev.type == "cuda":
         modes["torch-cudagraphs"] = "reduce-overhead"
@@ -221,11 +203,11 @@ def torch_sides(n_models: int, iterations: int, repeats: int, variants) -> dict[
             adam_c()
 
         try:
-            out[name] = timed(compiled_step)
+            out[name] = time_steps(compiled_step)
         except Exception as err:  # noqa: BLE001 - report, do not hide, a variant that fails
             out[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     a = torch.randn(4096, 4096, **f32)
-    sec = _best(lambda: (a @ a, sync()), 3, warmup=1)
+    sec = timed(lambda: (a @ a, sync()), 3)
     out["matmul_flops"] = 2 * 4096**3 / sec
     out["torch"] = torch.__version__
     out["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"

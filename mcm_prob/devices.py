@@ -20,12 +20,13 @@ import os
 
 import jax
 
-__all__ = ["use_every_cpu_core", "describe_devices"]
+__all__ = ["use_every_cpu_core", "describe_devices", "cpu_cores"]
 
 _FLAG = "--xla_force_host_platform_device_count"
 
 
-def _cores() -> int:
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -42,7 +43,7 @@ def use_every_cpu_core() -> bool:
     except (ImportError, AttributeError):
         started = False
     flags = os.environ.get("XLA_FLAGS", "")
-    n = _cores()
+    n = cpu_cores()
     if _FLAG in flags or n < 2 or started:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()

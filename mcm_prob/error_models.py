@@ -56,7 +56,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -72,6 +71,7 @@ import xarray as xr
 from numpyro.infer import MCMC, NUTS
 
 from ._checks import error_array, integer, number, one_of
+from .devices import cpu_cores
 
 __all__ = [
     "ERROR_MODELS",
@@ -497,8 +497,7 @@ def fit_error_models(
     if len(set(models)) != len(models) or not models:
         raise ValueError(f"`models` must be distinct names from {list(ERROR_MODELS)}, got {models}")
     if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        workers = min(len(models), max(1, cores // 2))
+        workers = min(len(models), max(1, cpu_cores() // 2))
     workers = integer("workers", workers, ge=1)
     error_array(errors, min_values=3)  # refuse bad input before starting processes
     if workers == 1 or len(models) == 1:

@@ -123,16 +123,14 @@ def sample_grid(grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip
     gap = np.append(sched.gaps, 0.0)
     dtype = jnp.result_type(float)
     times = tuple(jnp.asarray(a, dtype) for a in (sched.t, sched.s, gap))
+    skip = np.zeros((rows, cols), bool) if skip is None else np.asarray(skip, bool)
+    if skip.shape != (rows, cols):
+        raise ValueError(f"`skip` must have the grid's shape {(rows, cols)}, got {skip.shape}")
     y = _run_sampler_grid(grid.models, keys, int(n), int(dim), *times)
-    if skip is not None:
-        skip = np.asarray(skip, bool)
-        if skip.shape != (rows, cols):
-            raise ValueError(f"`skip` must have the grid's shape {(rows, cols)}, got {skip.shape}")
-        y = jnp.where(jnp.asarray(skip)[:, :, None, None], jnp.nan, y)
-        if not bool(jnp.all(jnp.isfinite(y) | jnp.asarray(skip)[:, :, None, None])):
-            raise FloatingPointError("the sampler produced non-finite values; check the models")
-        return y
-    return finite_or_raise(y, "the sampler produced non-finite values; check the models")
+    mask = jnp.asarray(skip)[:, :, None, None]
+    if not bool(jnp.all(jnp.isfinite(y) | mask)):
+        raise FloatingPointError("the sampler produced non-finite values; check the models")
+    return jnp.where(mask, jnp.nan, y)
 
 
 @eqx.filter_jit

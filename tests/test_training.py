@@ -301,16 +301,8 @@ np.savez(sys.argv[1], loss=history["loss"], failed_at=history["failed_at"],
 def sharding_case():
     """A 3 x 2 grid (6 models: padded to 8 on 4 devices) with a training-set pool and
     checkpoints, the parts that carry the model axis."""
-    cfg = mp.TrainConfig(
-        iterations=40,
-        chunk_size=15,
-        width=16,
-        depth=1,
-        batch_size=32,
-        train_size=50,
-        dtype="float64",
-        **{k: v for k, v in SMALL.items() if k not in ("width", "depth")},
-    )
+    changes = dict(width=16, depth=1, iterations=40, chunk_size=15, batch_size=32)
+    cfg = mp.TrainConfig(**(SMALL | changes), train_size=50, dtype="float64")
     return mp.fit_grid(MIX, cfg, steps=[0.05, 0.1, 0.3], seeds=[1, 2], checkpoints=[20])
 
 

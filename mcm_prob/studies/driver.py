@@ -385,17 +385,9 @@ def run_study(
     elapsed = 0.0 if previous is None else float(previous.attrs.get("wall_time_s", 0.0))
 
     def save(groups: dict, status: str) -> None:
-        tree = xr.DataTree.from_dict(groups)
-        tree.attrs = provenance(
-            config_json=cfg_json,
-            seeds=study.seeds(config),
-            dtype=study.dtype(config),
-            wall_time=elapsed + time.perf_counter() - start,
-            study=study.name,
-        ) | {"status": status}
-        if part is not None:
-            tree.attrs["part"] = f"{part[0]}/{part[1]}"
-        save_tree(tree, out)
+        extra = {"status": status} | ({} if part is None else {"part": f"{part[0]}/{part[1]}"})
+        wall = elapsed + time.perf_counter() - start
+        _save(study, config, cfg_json, groups, wall, extra, out)
 
     cells = study.cells(config)
     if part is not None:
@@ -448,10 +440,7 @@ def merge_parts(study: Study, config, parts, out: str | Path) -> xr.DataTree:
     if out.exists():
         raise StudyExists(f"{out} exists: merge into a new file")
     cfg_json = config.to_json()
-    trees = []
-    for path in parts:
-        tree = _open(path, cfg_json, resume=True, overwrite=False, study=study.name)
-        trees.append(tree)
+    trees = [_open(p, cfg_json, resume=True, overwrite=False, study=study.name) for p in parts]
     merged = trees[0]["results"].to_dataset()
     done_dims = merged["done"].dims
     for tree in trees[1:]:
@@ -470,13 +459,22 @@ def merge_parts(study: Study, config, parts, out: str | Path) -> xr.DataTree:
     wall = sum(float(t.attrs.get("wall_time_s", 0.0)) for t in trees)
     complete = bool(merged["done"].all())
     groups = {"/results": merged} | (study.finalize(config, merged) if complete else {})
-    tree = xr.DataTree.from_dict(groups)
-    tree.attrs = provenance(
-        config_json=cfg_json,
-        seeds=study.seeds(config),
-        dtype=study.dtype(config),
-        wall_time=wall,
-        study=study.name,
-    ) | {"status": "complete" if complete else "partial", "merged_from": len(parts)}
-    save_tree(tree, out)
+    extra = {"status": "complete" if complete else "partial", "merged_from": len(parts)}
+    _save(study, config, cfg_json, groups, wall, extra, out)
     return load_tree(out)
+
+
+def _save(study: Study, config, cfg_json: str, groups: dict, wall: float, extra: dict, out):
+    """Write `groups` atomically to `out` with the provenance attributes and `extra`."""
+    tree = xr.DataTree.from_dict(groups)
+    tree.attrs = (
+        provenance(
+            config_json=cfg_json,
+            seeds=study.seeds(config),
+            dtype=study.dtype(config),
+            wall_time=wall,
+            study=study.name,
+        )
+        | extra
+    )
+    save_tree(tree, out)

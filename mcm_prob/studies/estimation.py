@@ -527,16 +527,17 @@ class EstimationStudy(Study):
         ds["final_loss"][at] = np.nanmean(history["loss"][..., -tail:], axis=-1)
         ds["failed"][at] = failed
         final = history["checkpoints"][cfg.budgets[-1]]
+        seed_keys = _seed_keys(key, len(cfg.seeds))
         draws = sample_grid(
             final,
-            jnp.stack([jax.random.split(k)[0] for k in _seed_keys(key, len(cfg.seeds))]),
+            jnp.stack([jax.random.split(k)[0] for k in seed_keys]),
             cfg.sample_size,
             dim=data.dim,
             schedule=_sampler_schedule(cfg, label),
             skip=failed,
         )
         draws = np.asarray(draws, np.float64)
-        refs = [_reference_draws(data, cfg, label, k) for k in _seed_keys(key, len(cfg.seeds))]
+        refs = [_reference_draws(data, cfg, label, k) for k in seed_keys]
         for i, j in np.ndindex(ns, len(cfg.seeds)):
             if failed[i, j]:
                 continue
