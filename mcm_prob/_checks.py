@@ -13,10 +13,13 @@ import jax
 import numpy as np
 
 
-def concrete(value) -> np.ndarray | None:
-    """Return `value` as a float64 numpy array, or None if it is a JAX tracer."""
+def concrete(value, name: str = "value") -> np.ndarray | None:
+    """Return `value` as a float64 numpy array, or None if it is a JAX tracer; complex values
+    are refused (casting would drop the imaginary part)."""
     if isinstance(value, jax.core.Tracer):
         return None
+    if np.iscomplexobj(value):
+        raise TypeError(f"`{name}` must be real, got a complex {type(value).__name__}")
     try:
         return np.asarray(value, dtype=np.float64)
     except jax.errors.TracerArrayConversionError:  # pragma: no cover - defensive
@@ -42,7 +45,7 @@ def real_array(name: str, value, *, ndim: int | None = None) -> np.ndarray:
 
 def check_time(name: str, t, *, positive: bool = False) -> None:
     """Check a concrete time: finite and t >= 0 (t > 0 if `positive`). Tracers pass."""
-    arr = concrete(t)
+    arr = concrete(t, name)
     if arr is None:
         return
     if arr.ndim != 0:
@@ -53,6 +56,12 @@ def check_time(name: str, t, *, positive: bool = False) -> None:
         raise ValueError(f"`{name}` must be > 0, got {float(arr)}")
     if arr < 0:
         raise ValueError(f"`{name}` must be >= 0, got {float(arr)}")
+    tiny = float(np.finfo(jax.numpy.result_type(float)).tiny)
+    if 0 < arr < tiny:
+        raise ValueError(
+            f"`{name}`={float(arr):g} rounds to 0 in {jax.numpy.result_type(float)}: use 0 or a "
+            f"time >= {tiny:.3g} (or enable float64 with jax.config.update(\"jax_enable_x64\", True))"
+        )
 
 
 def check_times(t, s, *, s_positive: bool = False) -> None:
@@ -71,7 +80,7 @@ def check_points(name: str, x, dim: int) -> None:
         raise ValueError(
             f"`{name}` must have trailing dimension {dim} (the data dim), got shape {shape}"
         )
-    arr = concrete(x)
+    arr = concrete(x, name)
     if arr is not None and not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
 

@@ -1,8 +1,11 @@
 """Results I/O: provenance attributes and atomic netCDF-4 files holding an `xarray.DataTree`.
 
-Files are written with h5netcdf to a temporary file in the target folder and renamed over the
-target (`os.replace`), so a reader never sees a half-written file and an interrupted write
-leaves the previous version intact. They open with `xarray.open_datatree` and netCDF4-python.
+Files are serialised with h5netcdf in memory, written to a temporary file in the target folder
+(created with the user's umask, flushed to disk) and renamed over the target (`os.replace`), so
+a reader never sees a half-written file and an interrupted or failed write (disk full,
+read-only folder) leaves the previous version intact; the failure is a `ResultsWriteError`
+naming the path. A temporary file orphaned by a killed process (``NAME.*.tmp``) is removed by
+`remove_stale_temps`, which the study driver calls when it opens a file. They open with `xarray.open_datatree` and netCDF4-python.
 Attribute values are kept to netCDF-safe types (str, int, float, numpy arrays); anything else
 (dicts, lists of strings, booleans, None) is stored as JSON text. Boolean variables use
 xarray's encoding (int8 with ``dtype: bool``), so plain `xarray.open_datatree` gives booleans.
@@ -10,18 +13,27 @@ xarray's encoding (int8 with ``dtype: bool``), so plain `xarray.open_datatree` g
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import glob
 import json
 import os
 import platform
-import tempfile
+import secrets
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["provenance", "save_tree", "load_tree", "PACKAGES"]
+__all__ = [
+    "provenance",
+    "save_tree",
+    "load_tree",
+    "remove_stale_temps",
+    "ResultsWriteError",
+    "PACKAGES",
+]
 
 PACKAGES = (
     "mcm_prob",
@@ -94,20 +106,49 @@ def _clean(tree: xr.DataTree) -> xr.DataTree:
     return tree.map_over_datasets(fix)
 
 
+class ResultsWriteError(OSError):
+    """A results file could not be written (the earlier version, if any, is intact)."""
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that killed writers of `path` left behind; returns them."""
+    path = Path(path)
+    stale = [p for p in path.parent.glob(f"{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_tree(tree: xr.DataTree | xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write `tree` atomically as a netCDF-4 file (h5netcdf engine); returns the path."""
+    """Write `tree` atomically as a netCDF-4 file (h5netcdf engine); returns the path.
+
+    Raises `ResultsWriteError` (an `OSError`) naming `path` when the file cannot be written;
+    an existing file at `path` is then unchanged.
+    """
     path = Path(path)
     if isinstance(tree, xr.Dataset):
         tree = xr.DataTree(tree)
-    tree = _clean(tree)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    payload = _clean(tree).to_netcdf(engine="h5netcdf", invalid_netcdf=False)
+    tmp = _temp_name(path)
     try:
-        tree.to_netcdf(tmp, engine="h5netcdf", invalid_netcdf=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ResultsWriteError(f"could not write {path}: {err.strerror or err}") from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise
     return path
 

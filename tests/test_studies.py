@@ -438,7 +438,18 @@ def test_config_validation(tmp_path, capsys):
     assert (
         cli.main(["run", "estimation", "--config", str(bad), "--out", str(tmp_path / "o.nc")]) == 2
     )
-    assert "no [estimation] table (found ['estimaton'])" in capsys.readouterr().err
+    assert "unknown table(s) ['[estimaton]']" in capsys.readouterr().err
+    for text, message in [
+        ("[estimation]\nseeds = [0, 1]\n[estimaton]\nseeds = [0]\n", "unknown table(s)"),
+        ("[sampling]\nh = 0.5\n", "no [estimation] table (found ['sampling'])"),
+        ("seeds = [0, 1]\n[estimation]\nchains = 2\n", "['seeds'] outside a study table"),
+        ("[estimation]\nbaselines = ['ode_euler']\n", "`baselines` is a key of the sampling study"),
+        ("[estimation]\nseeds = [0.5, 1.9]\n", "`seeds[0]` must be an integer"),
+    ]:
+        bad.write_text(text)
+        out = tmp_path / "o.nc"
+        assert cli.main(["run", "estimation", "--config", str(bad), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
     assert (
         cli.main(["run", "estimation", "--config", str(tmp_path), "--out", str(tmp_path / "o.nc")])
         == 2

@@ -6,11 +6,19 @@ settings, the empty results `schema` with a boolean ``done`` variable over the c
 `finalize` (extra groups such as fitted rates, computed once every cell is done), and its
 `report(tree) -> str` and `plot(tree) -> Figure`. The driver owns everything else:
 
-* opening: an existing file is refused unless `resume` (same config; a changed config is refused
-  with the differences named) or `overwrite`;
+* opening: the output location is checked writable before any work; an existing file is
+  refused unless `resume` (same config, except the study's `analysis_keys`, which only the
+  analysis reads: a changed one reruns the analysis and the earlier config is kept in the
+  ``previous_configs`` attribute; any other change is refused with the differences named) or
+  `overwrite`, which builds the new file in `staging_path(out)` (``OUT.partial``) and moves it
+  over `out` only when it is finished, so a good file is never replaced by a worse one (an
+  interrupted overwrite leaves `out` untouched, and the same call continues the staged file);
 * one atomic save (`mcm_prob.results.save_tree`) after every finished cell, with a ``done`` mask,
   so an interruption loses at most the running cell and `resume=True` continues from the file;
-* the ``status`` attribute: ``"partial"`` until `finalize` has been written, then ``"complete"``;
+  temporary files of killed writers are removed when the file is opened again;
+* the ``status`` attribute: ``"partial"`` until every group, the analysis included, is
+  written in one atomic save, then ``"complete"``; resuming a file whose cells are all done
+  reruns only the analysis;
 * provenance (versions, config JSON with every data spec, seeds, dtype, device, time);
 * progress bars.
 
@@ -24,11 +32,14 @@ its arrays, so that a resume with a different object is refused.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import tempfile
 import time
 import tomllib
 from collections.abc import Mapping
@@ -43,7 +54,7 @@ from tqdm.auto import tqdm
 from .._checks import number
 from ..cache import enable_compilation_cache
 from ..data import DataDistribution, from_spec
-from ..results import load_tree, provenance, save_tree
+from ..results import ResultsWriteError, load_tree, provenance, remove_stale_temps, save_tree
 
 __all__ = [
     "Study",
@@ -208,12 +219,22 @@ def _deep_merge(base: dict, top: Mapping, nested: tuple[str, ...]) -> dict:
 
 
 def build_config(cls: type[StudyConfig], values: Mapping, study: str):
-    """`cls(**values)` after refusing unknown keys with the list of valid ones."""
+    """`cls(**values)` after refusing unknown keys with the list of valid ones (and, for a key
+    of another registered study, naming that study)."""
+    from . import STUDIES
+
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
     if unknown:
+        owners = {
+            key: name
+            for name, other in STUDIES.items()
+            for key in unknown
+            if name != study and key in {f.name for f in dataclasses.fields(other.config_type)}
+        }
+        hint = "".join(f"; `{k}` is a key of the {n} study" for k, n in sorted(owners.items()))
         raise ValueError(
-            f"unknown config key(s) {unknown} for the {study} study; valid keys: {valid}"
+            f"unknown config key(s) {unknown} for the {study} study{hint}; valid keys: {valid}"
         )
     return cls(**values)
 
@@ -221,7 +242,11 @@ def build_config(cls: type[StudyConfig], values: Mapping, study: str):
 def load_config(path: str | Path | None, study: Study, *, quick: bool = False) -> StudyConfig:
     """The study's config from a TOML file's ``[NAME]`` table (or its top level when the file
     has no tables), over the `--quick` settings if asked; nested tables (e.g. ``train``) merge
-    key by key, ``data`` replaces the default entries. Errors name the key or table."""
+    key by key, ``data`` replaces the default entries. Every key is checked here, before any
+    work: tables other than registered study names, keys outside the study's table when the file
+    has tables, unknown keys and bad values are refused, naming the key or table."""
+    from . import STUDIES
+
     values = dict(study.quick) if quick else {}
     if path is not None:
         path = Path(path)
@@ -229,17 +254,29 @@ def load_config(path: str | Path | None, study: Study, *, quick: bool = False) -
             raise ValueError(f"config file {path} does not exist or is not a file")
         try:
             raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {path} is not valid TOML: {err}") from err
-        if study.name in raw:
-            table = raw[study.name]
-        else:
-            tables = [k for k, v in raw.items() if isinstance(v, dict)]
-            if tables:
+        tables = [k for k, v in raw.items() if isinstance(v, dict)]
+        strays = sorted(set(tables) - set(STUDIES))
+        if strays:
+            raise ValueError(
+                f"config file {path}: unknown table(s) {['[' + t + ']' for t in strays]}; a table "
+                f"names a study, one of {sorted(STUDIES)}"
+            )
+        if tables:
+            loose = sorted(set(raw) - set(tables))
+            if loose:
+                raise ValueError(
+                    f"config file {path}: key(s) {loose} outside a study table; put them under "
+                    f"[{study.name}]"
+                )
+            if study.name not in raw:
                 raise ValueError(
                     f"config file {path} has no [{study.name}] table (found {tables}); put the "
                     f"{study.name} settings under [{study.name}]"
                 )
+            table = raw[study.name]
+        else:
             table = raw
         values = _deep_merge(values, table, study.nested)
     return build_config(study.config_type, values, study.name)
@@ -275,6 +312,7 @@ class Study(abc.ABC):
     config_type: ClassVar[type[StudyConfig]]
     quick: ClassVar[dict] = {}
     nested: ClassVar[tuple[str, ...]] = ()  # config keys holding sub-tables merged key by key
+    analysis_keys: ClassVar[tuple[str, ...]] = ()  # keys only `finalize` reads: may change on resume
 
     @abc.abstractmethod
     def schema(self, config) -> xr.Dataset:
@@ -307,34 +345,71 @@ class Study(abc.ABC):
         """A matplotlib Figure of the results."""
 
 
-def _open(out: Path, config_json: str, resume: bool, overwrite: bool, study: str):
-    if out.exists() and not out.is_file():
-        raise ValueError(f"--out {out} exists and is not a file")
-    if out.exists():
-        if overwrite:
-            return None
-        if not resume:
-            raise StudyExists(
-                f"{out} exists: pass --resume to continue it (same config) or --overwrite to replace it"
-            )
-        tree = load_tree(out)
-        if tree.attrs.get("study") != study:
-            raise ValueError(f"{out} holds a {tree.attrs.get('study')!r} study, not {study!r}")
-        old = tree.attrs.get("config")
-        if old != config_json:
-            try:
-                changes = config_diff(json.loads(old), json.loads(config_json))
-            except (TypeError, ValueError):
-                changes = ["the file's config is not readable JSON"]
-            raise ValueError(
-                f"{out} was written with a different config; cannot resume. Differences: "
-                + "; ".join(changes)
-                + ". Use --overwrite or another --out"
-            )
-        return tree
-    if resume:
-        raise FileNotFoundError(f"--resume given but {out} does not exist")
-    return None
+def _changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -> tuple[list, list]:
+    """(changes outside `analysis` keys, changes of `analysis` keys) between two configs."""
+    try:
+        changes = config_diff(json.loads(old_json), json.loads(new_json))
+    except (TypeError, ValueError):
+        return ["the file's config is not readable JSON"], []
+    late = [c for c in changes if c.split(".")[0].split(":")[0] in analysis]
+    return [c for c in changes if c not in late], late
+
+
+def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.DataTree, list]:
+    """The tree in `path` if it holds `study` with `cfg_json` up to the study's analysis keys,
+    and the list of earlier configs to record (the file's, plus its config if that differs)."""
+    try:
+        tree = load_tree(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} to {what} it: {err}") from err
+    if tree.attrs.get("study") != study.name or "results" not in tree.children:
+        raise ValueError(f"{path} holds a {tree.attrs.get('study')!r} study, not {study.name!r}")
+    old = tree.attrs.get("config")
+    history = _json_list(tree.attrs.get("previous_configs"))
+    if old == cfg_json:
+        return tree, history
+    blocking, _ = _changes(old, cfg_json, study.analysis_keys)
+    if blocking:
+        raise ValueError(
+            f"{path} was written with a different config; cannot {what} it. Differences: "
+            + "; ".join(blocking)
+            + ". Use --overwrite or another --out"
+        )
+    return tree, history + [old]
+
+
+def _json_list(text) -> list:
+    try:
+        value = json.loads(text) if isinstance(text, str) else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def staging_path(out: str | Path) -> Path:
+    """Where `run_study(..., overwrite=True)` builds the new file before it replaces `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any work: a directory, a parent
+    that is a file, a folder that cannot be created or written."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'study.nc'}")
+    parent = out.parent
+    for p in (parent, *parent.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {out}: {p} is a file, not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f"{out.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ResultsWriteError(
+            f"cannot write results to {out}: {err.strerror or err} ({parent})"
+        ) from err
 
 
 def _require_x64() -> None:
@@ -375,19 +450,39 @@ def run_study(
             f"`config` must be a {study.config_type.__name__} for the {study.name} study, "
             f"got {type(config).__name__}"
         )
+    if resume and overwrite:
+        raise ValueError("pass at most one of `resume` and `overwrite`")
     _require_x64()
-    enable_compilation_cache()
     out = Path(out)
+    _check_output(out)
+    remove_stale_temps(out)
     cfg_json = config.to_json()
-    previous = _open(out, cfg_json, resume, overwrite, study.name)
+    target, previous, history = out, None, []
+    if out.exists() and not (resume or overwrite):
+        raise StudyExists(
+            f"{out} exists: pass --resume to continue it (same config) or --overwrite to replace it"
+        )
+    if overwrite and out.exists():
+        target = staging_path(out)
+        remove_stale_temps(target)
+        if target.exists():  # an interrupted overwrite: continue it if the config allows
+            with contextlib.suppress(ValueError):
+                previous, history = _previous(target, cfg_json, study, "continue")
+    elif resume:
+        if not out.exists():
+            raise FileNotFoundError(f"--resume given but {out} does not exist")
+        previous, history = _previous(out, cfg_json, study, "resume")
+    enable_compilation_cache()
     start = time.perf_counter()
     ds = study.schema(config) if previous is None else previous["results"].to_dataset()
     elapsed = 0.0 if previous is None else float(previous.attrs.get("wall_time_s", 0.0))
+    fixed = {} if part is None else {"part": f"{part[0]}/{part[1]}"}
+    if history:
+        fixed["previous_configs"] = json.dumps(history)
 
     def save(groups: dict, status: str) -> None:
-        extra = {"status": status} | ({} if part is None else {"part": f"{part[0]}/{part[1]}"})
         wall = elapsed + time.perf_counter() - start
-        _save(study, config, cfg_json, groups, wall, extra, out)
+        _save(study, config, cfg_json, groups, wall, {"status": status} | fixed, target)
 
     cells = study.cells(config)
     if part is not None:
@@ -406,11 +501,18 @@ def run_study(
             save({"/results": ds}, "partial")
             bar.update(1)
             if stop_after is not None and n >= stop_after and n < len(todo):
-                return load_tree(out)
+                return load_tree(target)
     if part is not None:
         save({"/results": ds}, "partial")
-        return load_tree(out)
-    save({"/results": ds} | study.finalize(config, ds), "complete")
+    else:
+        save({"/results": ds} | study.finalize(config, ds), "complete")
+    if target != out:
+        try:
+            os.replace(target, out)
+        except OSError as err:
+            raise ResultsWriteError(
+                f"could not move the finished {target} over {out}: {err.strerror or err}"
+            ) from err
     return load_tree(out)
 
 
@@ -439,8 +541,12 @@ def merge_parts(study: Study, config, parts, out: str | Path) -> xr.DataTree:
         raise ValueError("`parts` must name at least one partial result file")
     if out.exists():
         raise StudyExists(f"{out} exists: merge into a new file")
+    _check_output(out)
     cfg_json = config.to_json()
-    trees = [_open(p, cfg_json, resume=True, overwrite=False, study=study.name) for p in parts]
+    for p in parts:
+        if not p.is_file():
+            raise FileNotFoundError(f"part file {p} does not exist")
+    trees = [_previous(p, cfg_json, study, "merge")[0] for p in parts]
     merged = trees[0]["results"].to_dataset()
     done_dims = merged["done"].dims
     for tree in trees[1:]:

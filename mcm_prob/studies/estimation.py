@@ -361,6 +361,7 @@ class EstimationStudy(Study):
     config_type = EstimationConfig
     quick = QUICK
     nested = ("train",)
+    analysis_keys = ("n_boot", "error_models", "chains", "warmup", "draws", "ci")
 
     def schema(self, cfg: EstimationConfig) -> xr.Dataset:
         labels = list(cfg.entries)
