@@ -60,7 +60,7 @@ def check_time(name: str, t, *, positive: bool = False) -> None:
     if 0 < arr < tiny:
         raise ValueError(
             f"`{name}`={float(arr):g} rounds to 0 in {jax.numpy.result_type(float)}: use 0 or a "
-            f"time >= {tiny:.3g} (or enable float64 with jax.config.update(\"jax_enable_x64\", True))"
+            f'time >= {tiny:.3g} (or enable float64 with jax.config.update("jax_enable_x64", True))'
         )
 
 

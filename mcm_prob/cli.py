@@ -54,13 +54,15 @@ def _run(args) -> int:
                 progress=not args.no_progress,
                 part=part,
             )
-    except (studies.StudyExists, ValueError, FileNotFoundError) as err:
+    except (studies.StudyExists, ValueError, TypeError, OSError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        return _fail(
-            f"interrupted; finished cells are saved in {out}. Continue with the same command plus --resume.",
-            130,
-        )
+        staged = studies.staging_path(out)
+        if args.command == "run" and args.overwrite and staged.exists():
+            where = f"{staged} ({out} is unchanged). Continue with the same command"
+        else:
+            where = f"{out}. Continue with the same command plus --resume"
+        return _fail(f"interrupted; finished cells are saved in {where}.", 130)
     print(
         f"wrote {out} ({tree.attrs.get('status')}, wall time {tree.attrs.get('wall_time_s', float('nan')):.1f} s)"
     )
@@ -81,7 +83,7 @@ def _load(path: Path):
 
     try:
         return load_tree(path), None
-    except (FileNotFoundError, OSError, ValueError) as err:
+    except (OSError, ValueError) as err:
         return None, f"cannot read {path}: {err}"
 
 
@@ -96,47 +98,115 @@ def _report(args) -> int:
         study = studies.study_of(tree)
     except studies.NotAStudyFile as err:
         return _fail(f"{path}: {err}")
+    try:
+        table = study.report(tree)
+    except Exception as err:  # a damaged or foreign file: say so, no traceback
+        return _fail(
+            f"{path}: cannot summarise this {study.name} file ({type(err).__name__}: {err})"
+        )
     print(
-        f"{path}: {study.name} study, {tree.attrs.get('status')}, "
-        f"wall time {float(tree.attrs.get('wall_time_s', float('nan'))):.1f} s"
+        f"{path}: {study.name} study, {_text(tree.attrs.get('status'), 40)}, "
+        f"wall time {_number(tree.attrs.get('wall_time_s'))} s"
     )
-    print(study.report(tree))
+    print(table)
+    sys.stdout.flush()  # the table is out before the plot can fail
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = study.plot(tree)
     png = path.with_name(f"{path.stem}_{study.name}.png")
+    try:
+        fig = study.plot(tree)
+    except Exception as err:
+        return _fail(f"{path}: cannot plot this file ({type(err).__name__}: {err})")
     try:
         fig.savefig(png, dpi=120)
     except OSError as err:
-        return _fail(f"could not save the plot {png}: {err}")
+        return _fail(f"could not save the plot {png}: {err.strerror or err} (the table is above)")
     finally:
         plt.close(fig)
     print(f"plot: {png}")
     return 0
 
 
+_LIMIT = 2000  # characters printed of one attribute
+
+
+def _text(value, limit: int = _LIMIT) -> str:
+    """`value` as one printable line: control and escape characters shown escaped, at most
+    `limit` characters (the total length said when cut)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    text = value if isinstance(value, str) else str(value)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    if len(out) > limit:
+        out = f"{out[:limit]}... ({len(text)} characters in all)"
+    return out
+
+
+def _number(value) -> str:
+    try:
+        return f"{float(value):.1f}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _attrs_only(path: Path):
+    """The root attributes, the /results attributes and the group paths of a netCDF-4 file,
+    read without loading any array."""
+    import h5netcdf
+
+    groups = []
+    with h5netcdf.File(path, "r") as f:
+        root = dict(f.attrs)
+        results = dict(f.groups["results"].attrs) if "results" in f.groups else {}
+
+        def walk(group, name):
+            groups.append(name)
+            for child_name, child in group.groups.items():
+                walk(child, f"{name.rstrip('/')}/{child_name}")
+
+        walk(f, "/")
+    return root, results, groups
+
+
 def _info(args) -> int:
     path = Path(args.file)
-    tree, error = _load(path)
-    if error:
-        return _fail(error)
-    for key, value in tree.attrs.items():
-        if key in ("config", "versions"):
-            try:
-                table = json.loads(value)
-                value = "".join(f"\n  {k}: {json.dumps(v)}" for k, v in sorted(table.items()))
-            except (TypeError, ValueError, AttributeError):
-                value = f"{value!r} (not valid JSON)"
-        print(f"{key}: {value}")
-    if "results" in tree.children:
-        for key, value in tree["results"].attrs.items():
-            if key.startswith("spec:"):
-                print(f"data entry {key[5:]}: {value}")
-    print("groups: " + ", ".join(node.path for node in tree.subtree))
+    if not path.is_file():
+        return _fail(f"cannot read {path}: no such file")
+    try:
+        root, results, groups = _attrs_only(path)
+    except Exception as err:  # h5py raises many types for non-HDF5 input
+        return _fail(
+            f"cannot read {path}: not a netCDF-4 file ({type(err).__name__}: {_text(err, 200)})"
+        )
+    for key, value in root.items():
+        if key in ("config", "versions", "previous_configs"):
+            value = _json_block(value)
+        else:
+            value = _text(value)
+        print(f"{_text(key, 100)}: {value}")
+    for key, value in results.items():
+        if isinstance(key, str) and key.startswith("spec:"):
+            print(f"data entry {_text(key[5:], 100)}: {_text(value)}")
+    print("groups: " + _text(", ".join(groups)))
     return 0
+
+
+def _json_block(value) -> str:
+    """A JSON attribute as indented `key: value` lines, or a note saying it is malformed."""
+    if not isinstance(value, str):
+        return f"<malformed: expected JSON text, got {type(value).__name__}> {_text(value, 200)}"
+    try:
+        table = json.loads(value)
+    except ValueError:
+        return f"<malformed: not valid JSON> {_text(value, 200)}"
+    if isinstance(table, list):
+        return "".join(f"\n  - {_text(json.dumps(v))}" for v in table)
+    if not isinstance(table, dict):
+        return f"<malformed: expected a JSON object> {_text(value, 200)}"
+    return "".join(f"\n  {_text(k, 100)}: {_text(json.dumps(v))}" for k, v in sorted(table.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:

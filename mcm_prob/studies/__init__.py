@@ -30,6 +30,7 @@ from .driver import (
     load_config,
     merge_parts,
     run_study,
+    staging_path,
 )
 from .error_injection import InjectionConfig, InjectionStudy
 from .estimation import EstimationConfig, EstimationStudy
@@ -51,6 +52,7 @@ __all__ = [
     "Study",
     "StudyConfig",
     "StudyExists",
+    "staging_path",
     "NotAStudyFile",
     "study_of",
     "Entry",

@@ -312,7 +312,9 @@ class Study(abc.ABC):
     config_type: ClassVar[type[StudyConfig]]
     quick: ClassVar[dict] = {}
     nested: ClassVar[tuple[str, ...]] = ()  # config keys holding sub-tables merged key by key
-    analysis_keys: ClassVar[tuple[str, ...]] = ()  # keys only `finalize` reads: may change on resume
+    analysis_keys: ClassVar[
+        tuple[str, ...]
+    ] = ()  # keys only `finalize` reads: may change on resume
 
     @abc.abstractmethod
     def schema(self, config) -> xr.Dataset:

@@ -1,0 +1,325 @@
+"""Reliability as users break things: nothing silent, nothing lost, every failure one clear line.
+
+Each test names the defect class of issue 12 it guards (they failed before the fixes)."""
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import xarray as xr
+
+import mcm_prob as mp
+from mcm_prob import cli, results, studies
+from mcm_prob.results import load_tree, save_tree
+
+MIX = mp.data.GaussianMixture(
+    jnp.array([0.3, 0.7]),
+    jnp.array([[-2.0, 0.0], [2.0, 1.0]]),
+    jnp.stack([0.3 * jnp.eye(2), jnp.array([[0.5, 0.1], [0.1, 0.4]])]),
+)
+GAUSS = mp.data.Gaussian(jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.3], [0.3, 0.5]]))
+
+# A small sampling study: 4 cells, ~1 s each after compilation.
+SAMPLING_TOML = (
+    "[sampling]\nmax_steps = 3\ntaus = [0.0, inf]\nbaseline_steps = [4, 8]\neps = [0.1, 0.001]\n"
+    "n_grid = 201\n"
+    '[sampling.data.g1]\nfamily = "gaussian"\nmean = [0.5]\ncov = [[0.5]]\n'
+    '[sampling.data.g2]\nfamily = "gaussian"\nmean = [0.5, 0.0]\ncov = [[0.5, 0.2], [0.2, 2.0]]\n'
+    '[sampling.data.box1]\nfamily = "uniform_box"\nlow = [-1.0]\nhigh = [1.0]\n'
+    '[sampling.data.box2]\nfamily = "uniform_box"\nlow = [-1.0, -1.0]\nhigh = [1.0, 1.0]\n'
+)
+
+
+def _sampling_config(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(SAMPLING_TOML)
+    return path, studies.load_config(path, studies.get("sampling"))
+
+
+def _data_identical(a: xr.DataTree, b: xr.DataTree) -> None:
+    """Same groups, variables, coordinates and values (provenance times aside)."""
+    assert sorted(n.path for n in a.subtree) == sorted(n.path for n in b.subtree)
+    for node in a.subtree:
+        xr.testing.assert_equal(node.to_dataset(), b[node.path].to_dataset())
+
+
+# ------------------------------------------------------------------ exact flows at any time
+@pytest.mark.parametrize("t", [34.0, 40.0, 70.0, 1e6])
+def test_ode_flow_beyond_t34_matches_closed_form(t):
+    """Defect: `flow_map` by ODE failed beyond t ~ 34 ("maximum number of solver steps")."""
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    for s in (0.0, 0.5, 12.0):
+        ode = mp.flow_map(GAUSS, x, t, s, method="ode")
+        np.testing.assert_allclose(ode, mp.flow_map(GAUSS, x, t, s), atol=1e-8)
+    back = mp.pf_flow(GAUSS, mp.flow_map(GAUSS, x, t, 1.0), 1.0, t, method="ode")
+    np.testing.assert_allclose(back, x, atol=1e-8)  # p_t = N(0, I) there: the flow moves nothing
+
+
+def test_exact_flow_sampler_with_a_long_horizon():
+    """Defect: `sample(ExactFlow(mixture), h=0.5, steps=70)` ended in a traceback (t = 35)."""
+    out = mp.sample(
+        mp.ExactFlow(MIX), jax.random.key(1), 64, dim=2, delta=1e-3, h=0.5, steps=70, tau=0.0
+    )
+    assert np.all(np.isfinite(out.samples))
+    # a long deterministic horizon lands on p_delta: the mean is right to sampling error
+    np.testing.assert_allclose(
+        out.samples.mean(0), MIX.sample(jax.random.key(2), 4096).mean(0), atol=0.6
+    )
+
+
+def test_float32_mode_flow_tolerances_and_tiny_times():
+    """Defects: in JAX's default 32-bit mode t = 1e-300 passed the checks, rounded to 0 and
+    `DiracMixture.score` returned NaN; rtol = 1e-10 cannot be met in float32 (max steps)."""
+    with jax.enable_x64(False):
+        dirac = mp.data.DiracMixture(jnp.array([[0.0, 0.0], [1.0, 1.0]]), jnp.array([0.5, 0.5]))
+        x = jax.random.normal(jax.random.key(0), (4, 2))
+        with pytest.raises(ValueError, match=r"`t`=1e-300 rounds to 0 in float32"):
+            dirac.score(x, 1e-300)
+        assert np.all(np.isfinite(dirac.score(x, 1e-30)))
+        g = mp.data.Gaussian(jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.3], [0.3, 0.5]]))
+        for t in (1.0, 40.0):
+            ode = mp.flow_map(g, x, t, 0.0, method="ode")  # default tolerance 1e-6 in float32
+            assert ode.dtype == jnp.float32
+            np.testing.assert_allclose(ode, mp.flow_map(g, x, t, 0.0), atol=1e-4)
+        with pytest.raises(ValueError, match=r"`rtol`=1e-10 is below what float32 can resolve"):
+            mp.flow_map(g, x, 1.0, 0.0, method="ode", rtol=1e-10)
+
+
+def test_complex_input_refused_by_name():
+    """Defect: complex arrays were silently truncated to their real part."""
+    x = jnp.ones((3, 2)) * (1 + 1j)
+    with pytest.raises(TypeError, match="`x` must be real"):
+        mp.flow_map(MIX, x, 1.0, 0.5)
+    with pytest.raises(TypeError, match="`t` must be real"):
+        MIX.score(jnp.ones((3, 2)), 1.0 + 0.5j)
+    with pytest.raises(TypeError, match="`mean` must be real"):
+        mp.data.Gaussian(jnp.array([1.0 + 1j]), jnp.eye(1))
+
+
+# ------------------------------------------------------------------ nothing lost
+def test_overwrite_interrupted_keeps_the_earlier_file_byte_identical(tmp_path, capsys):
+    """Defect: `--overwrite` replaced the complete file with a partial one at the first cell."""
+    toml, cfg = _sampling_config(tmp_path)
+    out = tmp_path / "s.nc"
+    study = studies.get("sampling")
+    studies.run_study(study, cfg, out, progress=False)
+    before = out.read_bytes()
+    other = dataclasses.replace(cfg, eps=(0.2, 0.001))
+    partial = studies.run_study(study, other, out, overwrite=True, progress=False, stop_after=1)
+    assert partial.attrs["status"] == "partial"
+    assert out.read_bytes() == before
+    staged = studies.staging_path(out)
+    assert staged.exists() and int(load_tree(staged)["results"]["done"].sum()) == 1
+    # the same call continues the staged file and only then replaces `out`
+    done = studies.run_study(study, other, out, overwrite=True, progress=False)
+    assert done.attrs["status"] == "complete" and not staged.exists()
+    assert json.loads(done.attrs["config"])["eps"] == [0.2, 0.001]
+    fresh = studies.run_study(study, other, tmp_path / "fresh.nc", progress=False)
+    _data_identical(done, fresh)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_disk_full_keeps_the_earlier_file_and_exits_with_a_message(
+    tmp_path, monkeypatch, capsys, overwrite
+):
+    """Defect: a disk-full write printed an h5py traceback and the process segfaulted."""
+    toml, cfg = _sampling_config(tmp_path)
+    out = tmp_path / "s.nc"
+    if overwrite:
+        studies.run_study(studies.get("sampling"), cfg, out, progress=False)
+        before = out.read_bytes()
+    real_fsync = os.fsync
+    writes = []
+
+    def full(fd):
+        writes.append(fd)
+        if len(writes) >= 2:  # the second save of this run finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(results.os, "fsync", full)
+    argv = ["run", "sampling", "--config", str(toml), "--out", str(out), "--no-progress"]
+    assert cli.main(argv + (["--overwrite"] if overwrite else [])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(out) in err
+    assert not list(tmp_path.glob("*.tmp"))
+    if overwrite:
+        assert out.read_bytes() == before
+    else:  # the first cell's save went through: the file holds it, partial
+        assert int(load_tree(out)["results"]["done"].sum()) == 1
+
+
+def test_failed_analysis_leaves_partial_and_resume_reruns_only_the_analysis(tmp_path, monkeypatch):
+    """Defects: a failure during the analysis left a file some commands called complete;
+    `--resume` then redid nothing useful and a corrected analysis-only key was refused."""
+    study = studies.get("estimation")
+    assert set(study.analysis_keys) >= {"n_boot", "ci", "chains"}
+    _, cfg = _sampling_config(tmp_path)
+    sampling = studies.get("sampling")
+    out = tmp_path / "s.nc"
+
+    def broken(self, c, ds):
+        raise RuntimeError("analysis failed")
+
+    monkeypatch.setattr(type(sampling), "finalize", broken)
+    with pytest.raises(RuntimeError, match="analysis failed"):
+        studies.run_study(sampling, cfg, out, progress=False)
+    tree = load_tree(out)
+    assert tree.attrs["status"] == "partial" and bool(tree["results"]["done"].all())
+    monkeypatch.undo()
+    ran = []
+    monkeypatch.setattr(type(sampling), "run_cell", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(type(sampling), "analysis_keys", ("eps",))  # as if eps were analysis-only
+    later = dataclasses.replace(cfg, eps=(0.2, 0.001))
+    tree = studies.run_study(sampling, later, out, resume=True, progress=False)
+    assert ran == [] and tree.attrs["status"] == "complete" and "fits" in tree.children
+    assert json.loads(json.loads(tree.attrs["previous_configs"])[0])["eps"] == [0.1, 0.001]
+    assert json.loads(tree.attrs["config"])["eps"] == [0.2, 0.001]
+    other = dataclasses.replace(cfg, h=0.25)
+    with pytest.raises(ValueError, match=r"different config.*h: 0.5 in the file, 0.25 now"):
+        studies.run_study(sampling, other, out, resume=True, progress=False)
+
+
+def test_stale_temp_files_removed_and_umask_respected(tmp_path):
+    """Defects: a killed write left a `.tmp` orphan nothing removed; files were 0600."""
+    _, cfg = _sampling_config(tmp_path)
+    out = tmp_path / "s.nc"
+    orphan = tmp_path / "s.nc.12345-deadbeef.tmp"
+    orphan.write_bytes(b"\0" * 1000)
+    other = tmp_path / "keep.tmp"
+    other.write_bytes(b"x")
+    old = os.umask(0o027)
+    try:
+        studies.run_study(studies.get("sampling"), cfg, out, progress=False, stop_after=1)
+    finally:
+        os.umask(old)
+    assert not orphan.exists() and other.exists()
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_output_location_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """Defects: `--out` under a file, an existing directory or a read-only folder gave a
+    traceback after the first cell had run."""
+    toml, _ = _sampling_config(tmp_path)
+    ran = []
+    monkeypatch.setattr(type(studies.get("sampling")), "run_cell", lambda *a, **k: ran.append(1))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    base = ["run", "sampling", "--config", str(toml), "--no-progress", "--out"]
+    for out, message in [
+        (tmp_path / "afile" / "s.nc", "is a file, not a directory"),
+        (tmp_path / "adir", "is a directory"),
+    ]:
+        assert cli.main(base + [str(out)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+    # a read-only folder (simulated: tests run as root, where chmod does not stop writes)
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    assert cli.main(base + [str(tmp_path / "ro" / "s.nc")]) == 1
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "cannot write results to" in err
+    assert ran == []
+
+
+def test_config_directory_gives_a_message(tmp_path, capsys):
+    argv = ["run", "sampling", "--config", str(tmp_path), "--out", str(tmp_path / "o.nc")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a file" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ untrusted files
+def test_info_reads_attributes_only_escapes_and_bounds_them(tmp_path, monkeypatch, capsys):
+    """Defects: `info` printed attributes raw (escape sequences) and in full, loaded every
+    array, and crashed on a malformed `config`."""
+    tree = xr.DataTree.from_dict(
+        {"/results": xr.Dataset({"big": ("x", np.zeros(1000))}, attrs={"spec:a": "\x1b[31mred"})}
+    )
+    tree.attrs = {
+        "study": "sampling\x1b[2J",
+        "config": "{not json",
+        "versions": json.dumps({"jax": "1"}),
+        "note": "y" * 100_000,
+    }
+    path = save_tree(tree, tmp_path / "hostile.nc")
+    monkeypatch.setattr(results, "load_tree", lambda *a: pytest.fail("info loaded the arrays"))
+    monkeypatch.setattr(xr, "open_datatree", lambda *a, **k: pytest.fail("info opened arrays"))
+    assert cli.main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "\x1b" not in text and "\\x1b[2J" in text and "\\x1b[31mred" in text
+    assert "config: <malformed: not valid JSON> {not json" in text
+    assert "(100000 characters in all)" in text and len(text) < 5000
+    tree.attrs["config"] = json.dumps([1, 2])
+    save_tree(tree, path)
+    assert cli.main(["info", str(path)]) == 0
+    (tmp_path / "garbage.nc").write_bytes(b"not hdf5 at all")
+    assert cli.main(["info", str(tmp_path / "garbage.nc")]) == 1
+    assert "not a netCDF-4 file" in capsys.readouterr().err
+
+
+def test_report_prints_the_table_before_a_failing_plot(tmp_path, monkeypatch, capsys):
+    """Defects: `report` in a read-only folder lost the table (the PNG was saved first); a file
+    the study cannot summarise gave a traceback."""
+    _, cfg = _sampling_config(tmp_path)
+    out = tmp_path / "s.nc"
+    studies.run_study(studies.get("sampling"), cfg, out, progress=False)
+
+    def no_write(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_write)
+    assert cli.main(["report", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "steps" in captured.out and "g2" in captured.out
+    assert "could not save the plot" in captured.err and captured.err.count("\n") == 1
+    broken = load_tree(out)
+    broken["results"] = xr.DataTree(broken["results"].to_dataset().drop_vars("kl"))
+    save_tree(broken, tmp_path / "broken.nc")
+    assert cli.main(["report", str(tmp_path / "broken.nc")]) == 1
+    assert "cannot summarise this sampling file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ SIGKILL series
+def test_sigkill_series_resumes_to_the_uninterrupted_result(tmp_path):
+    """Kills at random points of a small study (computing, saving, analysing), each followed
+    by `--resume`: the final file holds the same data as an uninterrupted run, and no temporary
+    file is left behind."""
+    toml, cfg = _sampling_config(tmp_path)
+    reference = studies.run_study(studies.get("sampling"), cfg, tmp_path / "ref.nc", progress=False)
+    out = tmp_path / "killed.nc"
+    rng = np.random.default_rng(12)
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    kills = 0
+    for attempt in range(12):
+        argv = [sys.executable, "-m", "mcm_prob.cli", "run", "sampling", "--config", str(toml)]
+        argv += ["--out", str(out), "--no-progress"] + (["--resume"] if out.exists() else [])
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if attempt < 5:
+            time.sleep(rng.uniform(3.0, 9.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+    assert kills >= 2
+    final = load_tree(out)
+    assert final.attrs["status"] == "complete"
+    _data_identical(final, reference)
+    assert not list(tmp_path.glob("*.tmp"))
