@@ -70,7 +70,7 @@ def check_times(t, s, *, s_positive: bool = False) -> None:
     check_time("s", s, positive=s_positive)
     ta, sa = concrete(t), concrete(s)
     if ta is not None and sa is not None and sa > ta:
-        raise ValueError(f"need 0 <= s <= t, got s={float(sa)} > t={float(ta)}")
+        raise ValueError(f"`s` must be <= `t` (0 <= s <= t), got s={float(sa)} > t={float(ta)}")
 
 
 def check_points(name: str, x, dim: int) -> None:
@@ -85,8 +85,19 @@ def check_points(name: str, x, dim: int) -> None:
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
 
 
+def _scalar(value):
+    """A concrete 0-d numpy or JAX array as its numpy scalar (so ``np.int64(8)``,
+    ``jnp.int32(8)`` and ``8`` are treated alike); anything else unchanged."""
+    if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer):
+        if value.ndim == 0:
+            return np.asarray(value)[()]
+    return value
+
+
 def integer(name: str, value, *, ge: int = 1, lt: int | None = None) -> int:
-    """A Python or numpy integer (not a bool, not a float) with ge <= value (< lt); returns int."""
+    """An integer (Python, numpy or 0-d JAX; not a bool, not a float) with ge <= value (< lt);
+    returns int."""
+    value = _scalar(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"`{name}` must be an integer >= {ge}, got {value!r}")
     if value < ge or (lt is not None and value >= lt):
@@ -105,8 +116,10 @@ def number(
     le: float | None = None,
     allow_inf: bool = False,
 ) -> float:
-    """A real scalar (int or float, Python or numpy; not bool, not complex) in the given bounds,
-    finite unless `allow_inf` (then +inf passes an upper-unbounded check); returns float."""
+    """A real scalar (int or float: Python, numpy or 0-d JAX; not bool, not complex) in the
+    given bounds, finite unless `allow_inf` (then +inf passes an upper-unbounded check);
+    returns float."""
+    value = _scalar(value)
     ok = not isinstance(value, (bool, np.bool_)) and isinstance(
         value, (int, float, np.integer, np.floating)
     )

@@ -80,8 +80,10 @@ def _weights(weights, k: int | None = None) -> np.ndarray:
         raise ValueError(f"`weights` has {w.size} entries but there are {k} components")
     if np.any(w < 0):
         raise ValueError("`weights` must be non-negative")
-    if abs(w.sum() - 1.0) > 1e-8:
-        raise ValueError(f"`weights` must sum to 1 (within 1e-8), got sum {w.sum():.12g}")
+    given = np.result_type(getattr(weights, "dtype", np.float64))
+    tol = max(1e-8, 8 * float(np.finfo(given).eps)) if given.kind == "f" else 1e-8
+    if abs(w.sum() - 1.0) > tol:
+        raise ValueError(f"`weights` must sum to 1 (within {tol:.2g}), got sum {w.sum():.12g}")
     return w / w.sum()
 
 

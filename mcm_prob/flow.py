@@ -231,10 +231,24 @@ class ExactFlow(eqx.Module):
     """
 
     data: DataDistribution
-    method: str = eqx.field(static=True, default="auto")
-    rtol: float | None = eqx.field(static=True, default=None)
-    atol: float | None = eqx.field(static=True, default=None)
-    max_steps: int = eqx.field(static=True, default=4096)
+    method: str = eqx.field(static=True)
+    rtol: float | None = eqx.field(static=True)
+    atol: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        data: DataDistribution,
+        method: str = "auto",
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int = 4096,
+    ):
+        _check_options(method, rtol, atol, max_steps)  # at construction, by name
+        self.data, self.method = data, method
+        self.rtol = None if rtol is None else float(rtol)
+        self.atol = None if atol is None else float(atol)
+        self.max_steps = int(max_steps)
 
     def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
         return flow_map(

@@ -348,5 +348,5 @@ def test_network_finite_at_large_times_and_refuses_s_above_t():
         out = np.asarray(net(x, t, s))
         assert np.all(np.isfinite(out)), (t, s)
     np.testing.assert_array_equal(net(x, 300.0, 300.0), x)  # f(x, t, t) = x
-    with pytest.raises(ValueError, match=r"need 0 <= s <= t, got s=2.0 > t=1.0"):
+    with pytest.raises(ValueError, match=r"`s` must be <= `t` \(0 <= s <= t\), got s=2.0 > t=1.0"):
         net(x, 1.0, 2.0)
