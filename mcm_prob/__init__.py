@@ -1,7 +1,7 @@
 """mcm_prob: multi-step consistency models with exact ground truth.
 
 Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> exact flow maps
-(`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
+(`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`; `save_model`, `load_model`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
 -> statistics (`bootstrap_rates`, `fit_error_model`, `compare_error_models`) -> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
 """
 
@@ -35,9 +35,18 @@ from .sampling import (
     sampler_law,
     sampler_times,
 )
+from .saving import load_model, save_model
 from .schedules import Schedule
 from .statistics import bootstrap_rates, compare_error_models, fit_error_model, fit_error_models
-from .training import FittedGrid, TrainConfig, TrainingDiverged, fit, fit_grid, training_set
+from .training import (
+    FittedGrid,
+    TrainConfig,
+    TrainedModel,
+    TrainingDiverged,
+    fit,
+    fit_grid,
+    training_set,
+)
 
 __version__ = "0.1.0"
 
@@ -60,6 +69,9 @@ __all__ = [
     "fit_grid",
     "FittedGrid",
     "training_set",
+    "TrainedModel",
+    "save_model",
+    "load_model",
     "metrics",
     "consistency_error",
     "sample",

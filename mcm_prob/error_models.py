@@ -222,6 +222,20 @@ def _dims(groups, tail):
     return ("chain", "draw", *groups, *tail)
 
 
+def _options(
+    chains=4, warmup=500, draws=1000, seed=0, min_ess=400, target_accept=0.9, progress=False
+) -> dict:
+    """The NUTS settings of `fit_error_model`, validated by name (progress is passed through)."""
+    return {
+        "chains": integer("chains", chains, ge=2),  # r_hat needs several chains
+        "warmup": integer("warmup", warmup),
+        "draws": integer("draws", draws, ge=10),
+        "seed": integer("seed", seed, ge=0, lt=2**32),
+        "min_ess": integer("min_ess", min_ess),
+        "target_accept": number("target_accept", target_accept, gt=0, lt=1),
+    }
+
+
 def fit_error_model(
     errors: xr.DataArray,
     model: str = "two_term",
@@ -241,10 +255,9 @@ def fit_error_model(
     group `r_hat_max`, `ess_bulk_min`, `ppc_p_value`, `ppc_rejected`, `usable` and `reason`.
     """
     one_of("model", model, tuple(ERROR_MODELS))
-    chains = integer("chains", chains, ge=2)  # r_hat needs several chains
-    warmup, draws = integer("warmup", warmup), integer("draws", draws, ge=10)
-    seed, min_ess = integer("seed", seed, ge=0, lt=2**32), integer("min_ess", min_ess)
-    target_accept = number("target_accept", target_accept, gt=0, lt=1)
+    chains, warmup, draws, seed, min_ess, target_accept = _options(
+        chains, warmup, draws, seed, min_ess, target_accept
+    ).values()
     if not jax.config.jax_enable_x64:
         raise ValueError(
             'error models run in float64: call jax.config.update("jax_enable_x64", True) first'
@@ -499,7 +512,8 @@ def fit_error_models(
     if workers is None:
         workers = min(len(models), max(1, cpu_cores() // 2))
     workers = integer("workers", workers, ge=1)
-    error_array(errors, min_values=3)  # refuse bad input before starting processes
+    _options(**kwargs)  # refuse bad settings and input before starting processes
+    error_array(errors, min_values=3)
     if workers == 1 or len(models) == 1:
         return {m: fit_error_model(errors, m, **kwargs) for m in models}
     with ProcessPoolExecutor(

@@ -31,6 +31,7 @@ __all__ = [
     "save_tree",
     "load_tree",
     "remove_stale_temps",
+    "write_atomic",
     "ResultsWriteError",
     "PACKAGES",
 ]
@@ -132,7 +133,15 @@ def save_tree(tree: xr.DataTree | xr.Dataset, path: str | os.PathLike) -> Path:
     path = Path(path)
     if isinstance(tree, xr.Dataset):
         tree = xr.DataTree(tree)
-    payload = _clean(tree).to_netcdf(engine="h5netcdf", invalid_netcdf=False)
+    write_atomic(path, _clean(tree).to_netcdf(engine="h5netcdf", invalid_netcdf=False))
+    return path
+
+
+def write_atomic(path: str | os.PathLike, payload: bytes | memoryview) -> Path:
+    """Write `payload` to `path` atomically: a temporary file beside it (created with the
+    user's umask, flushed to disk), then `os.replace`. Raises `ResultsWriteError` naming `path`
+    on any I/O error, leaving an existing file unchanged and no temporary file behind."""
+    path = Path(path)
     tmp = _temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ is one constructor.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import equinox as eqx
@@ -65,25 +66,53 @@ def sample(
     steps: int | None = None,
     tau: float = 0.0,
     schedule: Schedule | None = None,
+    extrapolate: bool = False,
 ) -> SamplerOutput:
     """Run the multi-step consistency sampler with any consistency function f(x, t, s).
 
     **Arguments:** `f` maps x of shape (n, dim) and scalar times to shape (n, dim); `key` (typed
     JAX key); `n` samples; `dim`; then either the constant step (`delta` > 0 stop time, `h` > 0
     step, `steps` = K >= 1, `tau` >= 0 re-noising length, `math.inf` for Algorithm 1) or
-    `schedule`, any `mcm_prob.Schedule`.
+    `schedule`, any `mcm_prob.Schedule`. When `f` knows the time range it was trained on
+    (``f.trained_range`` = (delta, T), e.g. a model from `mcm_prob.load_model`), a schedule
+    that starts above T or lands below delta is refused; `extrapolate=True` runs it anyway
+    with a warning.
 
     **Returns:** `SamplerOutput(samples (n, dim), nfe=K)`. The loop is a `lax.scan`, so the
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
     n, dim = integer("n", n), integer("dim", dim)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
+    _check_range(f, sched, extrapolate)
     gap = np.append(sched.gaps, 0.0)  # no re-noising after the last step
     dtype = jnp.result_type(float)
     times = tuple(jnp.asarray(a, dtype) for a in (sched.t, sched.s, gap))
     y = _run_sampler(f, key, int(n), int(dim), *times)
     y = finite_or_raise(y, "the sampler produced non-finite values; check f and the schedule")
     return SamplerOutput(y, sched.steps)
+
+
+def _check_range(f, sched: Schedule, extrapolate: bool) -> None:
+    """Refuse (or, with `extrapolate`, warn about) a schedule outside f's trained range."""
+    if not isinstance(extrapolate, bool):
+        raise ValueError(f"`extrapolate` must be True or False, got {extrapolate!r}")
+    trained = getattr(f, "trained_range", None)
+    if trained is None:
+        return
+    low, high = trained
+    start, land = float(sched.horizon), float(sched.delta)
+    if start <= high * (1 + 1e-9) and land >= low * (1 - 1e-9):
+        return
+    message = (
+        f"the schedule runs the model on [{land:g}, {start:g}], outside the time range it was "
+        f"trained on [{low:g}, {high:g}]"
+    )
+    if not extrapolate:
+        raise ValueError(
+            f"{message}; choose `delta`, `h` and `steps` (or `schedule`) inside it, or pass "
+            "`extrapolate=True` to sample anyway"
+        )
+    warnings.warn(f"{message}: its outputs there are extrapolations", stacklevel=3)
 
 
 @eqx.filter_jit

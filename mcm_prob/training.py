@@ -45,11 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.scipy.special import ndtr, ndtri
+from jaxtyping import Array, ArrayLike
 from tqdm.auto import tqdm
 
 from . import _checks
 from ._checks import check_times, data_family, integer, number, one_of
-from .data import DataDistribution
+from .data import DataDistribution, from_spec
 from .flow import flow_map, pf_ode_step
 from .forward import alpha, sigma
 from .networks import ConsistencyNet
@@ -487,6 +488,33 @@ def fit(data: DataDistribution, config: TrainConfig, key: jax.Array):
         )
     model = jax.tree_util.tree_map(lambda a: a[0] if eqx.is_array(a) else a, models)
     return model, {"loss": losses[0], "wall_time": wall}
+
+
+class TrainedModel(eqx.Module):
+    """A fitted consistency function with what it was trained on: the network, its
+    `TrainConfig` and (optionally) the data spec, as `mcm_prob.load_model` returns it.
+
+    Calls like the network, `f(x, t, s)`. `trained_range` = (delta, T) is the time range of its
+    training grid; `mcm_prob.sample` refuses a schedule that leaves it (``extrapolate=True``
+    runs it anyway, with a warning).
+    """
+
+    net: ConsistencyNet
+    config: TrainConfig = eqx.field(static=True)
+    data_spec: str | None = eqx.field(static=True, default=None)  # JSON text
+
+    @property
+    def trained_range(self) -> tuple[float, float]:
+        return float(self.config.delta), float(self.config.T)
+
+    @property
+    def data(self):
+        """The training data rebuilt from its stored spec (None when no spec was stored)."""
+        spec = None if self.data_spec is None else json.loads(self.data_spec)
+        return from_spec(spec) if isinstance(spec, dict) and "family" in spec else None
+
+    def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
+        return self.net(x, t, s)
 
 
 class FittedGrid(eqx.Module):

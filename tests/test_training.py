@@ -350,3 +350,58 @@ def test_network_finite_at_large_times_and_refuses_s_above_t():
     np.testing.assert_array_equal(net(x, 300.0, 300.0), x)  # f(x, t, t) = x
     with pytest.raises(ValueError, match=r"`s` must be <= `t` \(0 <= s <= t\), got s=2.0 > t=1.0"):
         net(x, 1.0, 2.0)
+
+
+def test_saved_model_round_trip_bit_identical_and_trained_range(tmp_path, key):
+    """A saved and reloaded net gives bit-identical outputs, keeps its config and data spec,
+    and `sample` refuses a schedule outside its trained time range (start 8.05 > T = 2.05)."""
+    data = mp.data.GaussianMixture(
+        jnp.array([0.5, 0.5]),
+        jnp.array([[-1.0, 0.0], [1.0, 0.5]]),
+        jnp.stack([0.2 * jnp.eye(2)] * 2),
+    )
+    cfg = mp.TrainConfig(
+        T=2.05,
+        delta=0.05,
+        step=0.25,
+        iterations=30,
+        batch_size=32,
+        width=16,
+        depth=2,
+        progress=False,
+    )
+    net, _ = mp.fit(data, cfg, key)
+    path = mp.save_model(tmp_path / "m.eqx", net, cfg, data=data)
+    model = mp.load_model(path)
+    assert isinstance(model, mp.TrainedModel) and model.config == cfg
+    assert model.trained_range == (0.05, 2.05)
+    x = jax.random.normal(jax.random.key(3), (64, 2), jnp.float32)
+    for t, s in [(2.0, 0.05), (1.0, 0.5), (0.3, 0.3)]:
+        np.testing.assert_array_equal(model(x, t, s), net(x, t, s))
+    np.testing.assert_array_equal(model.data.score(x, 1.0), data.score(x, 1.0))
+    ok = mp.sample(model, jax.random.key(1), 16, dim=2, delta=0.05, h=0.5, steps=4)
+    np.testing.assert_array_equal(
+        ok.samples, mp.sample(net, jax.random.key(1), 16, dim=2, delta=0.05, h=0.5, steps=4).samples
+    )
+    with pytest.raises(
+        ValueError, match=r"outside the time range it was trained on \[0.05, 2.05\]"
+    ):
+        mp.sample(model, jax.random.key(1), 16, dim=2, delta=0.05, h=0.5, steps=16)
+    with pytest.raises(ValueError, match="trained on"):
+        mp.sample(model, jax.random.key(1), 16, dim=2, delta=0.01, h=0.5, steps=2)
+    with pytest.warns(UserWarning, match="extrapolations"):
+        out = mp.sample(
+            model, jax.random.key(1), 16, dim=2, delta=0.05, h=0.5, steps=16, extrapolate=True
+        )
+    assert np.all(np.isfinite(out.samples))
+    # saving the loaded model again gives the same bytes; damaged files are refused by name
+    again = mp.save_model(tmp_path / "again.eqx", model)
+    assert again.read_bytes() == path.read_bytes()
+    (tmp_path / "bad.eqx").write_bytes(b"not a model\n")
+    with pytest.raises(ValueError, match="not a mcm_prob saved model"):
+        mp.load_model(tmp_path / "bad.eqx")
+    (tmp_path / "cut.eqx").write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="damaged saved model"):
+        mp.load_model(tmp_path / "cut.eqx")
+    with pytest.raises(TypeError, match="`config` must be the model's TrainConfig"):
+        mp.save_model(tmp_path / "x.eqx", net)

@@ -1,0 +1,147 @@
+r"""Saved models: a fitted network with its training config and data spec, in one file.
+
+    mcm_prob.save_model("cd.eqx", model, config, data=mixture)
+    model = mcm_prob.load_model("cd.eqx")     # a TrainedModel
+    model.trained_range                        # (delta, T) of its training grid
+    mcm_prob.sample(model, key, n, dim=..., schedule=...)   # refuses times outside that range
+
+**Format.** One line of UTF-8 JSON (the header), a newline, then the network's arrays as
+written by `equinox.tree_serialise_leaves` (numpy's ``.npy`` encoding per leaf, no pickle):
+
+    {"format": "mcm_prob.model", "version": 1, "mcm_prob": "0.1.0",
+     "network": {"dim": 2, "width": 128, "depth": 3, "n_freq": 4, "dtype": "float32"},
+     "train_config": {... every TrainConfig field ...}, "data": {... data spec ...} | null,
+     "trained_range": [delta, T]}
+
+`load_model` rebuilds the network skeleton from the header and reads the arrays into it, so the
+loaded network gives bit-identical outputs. Files are written atomically
+(`mcm_prob.results.write_atomic`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import equinox as eqx
+import jax
+
+from .networks import ConsistencyNet
+from .results import write_atomic
+from .training import TrainConfig, TrainedModel
+
+__all__ = ["save_model", "load_model", "FORMAT", "VERSION"]
+
+FORMAT, VERSION = "mcm_prob.model", 1
+_MAX_HEADER = 16 * 2**20  # bytes: a header is a few kB; refuse to parse more
+
+
+def _data_spec(data) -> dict | None:
+    from .data import DataDistribution
+
+    if data is None:
+        return None
+    if not isinstance(data, DataDistribution):
+        raise TypeError(
+            f"`data` must be a mcm_prob.data.DataDistribution or None, got {type(data).__name__}"
+        )
+    spec = data.to_spec()
+    if spec is None:  # a user family without a spec: record what it was
+        cls = type(data)
+        spec = {"class": f"{cls.__module__}.{cls.__qualname__}", "repr": repr(data)}
+    return spec
+
+
+def save_model(path: str | os.PathLike, model, config: TrainConfig | None = None, *, data=None):
+    """Save a fitted network with its training config (and the data spec) to `path`.
+
+    **Arguments:** `model`: a `ConsistencyNet` (as `fit` returns it; then `config` is
+    required) or a `TrainedModel` (carries its config and data spec; `config`/`data` given
+    here replace them); `data`: the training distribution, stored as its spec.
+    **Returns:** the path. Raises `mcm_prob.results.ResultsWriteError` when it cannot write.
+    """
+    spec = None
+    if isinstance(model, TrainedModel):
+        config = config if config is not None else model.config
+        spec = json.loads(model.data_spec) if model.data_spec is not None else None
+        model = model.net
+    if not isinstance(model, ConsistencyNet):
+        raise TypeError(
+            f"`model` must be a ConsistencyNet or TrainedModel, got {type(model).__name__}"
+        )
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be the model's TrainConfig, got {type(config).__name__}")
+    if data is not None:
+        spec = _data_spec(data)
+    mlp = model.mlp
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "mcm_prob": _version(),
+        "network": {
+            "dim": model.dim,
+            "width": mlp.width_size,
+            "depth": mlp.depth,
+            "n_freq": model.n_freq,
+            "dtype": str(model.dtype),
+        },
+        "train_config": json.loads(config.to_json()),
+        "data": spec,
+        "trained_range": [float(config.delta), float(config.T)],
+    }
+    buffer = io.BytesIO()
+    buffer.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+    eqx.tree_serialise_leaves(buffer, model)
+    return write_atomic(path, buffer.getvalue())
+
+
+def load_model(path: str | os.PathLike) -> TrainedModel:
+    """Load a model written by `save_model` as a `TrainedModel` (network, config, data spec).
+
+    Raises `ValueError` naming the path when the file is not a saved model or is damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved model at {path}")
+    with path.open("rb") as f:
+        line = f.readline(_MAX_HEADER + 1)
+        rest = f.read()
+    try:
+        header = json.loads(line)
+        ok = isinstance(header, dict) and header.get("format") == FORMAT
+    except ValueError:
+        ok = False
+    if not ok or not line.endswith(b"\n"):
+        raise ValueError(f"{path} is not a mcm_prob saved model (no {FORMAT!r} header)")
+    if header.get("version") != VERSION:
+        raise ValueError(
+            f"{path} is a saved model of format version {header.get('version')!r}; "
+            f"this mcm_prob reads version {VERSION}"
+        )
+    try:
+        net_args = header["network"]
+        config = TrainConfig(**header["train_config"])
+        skeleton = ConsistencyNet(
+            int(net_args["dim"]),
+            width=int(net_args["width"]),
+            depth=int(net_args["depth"]),
+            n_freq=int(net_args["n_freq"]),
+            dtype=net_args["dtype"],
+            key=jax.random.key(0),
+        )
+        net = eqx.tree_deserialise_leaves(io.BytesIO(rest), skeleton)
+    except (KeyError, TypeError, ValueError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: damaged saved model ({type(err).__name__}: {err})") from err
+    spec = header.get("data")
+    return TrainedModel(net, config, None if spec is None else json.dumps(spec, sort_keys=True))
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mcm_prob")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
