@@ -44,7 +44,7 @@ def time_from_snr_ratio(rho: ArrayLike) -> Array:
 
 
 class OrnsteinUhlenbeck(eqx.Module):
-    """The OU forward process of DESIGN.md. Use the module-level instance `mcm_prob.OU`."""
+    """The OU forward process (docs/conventions.md). Use the module-level instance `mcm_prob.OU`."""
 
     def alpha(self, t: ArrayLike) -> Array:
         r"""$\alpha_t = e^{-t}$."""
@@ -98,7 +98,7 @@ def _gaussian_kernel(loc: Array, scale: Array, dt_concrete) -> dist.Distribution
 
 
 OU = OrnsteinUhlenbeck()
-"""The forward process instance named in DESIGN.md."""
+"""The forward process instance (docs/conventions.md)."""
 
 
 def joint_model(data, t: ArrayLike, n: int | None = None) -> Array:

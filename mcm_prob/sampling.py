@@ -1,4 +1,4 @@
-r"""Multi-step consistency sampling (DESIGN.md's definition) and its exact law for Gaussian data.
+r"""Multi-step consistency sampling (docs/conventions.md) and its exact law for Gaussian data.
 
 With step h, K = `steps`, re-noising length $\tau$ and stop time $\delta$: $t_k = \delta + (K-k)h$
 for k = 0..K; $x \sim N(0, I)$ at $t_0$; for k = 0..K-1, $s_k = \max(t_{k+1} - \tau, \delta)$,

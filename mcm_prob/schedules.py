@@ -2,7 +2,7 @@ r"""Sampler schedules: the start and landing times of the multi-step consistency
 
 A schedule of K steps is a pair of arrays, start times $t_0 > t_1 > \dots > t_{K-1}$ and landing
 times $s_k$ with $\delta \le s_k \le t_{k+1}$ (k < K - 1) and $s_{K-1} = \delta$, the stop time.
-The sampler (DESIGN.md) starts from $x \sim N(0, I)$ at $t_0$ and, for k = 0..K-1, jumps with
+The sampler (docs/conventions.md) starts from $x \sim N(0, I)$ at $t_0$ and, for k = 0..K-1, jumps with
 $y = f(x, t_k, s_k)$ and, if k < K - 1, re-noises by the OU transition from $s_k$ to $t_{k+1}$
 (gap $t_{k+1} - s_k$). The output is the last y.
 

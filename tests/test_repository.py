@@ -1,0 +1,33 @@
+"""Repository files users rely on: CITATION.cff validates against the Citation File Format
+1.2.0 schema (vendored in tests/data from the CFF project, CC-BY-4.0, as shipped in cffconvert
+2.0.0: the check `cffconvert --validate` makes), and the README links the conventions page."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+import mcm_prob
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_citation_cff_is_valid_cff_1_2_0():
+    schema = json.loads((ROOT / "tests/data/cff-schema-1.2.0.json").read_text())
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(cff), key=str)
+    assert not errors, [e.message for e in errors]
+    assert cff["version"] == mcm_prob.__version__
+    paper = cff["references"][0]
+    assert paper["identifiers"][0]["value"] == "arXiv:2505.01049"
+
+
+def test_readme_links_the_conventions_page_it_names():
+    readme = (ROOT / "README.md").read_text()
+    assert "DESIGN.md" not in readme  # not in the repository: users could not read it
+    assert "](docs/conventions.md)" in readme
+    page = (ROOT / "docs/conventions.md").read_text()
+    for name in ("alpha_t = exp(-t)", "s_k = max(t_{k+1} - tau, delta)", "`/results`", "status"):
+        assert name in page
