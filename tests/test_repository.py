@@ -31,3 +31,17 @@ def test_readme_links_the_conventions_page_it_names():
     page = (ROOT / "docs/conventions.md").read_text()
     for name in ("alpha_t = exp(-t)", "s_k = max(t_{k+1} - tau, delta)", "`/results`", "status"):
         assert name in page
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """A non-editable install once lacked mcm_prob.studies (`packages = ["mcm_prob"]`)."""
+    import tomllib
+
+    import setuptools
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packaged = set(setuptools.find_packages(ROOT, include=find["find"]["include"]))
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mcm_prob").rglob("__init__.py")
+    }
+    assert on_disk == packaged
