@@ -1,0 +1,38 @@
+"""Shared command line of the claim scripts: run a registered study with a small default or
+the `--full` setting, write FILE.nc, FILE_report.txt and FILE.png, and print the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from mcm_prob import studies  # noqa: E402
+
+
+def run_claim(doc: str, study: str, small: dict, full: dict, out: str, *, argv=None):
+    """Parse ``--full --out FILE --resume --overwrite`` and run `study`; returns (tree, path)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the full setting (see the docstring)")
+    parser.add_argument("--out", default=None, help=f"netCDF file (default {out}[_full].nc)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true")
+    mode.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    path = Path(args.out or f"{out}{'_full' if args.full else ''}.nc")
+    config = studies.get(study).config_type(**(full if args.full else small))
+    tree = studies.run(
+        study, config, path, resume=args.resume, overwrite=args.overwrite, progress=False
+    )
+    report = studies.report(tree)
+    print(report)
+    path.with_name(path.stem + "_report.txt").write_text(report + "\n")
+    studies.plot(tree).savefig(path.with_suffix(".png"), dpi=120)
+    print(
+        f"wrote {path}, {path.stem}_report.txt, {path.stem}.png "
+        f"(wall time {tree.attrs['wall_time_s']:.1f} s)"
+    )
+    return tree, path
