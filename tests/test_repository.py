@@ -3,12 +3,15 @@
 2.0.0: the check `cffconvert --validate` makes), and the README links the conventions page."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
 import mcm_prob
+from mcm_prob import studies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,41 @@ def test_every_subpackage_is_in_the_wheel():
         ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mcm_prob").rglob("__init__.py")
     }
     assert on_disk == packaged
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["smooth_steps", "nonsmooth_steps", "baselines_nfe", "error_injection", "estimation_error"],
+)
+def test_analysis_script_settings_are_valid_configs(script):
+    """Each claim script's small default and --full setting are valid study configs."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "analysis"))
+    try:
+        module = importlib.import_module(script)
+    finally:
+        sys.path.remove(str(ROOT / "analysis"))
+    source = (ROOT / "analysis" / f"{script}.py").read_text()
+    study = studies.get(re.search(r'run_claim\(__doc__, "(\w+)"', source).group(1))
+    for name in ("SMALL", "QUICK", "FULL"):
+        if hasattr(module, name):
+            study.config_type(**getattr(module, name))
+
+
+def test_analysis_script_runs_end_to_end(tmp_path):
+    """The error-injection claim script (seconds) writes its file, report and plot."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ei.nc"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "analysis/error_injection.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert out.exists() and out.with_suffix(".png").exists()
+    assert "slope of log KL" in (tmp_path / "ei_report.txt").read_text()
