@@ -312,9 +312,8 @@ class Study(abc.ABC):
     config_type: ClassVar[type[StudyConfig]]
     quick: ClassVar[dict] = {}
     nested: ClassVar[tuple[str, ...]] = ()  # config keys holding sub-tables merged key by key
-    analysis_keys: ClassVar[
-        tuple[str, ...]
-    ] = ()  # keys only `finalize` reads: may change on resume
+    # config keys that only `finalize` reads: they may change on resume (the analysis reruns)
+    analysis_keys: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def schema(self, config) -> xr.Dataset:
@@ -347,14 +346,13 @@ class Study(abc.ABC):
         """A matplotlib Figure of the results."""
 
 
-def _changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -> tuple[list, list]:
-    """(changes outside `analysis` keys, changes of `analysis` keys) between two configs."""
+def _blocking_changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -> list[str]:
+    """The differences between two configs outside the `analysis` keys."""
     try:
         changes = config_diff(json.loads(old_json), json.loads(new_json))
     except (TypeError, ValueError):
-        return ["the file's config is not readable JSON"], []
-    late = [c for c in changes if c.split(".")[0].split(":")[0] in analysis]
-    return [c for c in changes if c not in late], late
+        return ["the file's config is not readable JSON"]
+    return [c for c in changes if c.split(".")[0].split(":")[0] not in analysis]
 
 
 def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.DataTree, list]:
@@ -370,7 +368,7 @@ def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.Da
     history = _json_list(tree.attrs.get("previous_configs"))
     if old == cfg_json:
         return tree, history
-    blocking, _ = _changes(old, cfg_json, study.analysis_keys)
+    blocking = _blocking_changes(old, cfg_json, study.analysis_keys)
     if blocking:
         raise ValueError(
             f"{path} was written with a different config; cannot {what} it. Differences: "
