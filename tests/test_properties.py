@@ -20,7 +20,7 @@ TIMES = st.one_of(
     st.sampled_from([-1.0, float("nan"), float("inf")]),
 )
 SETTINGS = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 NAMED = re.compile(r"`[A-Za-z_][\w.\[\]]*`")
 

@@ -67,6 +67,10 @@ def test_bootstrap_outputs_and_bad_input():
         bootstrap_rates(data.rename(seed="rep"))
     with pytest.raises(ValueError, match="`ci` must be a finite number > 0 and < 1"):
         bootstrap_rates(data, ci=1.5)
+    steps = data["step"].values
+    for bad_steps in (np.r_[0.0, steps[1:]], np.r_[steps[1], steps[1:]]):  # zero, repeated
+        with pytest.raises(ValueError, match="distinct finite values > 0"):
+            bootstrap_rates(data.assign_coords(step=bad_steps))
 
 
 def two_term_errors(n_rep, *, rng, p=2.0, q=1.0, delta_star=0.08, noise=0.1, seed_sd=0.1):
