@@ -18,6 +18,8 @@ $\Phi_{t\to s}$, $0 \le s \le t$, pushes $p_t$ forward to $p_s$; $f(x, t, s) = \
 
 from __future__ import annotations
 
+import math
+
 import diffrax
 import equinox as eqx
 import jax
@@ -65,59 +67,66 @@ def _gaussian_flow(data: Gaussian, x: Array, t, s) -> Array:
     return alpha(s) * m + (jnp.sqrt(nu_s / nu_t) * coef) @ vecs.T
 
 
-# Above _SWITCH the solve runs in (x, t), where v(x, t) -> 0 exponentially fast; below it in the
-# DDIM variables (y, rho), where Dirac-mixture trajectories are straight lines. (The DDIM form
-# alone gives up beyond t of about 33: y = x / alpha_t is then ~1e14 and the step controller
-# stalls.) Above _CAP, p_t = N(0, I) to working precision (see `flow_map`) and nothing moves.
+# The solve runs in one time variable u and one state z. Below _SWITCH: the DDIM variables
+# u = rho_t = sigma_t / alpha_t, z = x / alpha_t (Dirac-mixture trajectories are straight lines
+# there). Above it, where the DDIM form alone stalls (beyond t of about 33, z ~ 1e14): u continues
+# linearly in t with slope rho'(_SWITCH) and z = x / alpha(_SWITCH), so the field is the PF-ODE
+# velocity (which decays like alpha_t) rescaled. Above _CAP, p_t = N(0, I) to working precision
+# (see `flow_map`) and nothing moves. One diffeqsolve covers both pieces.
 _SWITCH = 10.0
 _CAP = 50.0
+_RHO_SWITCH = math.sqrt(math.expm1(2 * _SWITCH))
+_SLOPE = math.exp(2 * _SWITCH) / _RHO_SWITCH  # d rho / dt at _SWITCH
+
+
+def _solver_time(t):
+    """u(t): rho_t up to _SWITCH, then continued linearly in t."""
+    return snr_ratio(jnp.minimum(t, _SWITCH)) + jnp.maximum(t - _SWITCH, 0.0) * _SLOPE
+
+
+def _time(u):
+    """t(u), the inverse of `_solver_time`."""
+    low = time_from_snr_ratio(jnp.minimum(u, _RHO_SWITCH))
+    return jnp.where(u <= _RHO_SWITCH, low, _SWITCH + (u - _RHO_SWITCH) / _SLOPE)
 
 
 @eqx.filter_jit
 def _ode_solve(data: DataDistribution, x: Array, t, s, rtol, atol, max_steps: int):
-    """PF-ODE solve from t to s (either order): one adaptive solve per point, in (x, t) above
-    `_SWITCH` and in the DDIM variables below it. Returns (Phi_{t->s}(x), steps per point)."""
+    """PF-ODE solve from t to s (either order), one adaptive solve per point in the variables
+    (u, z) above. Returns (Phi_{t->s}(x), number of steps per point)."""
 
-    def ddim_field(rho, y, args):
-        tau = time_from_snr_ratio(rho)
-        return -sigma(tau) * data.unchecked_score(alpha(tau) * y, tau)
+    t_, s_ = jnp.minimum(t, _CAP), jnp.minimum(s, _CAP)
+    down = t_ >= s_
 
-    def x_field(tau, y, args):
-        return -y - data.unchecked_score(y, tau)
+    def vector_field(u, z, args):
+        tau = _time(u)
+        a = alpha(jnp.minimum(tau, _SWITCH))
+        x = a * z
+        score = data.unchecked_score(x, tau)
+        ddim = -sigma(tau) * score  # dz/drho with z = x / alpha_tau
+        upper = (-x - score) / (a * _SLOPE)  # dz/du with z = x / alpha(_SWITCH), du = SLOPE dt
+        # at the switch itself, the side the solve is heading to (diffrax restarts there)
+        below = jnp.where(down, tau <= _SWITCH, tau < _SWITCH)
+        return jnp.where(below, ddim, upper)
 
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    term = diffrax.ODETerm(vector_field)
+    # the field jumps at the switch (z changes scale there): the solver steps onto it exactly
+    controller = diffrax.ClipStepSizeController(
+        diffrax.PIDController(rtol=rtol, atol=atol), jump_ts=[_RHO_SWITCH]
+    )
 
-    def solve(field, t0, t1, y0):
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(field),
+    def solve_one(x1):
+        sol = diffrax.diffeqsolve(
+            term,
             diffrax.Tsit5(),
-            t0=t0,
-            t1=t1,
+            t0=_solver_time(t_),
+            t1=_solver_time(s_),
             dt0=None,
-            y0=y0,
+            y0=x1 / alpha(jnp.minimum(t_, _SWITCH)),
             stepsize_controller=controller,
             max_steps=max_steps,
         )
-
-    t_, s_ = jnp.minimum(t, _CAP), jnp.minimum(s, _CAP)
-    hi_t, hi_s = jnp.maximum(t_, _SWITCH), jnp.maximum(s_, _SWITCH)  # the (x, t) segment
-    lo_t, lo_s = jnp.minimum(t_, _SWITCH), jnp.minimum(s_, _SWITCH)  # the DDIM segment
-
-    def solve_one(x1):
-        # t >= s: (x, t) from hi down to lo, then DDIM; t < s: DDIM first, then (x, t) up.
-        down = t_ >= s_
-
-        def outer(y):
-            sol = solve(x_field, hi_t, hi_s, y)
-            return sol.ys[-1], sol.stats["num_steps"]
-
-        def inner(y):
-            sol = solve(ddim_field, snr_ratio(lo_t), snr_ratio(lo_s), y / alpha(lo_t))
-            return alpha(lo_s) * sol.ys[-1], sol.stats["num_steps"]
-
-        y, n1 = jax.lax.cond(down, outer, inner, x1)
-        y, n2 = jax.lax.cond(down, inner, outer, y)
-        return y, n1 + n2
+        return alpha(jnp.minimum(s_, _SWITCH)) * sol.ys[-1], sol.stats["num_steps"]
 
     flat = x.reshape(-1, x.shape[-1])
     out, num_steps = jax.vmap(solve_one)(flat)
