@@ -107,7 +107,7 @@ def test_gaussian_flow_map(x64, dim, t, s, seed):
 
 
 @pytest.mark.parametrize("x64", [True, False])
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     dim=st.integers(1, 3),
     t=st.one_of(st.sampled_from([0.0, 1e-300, 1e-6, 40.0, 1e5]), st.floats(0.01, 20.0)),
@@ -139,7 +139,7 @@ def test_ode_flow_of_a_mixture_is_finite_and_invertible(x64, dim, t, frac, seed)
 
 
 @pytest.mark.parametrize("x64", [True, False])
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(
     dim=st.integers(1, 64),
     t=TIMES,
