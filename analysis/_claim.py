@@ -14,6 +14,29 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 from mcm_prob import studies  # noqa: E402
+from mcm_prob.studies.sampling import default_sampling_data  # noqa: E402
+
+
+def sampling_entries(family: str, dims) -> dict:
+    """The sampling study's default entries of one family (``"gaussian"`` or ``"box"``)."""
+    return {k: v for k, v in default_sampling_data(dims).items() if k.startswith(family + "_")}
+
+
+def steps_settings(family: str) -> tuple[dict, dict]:
+    """(small, full) sampling-study settings of the steps-versus-d claims for one family:
+    d = 1, 2, 4, 8 and K <= 16, or d = 1 .. 64, K <= 32 and eps down to 0.003; no baselines."""
+    small = dict(
+        data=sampling_entries(family, (1, 2, 4, 8)),
+        max_steps=16,
+        baselines=(),
+        taus=(0.0, 0.5, float("inf")),
+    )
+    full = small | dict(
+        data=sampling_entries(family, (1, 2, 4, 8, 16, 32, 64)),
+        max_steps=32,
+        eps=(0.1, 0.03, 0.01, 0.003),
+    )
+    return small, full
 
 
 def run_claim(doc: str, study: str, small: dict, full: dict, out: str, *, argv=None):

@@ -10,18 +10,13 @@ steps; ``--full``: d up to 32, baselines up to 1024 steps.
     python analysis/baselines_nfe.py [--full]
 """
 
-from _claim import run_claim
+from _claim import run_claim, sampling_entries
 
-from mcm_prob.studies.sampling import default_sampling_data
-
-
-def gaussians(dims):
-    return {k: v for k, v in default_sampling_data(dims).items() if k.startswith("gaussian")}
-
-
-SMALL = dict(data=gaussians((2, 8)), max_steps=12, taus=(0.0, float("inf")))
+SMALL = dict(data=sampling_entries("gaussian", (2, 8)), max_steps=12, taus=(0.0, float("inf")))
 FULL = SMALL | dict(
-    data=gaussians((2, 8, 32)), max_steps=24, baseline_steps=(4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    data=sampling_entries("gaussian", (2, 8, 32)),
+    max_steps=24,
+    baseline_steps=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 
 if __name__ == "__main__":

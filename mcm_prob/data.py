@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import inspect
 from collections.abc import Mapping
 from typing import ClassVar
@@ -38,6 +39,7 @@ from .forward import alpha, sigma
 __all__ = [
     "DataDistribution",
     "from_spec",
+    "describe",
     "register_family",
     "FAMILIES",
     "Gaussian",
@@ -641,3 +643,22 @@ class DegenerateNormal(dist.Distribution):
     @property
     def covariance_matrix(self):
         return jnp.einsum("...ij,...kj->...ik", self.factor, self.factor)
+
+
+def describe(data: DataDistribution) -> dict:
+    """What a results file or saved model records about a distribution: its spec when it has one, else
+    ``{"class": module path, "repr": repr, "sha256": hash of its tree structure and arrays}``."""
+    spec = data.to_spec()
+    if spec is not None:
+        return spec
+    h = hashlib.sha256(str(jax.tree_util.tree_structure(data)).encode())
+    for leaf in jax.tree_util.tree_leaves(data):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    cls = type(data)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "repr": repr(data),
+        "sha256": h.hexdigest(),
+    }

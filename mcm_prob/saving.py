@@ -39,7 +39,7 @@ _MAX_HEADER = 16 * 2**20  # bytes: a header is a few kB; refuse to parse more
 
 
 def _data_spec(data) -> dict | None:
-    from .data import DataDistribution
+    from .data import DataDistribution, describe
 
     if data is None:
         return None
@@ -47,11 +47,7 @@ def _data_spec(data) -> dict | None:
         raise TypeError(
             f"`data` must be a mcm_prob.data.DataDistribution or None, got {type(data).__name__}"
         )
-    spec = data.to_spec()
-    if spec is None:  # a user family without a spec: record what it was
-        cls = type(data)
-        spec = {"class": f"{cls.__module__}.{cls.__qualname__}", "repr": repr(data)}
-    return spec
+    return describe(data)  # a user family without a spec: class path, repr and array hash
 
 
 def save_model(path: str | os.PathLike, model, config: TrainConfig | None = None, *, data=None):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -47,13 +46,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
-import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
 from .._checks import number
 from ..cache import enable_compilation_cache
-from ..data import DataDistribution, from_spec
+from ..data import DataDistribution, describe, from_spec
 from ..results import ResultsWriteError, load_tree, provenance, remove_stale_temps, save_tree
 
 __all__ = [
@@ -79,25 +77,6 @@ class StudyExists(FileExistsError):
 
 
 # ------------------------------------------------------------------ data entries
-def describe(data: DataDistribution) -> dict:
-    """What a results file records about a distribution: its spec when it has one, else
-    ``{"class": module path, "repr": repr, "sha256": hash of its tree structure and arrays}``."""
-    spec = data.to_spec()
-    if spec is not None:
-        return spec
-    h = hashlib.sha256(str(jax.tree_util.tree_structure(data)).encode())
-    for leaf in jax.tree_util.tree_leaves(data):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    cls = type(data)
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "repr": repr(data),
-        "sha256": h.hexdigest(),
-    }
-
-
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One data entry of a study (keyed by its label): the distribution, its recorded
