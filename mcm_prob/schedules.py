@@ -66,8 +66,6 @@ class Schedule(eqx.Module):
                 "`schedule.t` and `schedule.s` must have the same length K >= 1, got "
                 f"{t.shape} and {s.shape}"
             )
-        if not (np.all(np.isfinite(t)) and np.all(np.isfinite(s))):
-            raise ValueError("schedule times must be finite")
         delta = s[-1]
         if not delta > 0:
             raise ValueError(f"the last landing time (delta = s[-1]) must be > 0, got {delta!r}")

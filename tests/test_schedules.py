@@ -52,6 +52,8 @@ def test_bad_schedules_are_refused():
         Schedule([1.0, 0.5], [0.2, 0.0])
     with pytest.raises(ValueError, match="same length"):
         Schedule([1.0, 0.5], [0.1])
+    with pytest.raises(ValueError, match=r"`schedule.t` must be finite"):
+        Schedule([math.inf, 0.5], [0.5, 0.1])
     with pytest.raises(ValueError, match="either `schedule` or"):
         mp.sampler_law(gaussian(2), schedule=Schedule([1.0], [0.1]), h=0.1)
     with pytest.raises(ValueError, match="reach"):

@@ -4,8 +4,8 @@ Entries with exact sampler laws: Gaussian data (any mean and covariance; exact G
 and product targets (``uniform_box``: exact 1-d grid laws summed over coordinates, identical
 coordinates computed once). For Gaussian entries also the exact KL of the fixed-step diffusion
 baselines from T, and for all entries steps-to-eps tables. `finalize` fits
-steps ~ a + b log(d / eps) per regime and tau over the entries (the smooth-data claim is
-O(log(d/eps))) and stores it in ``/fits``.
+steps ~ a + b log(d / eps) per regime and tau over the entries (the paper bounds the steps by
+O(log(d/eps)) for smooth and O(d log(d/eps)) for non-smooth data) and stores it in ``/fits``.
 
 Default: the Gaussian N(0.5, diag(0.5..2)) and the cube [-1, 1]^d for d = 1, 2, 4, 8.
 """
@@ -294,7 +294,8 @@ class SamplingStudy(Study):
         if "fits" in tree.children:
             fits = tree["fits"].to_dataset()
             lines.append(
-                "fit steps ~ a + b log(d / eps) over the table (smooth-data claim: O(log(d/eps)))"
+                "fit steps ~ a + b log(d / eps) per regime over the table (the paper's bounds: "
+                "O(log(d/eps)) smooth, O(d log(d/eps)) non-smooth)"
             )
             for g in fits["regime"].values:
                 for tau in fits["tau"].values:
