@@ -21,10 +21,10 @@ SMALL = dict(width=64, depth=2, T=3.0, progress=False)
 PAIRS = mp.metrics.default_time_pairs(0.01, 3.0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    t=st.floats(0.0, 20.0),
+    t=st.floats(0.0, 20.0, allow_subnormal=False),  # (0, tiny) is refused by name
     scale=st.floats(1e-3, 1e3),
     dtype=st.sampled_from([jnp.float32, jnp.float64]),
 )
