@@ -46,9 +46,16 @@ and the sampler reported no divergences.
 
 `fit_error_model` returns an `xarray.DataTree` in ArviZ's layout (``posterior``,
 ``posterior_predictive``, ``log_likelihood``, ``sample_stats``, ``observed_data``; dims
-``chain``, ``draw``) plus ``checks`` (per group) and ``curve`` (quantile bands of $e^{m}$ on a
-fine step grid), so `arviz_stats.loo`, `compare`, `summary`, `ess` and `rhat` work on it as it
-is. `compare_error_models` ranks models by PSIS-LOO (overall and per group).
+``chain``, ``draw``) plus ``checks`` (per group), ``curve`` (quantile bands of $e^{m}$ on a
+fine step grid) and ``loo_pit``, so `arviz_stats.loo`, `compare`, `summary`, `ess` and `rhat`
+work on it as it is. `compare_error_models` ranks models by PSIS-LOO (overall and per group).
+
+**LOO-PIT.** The log likelihood is per seed curve, so `arviz_stats.loo_pit` cannot pair it with
+single errors by itself; ``loo_pit`` holds $u_{ij} = P(y^{rep}_{ij} \le y_{ij} \mid y_{-j})$ for
+every step i and seed j, seed j's curve left out (PSIS weights of the per-seed LOO), with the
+Pareto k of each seed. A calibrated model gives $u$ about uniform, so a mean near 0.5 at every
+step; a mean curve that misses the data's shape shows as means far from 0.5 (a straight line
+through a curved error: high at both ends, low in the middle).
 """
 
 from __future__ import annotations
@@ -469,7 +476,7 @@ def fit_error_model(
         "mean_log_step": float(log_steps.mean()),
         "arviz": f"arviz-base {arviz_base.__version__}, arviz-stats {arviz_stats.__version__}",
     }
-    return xr.DataTree.from_dict(
+    tree = xr.DataTree.from_dict(
         {
             "/": xr.Dataset(attrs=attrs),
             "posterior": post,
@@ -481,6 +488,33 @@ def fit_error_model(
             "curve": curve,
         }
     )
+    tree["loo_pit"] = _loo_pit(tree)
+    return tree
+
+
+def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
+    r"""Leave-one-seed-out PIT of every observed log error, $u_{ij} = P(y^{rep}_{ij} \le y_{ij}
+    \mid y_{-j})$: `arviz_stats.loo_pit` with the PSIS weights of the per-seed LOO (the unit
+    left out is seed j's whole curve, so its S steps share one set of weights)."""
+    with warnings.catch_warnings():  # high Pareto k is stored beside the values
+        warnings.simplefilter("ignore", UserWarning)
+        loo = arviz_stats.loo(tree, pointwise=True, var_name=_OBS)
+        obs = tree["observed_data"][_OBS]
+        weights = {
+            "log_weights": loo.log_weights.broadcast_like(obs),
+            "pareto_k": loo.pareto_k.broadcast_like(obs),
+        }
+        pit = arviz_stats.loo_pit(
+            tree, var_names=_OBS, **{k: xr.Dataset({_OBS: v}) for k, v in weights.items()}
+        )[_OBS]
+    pit.attrs = {
+        "long_name": "leave-one-seed-out PIT of the observed log error, P(y_rep <= y | other seeds)",
+        "note": "uniform on [0, 1] for a calibrated model; the steps of one seed share the left-out "
+        "curve, so values of a seed are dependent",
+    }
+    k = loo.pareto_k.transpose(*obs.dims[:-2], "seed")
+    k.attrs = {"long_name": "Pareto k of the seed's PSIS weights (PIT unreliable above 0.7)"}
+    return xr.Dataset({_OBS: pit.transpose(*obs.dims), "pareto_k": k})
 
 
 def _worker_init(cache_dir: str | None) -> None:
