@@ -97,6 +97,22 @@ _GRID = 401
 _OBS = "log_error"
 
 
+# long names of the sampled parameters (all on the log-error scale, x = centred log step)
+_PARAMETERS = {
+    "c": "log error at the mean log step (intercept)",
+    "alpha": "power-law exponent: slope of log error against log step",
+    "beta": "slope of the least-squares line of the curve (log-log)",
+    "h_raw": "curvature coordinates of the GP term (standard normal, non-centred)",
+    "a": "log of the discretization term A step^p at the largest step",
+    "p": "exponent p of the discretization term A step^p",
+    "b": "log of the learning term B step^-q at the smallest step",
+    "q": "exponent q of the learning term B step^-q",
+    "sigma": "noise scale of the log error",
+    "tau": "scale of the seed effect on the log error",
+    "nu": "degrees of freedom of the Student-t noise",
+}
+
+
 # ------------------------------------------------------------------ mean curves
 def _xp(th):
     return jnp if isinstance(next(iter(th.values())), jax.Array) else np
@@ -342,7 +358,8 @@ def fit_error_model(
     posterior = {}
     for name, v in th.items():
         tail = ("curvature_basis",) if name == "h_raw" else ()
-        posterior[name] = (_dims(groups, tail), shaped(v, v.shape[2:]))
+        long_name = {"long_name": _PARAMETERS[name]}
+        posterior[name] = (_dims(groups, tail), shaped(v, v.shape[2:]), long_name)
     derived = {
         "seed_effect": (
             seed_effect,
@@ -364,12 +381,16 @@ def fit_error_model(
     post = post.assign_coords(chain=np.arange(chains), draw=np.arange(draws))
 
     extra = mcmc.get_extra_fields(group_by_chain=True)
+    stats = {
+        "diverging": ("diverging", bool, "divergent transition"),
+        "n_steps": ("num_steps", None, "leapfrog steps of the NUTS trajectory"),
+        "acceptance_rate": ("accept_prob", float, "mean acceptance probability of the trajectory"),
+        "energy": ("energy", float, "Hamiltonian energy"),
+    }
     sample_stats = xr.Dataset(
         {
-            "diverging": (("chain", "draw"), np.asarray(extra["diverging"], bool)),
-            "n_steps": (("chain", "draw"), np.asarray(extra["num_steps"])),
-            "acceptance_rate": (("chain", "draw"), np.asarray(extra["accept_prob"], float)),
-            "energy": (("chain", "draw"), np.asarray(extra["energy"], float)),
+            name: (("chain", "draw"), np.asarray(extra[field], dtype), {"long_name": long_name})
+            for name, (field, dtype, long_name) in stats.items()
         },
         coords={"chain": np.arange(chains), "draw": np.arange(draws)},
     )
@@ -384,6 +405,7 @@ def fit_error_model(
     pp_ds = xr.Dataset(
         {_OBS: (obs_dims, shaped(y_rep, (n_step, n_seed)).astype(np.float32))}, coords=obs_coords
     )
+    pp_ds[_OBS].attrs["long_name"] = "replicated log error (posterior predictive draw)"
     observed = xr.Dataset(
         {_OBS: ((*groups, "step", "seed"), y.reshape(*gshape, n_step, n_seed))}, coords=coords
     )
@@ -648,7 +670,8 @@ def compare_error_models(
                 {"long_name": "usable model with the highest group elpd"},
             ),
         },
-        coords={"model": names} | {d: first[d] for d in gdims},
+        coords={"model": ("model", names, {"long_name": "error model"})}
+        | {d: first[d] for d in gdims},
         attrs={
             "method": "PSIS-LOO (arviz_stats.loo) per model; arviz_stats.compare with stacking weights",
             "warnings": json.dumps(sorted({str(w.message) for w in caught})),

@@ -151,7 +151,8 @@ def bootstrap_rates(
     )
     ds = xr.Dataset(
         out,
-        coords={d: errors[d] for d in (*groups, along)} | {"boot": np.arange(n_boot)},
+        coords={d: errors[d] for d in (*groups, along)}
+        | {"boot": ("boot", np.arange(n_boot), {"long_name": "bootstrap replicate"})},
         attrs={
             "method": f"percentile bootstrap over seeds (resampled jointly across {along}); estimators from per-{along} mean log error",
             "along": along,

@@ -16,3 +16,25 @@ def key():
 @pytest.fixture
 def rng():
     return np.random.default_rng(20250501)
+
+
+def _undescribed(tree) -> list[str]:
+    """Variables without a `long_name` and coordinates without `units` or `long_name` (the
+    sampler's chain and draw indices excepted), in every group of a results tree."""
+    missing = []
+    for node in tree.subtree:
+        ds = node.to_dataset(inherit=False)
+        missing += [f"{node.path}: {v}" for v in ds.data_vars if not ds[v].attrs.get("long_name")]
+        missing += [
+            f"{node.path}: coordinate {c}"
+            for c in ds.coords
+            if c not in ("chain", "draw") and not {"units", "long_name"} & set(ds[c].attrs)
+        ]
+    return missing
+
+
+@pytest.fixture
+def undescribed():
+    """DESIGN's result contract: every variable has a long_name, every coordinate units or a
+    long_name. Returns the list of what is missing (empty when the file is described)."""
+    return _undescribed

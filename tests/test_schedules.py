@@ -216,7 +216,7 @@ def test_steps_to_accuracy_says_why():
         mp.accuracy.smallest_steps(lambda k: math.nan, 0.1)
 
 
-def test_schedules_study_and_cli(tmp_path, capsys):
+def test_schedules_study_and_cli(tmp_path, capsys, undescribed):
     from mcm_prob import cli
     from mcm_prob.results import load_tree
 
@@ -231,6 +231,7 @@ def test_schedules_study_and_cli(tmp_path, capsys):
     argv = ["run", "schedules", "--config", str(cfg_file), "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     tree = load_tree(out)
+    assert undescribed(tree) == []
     res = tree["results"].to_dataset()
     g = mp.data.Gaussian([0.5, 0.0], [[0.5, 0.2], [0.2, 2.0]])
     kl = res["kl"].sel(entry="g2", error=0.0)

@@ -154,7 +154,7 @@ def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
     assert np.all(teacher[:, 1:] > teacher[:, :-1])
 
 
-def test_methods_budget_and_train_size_axes(tmp_path):
+def test_methods_budget_and_train_size_axes(tmp_path, undescribed):
     """Methods side by side, budgets and training-set sizes from config: the file has the
     axes with units and long names, CT has no teacher (NaN teacher and learning errors), and
     the learning error at the smallest step gets its rates against budget and against n."""
@@ -167,6 +167,7 @@ def test_methods_budget_and_train_size_axes(tmp_path):
         }
     )
     tree = studies.run_estimation(cfg, tmp_path / "axes.nc", progress=False)
+    assert undescribed(load_tree(tmp_path / "axes.nc")) == []
     res = tree["results"].to_dataset()
     assert list(res["fit_method"].values) == ["cd-euler", "ct"]
     np.testing.assert_array_equal(res["train_size"].values, [16, 64])
@@ -208,7 +209,7 @@ def test_methods_budget_and_train_size_axes(tmp_path):
     assert "exact KL from the 1-d grid law" in text
 
 
-def test_own_data_from_toml_through_the_cli(tmp_path, capsys):
+def test_own_data_from_toml_through_the_cli(tmp_path, capsys, undescribed):
     """A 4-d 3-component mixture and a 3-d box from a TOML file: run, report, info; the stored
     spec rebuilds the data exactly; a resume with a changed spec is refused by name."""
     import tomllib
@@ -234,6 +235,7 @@ def test_own_data_from_toml_through_the_cli(tmp_path, capsys):
     assert cli.main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "data entry mix4d: " in text and "data entry box3d: " in text
+    assert undescribed(load_tree(out)) == []
     res = load_tree(out)["results"].to_dataset()
     assert dict(zip(res["entry"].values, res["dim"].values, strict=True)) == {
         "mix4d": 4,
@@ -322,7 +324,7 @@ def test_user_subclass_flow_fit_and_study(tmp_path):
     assert "mine" in studies.report(tree)
 
 
-def test_sampling_study_and_cli(tmp_path, capsys):
+def test_sampling_study_and_cli(tmp_path, capsys, undescribed):
     cfg_file = tmp_path / "s.toml"
     cfg_file.write_text(
         "[sampling]\nmax_steps = 3\ntaus = [0.0, inf]\nbaseline_steps = [4, 8]\neps = [0.1, 0.001]\nn_grid = 201\n"
@@ -337,6 +339,7 @@ def test_sampling_study_and_cli(tmp_path, capsys):
         == 0
     )
     tree = load_tree(out)
+    assert undescribed(tree) == []
     res = tree["results"].to_dataset()
     assert res["kl"].dims == ("entry", "tau", "steps")
     assert np.all(np.isfinite(res["kl"].values))
@@ -395,13 +398,14 @@ def test_sampling_study_and_cli(tmp_path, capsys):
         studies.SamplingConfig(data={"dirac": {"family": "dirac_mixture", "atoms": [[0.0]]}})
 
 
-def test_error_injection_kl_is_order_eps_squared(tmp_path, capsys):
+def test_error_injection_kl_is_order_eps_squared(tmp_path, capsys, undescribed):
     """With enough steps that the start-up error KL(N(0,I) || p_T) is negligible, the exact KL
     of the perturbed sampler scales as eps_cm^2: fitted slope 1 within 2% (measured 1.0004 at
     K = 8, 1.0012 at K = 16 before this study moved into the library); with K = 2 the start-up
     error dominates and the slope is far below 1."""
     out = tmp_path / "inj.nc"
     assert cli.main(["run", "error_injection", "--out", str(out), "--no-progress"]) == 0
+    assert undescribed(load_tree(out)) == []
     res = load_tree(out)["results"].to_dataset()
     slope = res["slope"].sel(entry="gaussian")
     assert np.all(np.abs(slope.sel(steps=[8, 16]) - 1) < 0.02)
@@ -500,7 +504,7 @@ def test_config_validation(tmp_path, capsys):
     assert not (tmp_path / "x.nc").exists()
 
 
-def test_quick_main_job_end_to_end(tmp_path):
+def test_quick_main_job_end_to_end(tmp_path, undescribed):
     """`mcm-prob run estimation --quick --out x.nc && mcm-prob report x.nc` as a user runs it."""
     exe = shutil.which("mcm-prob")
     cmd = [exe] if exe else [sys.executable, "-m", "mcm_prob.cli"]
@@ -527,6 +531,7 @@ def test_quick_main_job_end_to_end(tmp_path):
     ):
         assert word in rep.stdout, word
     assert (tmp_path / "x_estimation.png").exists()
+    assert undescribed(load_tree(out)) == []
     # a reader that leaves early (`| head`, here `| true`) gets no traceback
     piped = subprocess.run(
         f"{shlex.join(cmd + ['info', str(out)])} | true",

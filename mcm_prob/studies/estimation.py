@@ -727,7 +727,15 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
         np.array(theory, float),
         {"long_name": "theoretical order in squared distance (2 Euler, 4 Heun)"},
     )
-    summary = xr.Dataset(out, coords={"other_entry": entries})
+    summary = xr.Dataset(
+        out,
+        coords={
+            "other_entry": ("other_entry", entries, {"long_name": "entry compared with"}),
+            "model": ("model", names, {"long_name": "error model"}),
+        },
+    )
+    for d in _GROUPS:  # the arithmetic above keeps the values of these coordinates, not attrs
+        summary[d].attrs = ds[d].attrs
     summary.attrs = {
         "rule": "posterior numbers come from the preferred model by PSIS-LOO among those whose predictive check passed with clean diagnostics; NaN when none did",
         "interval": f"{cfg.ci:.0%} equal-tailed posterior intervals; {cfg.ci:.0%} percentile bootstrap CIs over seeds",

@@ -259,7 +259,7 @@ class SamplingStudy(Study):
                 "b": (dims, b, {"long_name": "slope of steps ~ a + b log(d/eps)"}),
                 "cells": (dims, cells, {"long_name": "finite steps_to_eps cells in the fit"}),
             },
-            coords={"regime": regimes, "tau": np.array(c.taus)},
+            coords={"regime": ("regime", regimes, {"long_name": "regime"}), "tau": ds["tau"]},
             attrs={"method": "least squares over entries of the regime and eps (NaN: < 3 cells)"},
         )
         return {"/fits": fits}

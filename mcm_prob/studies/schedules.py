@@ -215,7 +215,11 @@ class SchedulesStudy(Study):
             },
             coords=coords
             | {
-                "family": ("entry", [e.data.family or "" for e in c.entries.values()]),
+                "family": (
+                    "entry",
+                    [e.data.family or "" for e in c.entries.values()],
+                    {"long_name": "data family"},
+                ),
                 "error": (
                     "error",
                     np.array(c.errors),
