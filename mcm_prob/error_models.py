@@ -229,6 +229,14 @@ def _seed_law(mean, sigma, tau, nu):
     )
 
 
+@jax.jit
+def _predictive(mean, sigma, tau, nu, y_seed, key):
+    """Per-seed log likelihood (N, G, J) of the observed curves `y_seed` (G, J, S) and one
+    replicated data set (N, G, J, S) per posterior draw; one compiled program."""
+    law = _seed_law(mean, sigma, tau, nu)
+    return law.log_prob(y_seed), law.expand([*sigma.shape, y_seed.shape[1]]).sample(key)
+
+
 def _program(model: ErrorModel, x: np.ndarray, n_groups: int, n_seed: int, y=None):
     """The NumPyro program: x (S,) centred log steps (concrete); y (G, J, S) log errors."""
     g = n_groups
@@ -321,9 +329,13 @@ def fit_error_model(
     mean = spec.curve(th, x, x)  # (N, G, S)
     y_seed = np.swapaxes(y, -1, -2)  # (G, J, S)
     with jax.default_device(jax.devices("cpu")[0]):
-        law = _seed_law(*(jnp.asarray(a) for a in (mean, th["sigma"], th["tau"], th["nu"])))
-        loglik = np.asarray(law.log_prob(jnp.asarray(y_seed)))  # (N, G, J)
-        y_rep = np.asarray(law.expand([n, g, n_seed]).sample(jax.random.key(seed + 1)))
+        loglik, y_rep = (
+            np.asarray(a)  # (N, G, J) and (N, G, J, S)
+            for a in _predictive(
+                *(jnp.asarray(a) for a in (mean, th["sigma"], th["tau"], th["nu"], y_seed)),
+                jax.random.key(seed + 1),
+            )
+        )
     resid = y_seed[None] - mean[:, :, None, :]  # (N, G, J, S)
     shrink = th["tau"] ** 2 / (th["sigma"] ** 2 + n_step * th["tau"] ** 2)
     seed_effect = shrink[..., None] * resid.sum(-1)  # (N, G, J)
