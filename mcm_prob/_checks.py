@@ -164,6 +164,22 @@ def seeds(name: str, values) -> tuple[int, ...]:
     return distinct(name, values, lambda n, v: integer(n, v, ge=0, lt=2**32))
 
 
+def prng_key(name: str, value, *, stacked: bool = False):
+    """A JAX PRNG key: typed (``jax.random.key(seed)``) or raw (``jax.random.PRNGKey(seed)``,
+    uint32); with `stacked`, one key per model along a leading axis. Tracers of either kind
+    pass. Returns `value`."""
+    dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
+    ndim = 1 if stacked else 0
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and len(shape) == ndim:
+            return value
+        if dtype == np.uint32 and len(shape) == ndim + 1:
+            return value
+    what = "a stack of JAX PRNG keys (one per model)" if stacked else "a JAX PRNG key"
+    got = f"shape {tuple(shape)} {dtype}" if shape is not None else type(value).__name__
+    raise TypeError(f"`{name}` must be {what} from jax.random.key(seed), got {got}")
+
+
 def finite_or_raise(x, message: str):
     """Return x, raising `FloatingPointError(message)` if it holds NaN or inf.
 

@@ -33,7 +33,7 @@ from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array, ArrayLike
 from numpyro.distributions import constraints
 
-from ._checks import check_points, check_time, integer, real_array
+from ._checks import check_points, check_time, integer, prng_key, real_array
 from .forward import alpha, sigma
 
 __all__ = [
@@ -199,7 +199,7 @@ class DataDistribution(eqx.Module):
 
     def sample(self, key: Array, n: int) -> Array:
         """n exact draws from the data law with an explicit key: shape (n, dim)."""
-        return numpyro.handlers.seed(self.model, key)(integer("n", n))
+        return numpyro.handlers.seed(self.model, prng_key("key", key))(integer("n", n))
 
     def _check_t(self, t) -> None:
         check_time("t", t)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ._checks import data_family, finite_or_raise, integer, number
+from ._checks import data_family, finite_or_raise, integer, number, prng_key
 from .data import DataDistribution, Gaussian
 from .flow import _ode_solve, pf_ode_step
 from .sampling import SamplerOutput, _gaussian_law
@@ -66,6 +66,7 @@ def sample_sde(
     if method not in _SDE:
         raise ValueError(f"`method` must be one of {_SDE}, got {method!r}")
     _check(data, n, T, delta, steps)
+    key = prng_key("key", key)
     t = _grid(T, delta, steps)
     dtype = jnp.result_type(float)
     k0, k1 = jax.random.split(key)
@@ -98,6 +99,7 @@ def sample_ode(
     if method not in _ODE:
         raise ValueError(f"`method` must be one of {_ODE}, got {method!r}")
     _check(data, n, T, delta, steps)
+    key = prng_key("key", key)
     t = _grid(T, delta, steps)
     dtype = jnp.result_type(float)
     x = jax.random.normal(key, (n, data.dim), dtype)
@@ -127,6 +129,7 @@ def sample_ode_adaptive(
     7 stages, the first reused) plus the initial one, rounded up.
     """
     _check(data, n, T, delta)
+    key = prng_key("key", key)
     number("rtol", rtol, gt=0), number("atol", atol, gt=0)
     x = jax.random.normal(key, (n, data.dim), jnp.result_type(float))
     t0, t1 = jnp.asarray(T, x.dtype), jnp.asarray(delta, x.dtype)

@@ -15,7 +15,7 @@ import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike
 
-from ._checks import check_time, check_times, concrete
+from ._checks import check_time, check_times, concrete, prng_key
 
 
 def alpha(t: ArrayLike) -> Array:
@@ -88,7 +88,8 @@ class OrnsteinUhlenbeck(eqx.Module):
         """Draw x_t given x_0 with an explicit key; shape of `x0`."""
         check_time("t", t)
         x0 = jnp.asarray(x0)
-        return alpha(t) * x0 + sigma(t) * jax.random.normal(key, x0.shape, x0.dtype)
+        noise = jax.random.normal(prng_key("key", key), x0.shape, x0.dtype)
+        return alpha(t) * x0 + sigma(t) * noise
 
 
 def _gaussian_kernel(loc: Array, scale: Array, dt_concrete) -> dist.Distribution:

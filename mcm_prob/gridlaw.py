@@ -49,7 +49,7 @@ from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array
 from scipy import special, stats
 
-from ._checks import integer, real_array
+from ._checks import integer, prng_key, real_array
 from .data import DataDistribution, DiracMixture, Gaussian, GaussianMixture, UniformBox
 from .flow import pf_flow
 from .schedules import Schedule, as_schedule
@@ -232,7 +232,7 @@ def coordinate_maps(f, dim: int, schedule: Schedule, *, key=None, rtol: float = 
     """The 1-d maps f_i(x, t, s) of a coordinate-wise consistency function f on R^dim
     (coordinate i of f depends on x_i only), checked by its Jacobian at a few points."""
     dim = integer("dim", dim)
-    key = jax.random.key(0) if key is None else key
+    key = jax.random.key(0) if key is None else prng_key("key", key)
     pts = jax.random.normal(key, (4, dim), jnp.result_type(float))
     t, s = float(schedule.t[0]), float(schedule.s[0])
     jac = np.asarray(jax.vmap(jax.jacrev(lambda z: f(z[None], t, s)[0]))(pts))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_times, integer, number
+from ._checks import check_times, integer, number, prng_key
 from .data import DataDistribution
 from .flow import flow_map
 
@@ -126,7 +126,7 @@ def reference_flows(data: DataDistribution, pairs, *, key: jax.Array, n: int = 2
     pairs = [(float(t), float(s)) for t, s in pairs]
     if not pairs:
         raise ValueError("`pairs` must contain at least one (t, s) pair")
-    n = integer("n", n, ge=2)
+    n, key = integer("n", n, ge=2), prng_key("key", key)
     for t, s in pairs:
         check_times(t, s, s_positive=data.regime == "nonsmooth")
     out = []

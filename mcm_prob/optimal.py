@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._checks import integer, number
+from ._checks import integer, number, prng_key
 from .accuracy import product_factors, schedule_kl
 from .data import DataDistribution, Gaussian
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
@@ -121,6 +121,7 @@ def optimal_schedule(
     integer("n_random", n_random, ge=0)
     integer("n_grid", n_grid, ge=101)
     number("learning_rate", learning_rate, gt=0)
+    key = jax.random.key(0) if key is None else prng_key("key", key)
     if starts is None:
         starts = [
             Schedule.fixed_horizon(T=T, delta=delta, steps=k, tau=tau) for tau in (0.0, np.inf)
@@ -142,7 +143,7 @@ def optimal_schedule(
     history = np.zeros((len(starts) + n_random, 0))
     number("floor", floor, ge=0)
     if k > 1 and best[1] > floor:
-        a0, b0 = _initial(starts, n_random, k, T, delta, jax.random.key(0) if key is None else key)
+        a0, b0 = _initial(starts, n_random, k, T, delta, key)
         with jax.enable_x64(True):
             if gaussian:
                 history, params = _optimise_gaussian(

@@ -23,7 +23,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jaxtyping import Array
 
-from ._checks import finite_or_raise, integer, number, real_array
+from ._checks import finite_or_raise, integer, number, prng_key, real_array
 from .data import Gaussian
 from .forward import alpha, sigma
 from .schedules import Schedule, as_schedule
@@ -81,7 +81,7 @@ def sample(
     **Returns:** `SamplerOutput(samples (n, dim), nfe=K)`. The loop is a `lax.scan`, so the
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
-    n, dim = integer("n", n), integer("dim", dim)
+    n, dim, key = integer("n", n), integer("dim", dim), prng_key("key", key)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
     _check_range(f, sched, extrapolate)
     gap = np.append(sched.gaps, 0.0)  # no re-noising after the last step
@@ -144,10 +144,10 @@ def sample_grid(grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip
     diverged fits); their draws are NaN. **Returns:** shape (n_rows, n_cols, n, dim);
     non-finite draws of any other model raise.
     """
-    n, dim = integer("n", n), integer("dim", dim)
+    n, dim, keys = integer("n", n), integer("dim", dim), prng_key("keys", keys, stacked=True)
     sched = as_schedule(schedule)
     rows, cols = grid.shape
-    if keys.shape != (cols,):
+    if keys.shape[0] != cols:
         raise ValueError(f"`keys` must hold one key per grid column ({cols}), got {keys.shape}")
     gap = np.append(sched.gaps, 0.0)
     dtype = jnp.result_type(float)

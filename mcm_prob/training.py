@@ -49,7 +49,7 @@ from jaxtyping import Array, ArrayLike
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._checks import check_times, data_family, integer, number, one_of
+from ._checks import check_times, data_family, integer, number, one_of, prng_key
 from .data import DataDistribution, from_spec
 from .flow import flow_map, pf_ode_step
 from .forward import alpha, sigma
@@ -277,7 +277,7 @@ def training_set(data: DataDistribution, config: TrainConfig, key: jax.Array) ->
     `key` (the key `fit` takes; `fit_grid` uses `jax.random.key(seed)`)."""
     if config.train_size is None:
         raise ValueError("`config.train_size` is None: training draws fresh data every iteration")
-    return data.sample(jax.random.fold_in(key, 0x7261696E), config.train_size)
+    return data.sample(jax.random.fold_in(prng_key("key", key), 0x7261696E), config.train_size)
 
 
 @eqx.filter_jit
@@ -476,6 +476,7 @@ def fit(data: DataDistribution, config: TrainConfig, key: jax.Array):
     (seconds). Raises `TrainingDiverged` naming the iteration if the loss becomes non-finite.
     """
     _check_data(data, config)
+    key = prng_key("key", key)
     models, losses, failed_at, wall, _ = _train(
         data, config, np.array([config.step]), jnp.stack([key]), desc=f"fit step={config.step}"
     )

@@ -184,3 +184,33 @@ def test_numpy_and_jax_scalars_accepted_alike(kwargs):
     assert np.all(np.isfinite(flow(jnp.ones((2, 2)), 1.0, 0.5)))
     with pytest.raises(ValueError, match="`steps` must be an integer"):
         mp.sample(mp.ExactFlow(data), jax.random.key(0), **(base | dict(steps=jnp.float32(3))))
+
+
+def test_keys_checked_by_name():
+    """Every public function that draws takes a typed key (`jax.random.key`) or a raw one
+    (`jax.random.PRNGKey`, same draws); anything else (a seed integer, a numpy Generator) is
+    refused with an error naming the argument, before any work."""
+    data = mp.data.Gaussian(jnp.zeros(2), jnp.eye(2))
+    flow = mp.ExactFlow(data)
+    base = dict(dim=2, delta=0.01, h=0.5, steps=2)
+    typed = mp.sample(flow, jax.random.key(3), 8, **base).samples
+    raw = mp.sample(flow, jax.random.PRNGKey(3), 8, **base).samples
+    np.testing.assert_array_equal(typed, raw)
+    np.testing.assert_array_equal(
+        data.sample(jax.random.key(3), 4), data.sample(jax.random.PRNGKey(3), 4)
+    )
+    cfg = mp.TrainConfig(iterations=2, width=4, depth=1, progress=False)
+    calls = {
+        "sample": lambda k: mp.sample(flow, k, 8, **base),
+        "data.sample": lambda k: data.sample(k, 4),
+        "OU.sample": lambda k: mp.OU.sample(k, jnp.zeros(2), 0.5),
+        "fit": lambda k: mp.fit(data, cfg, k),
+        "consistency_error": lambda k: mp.metrics.consistency_error(
+            flow, data, [(1.0, 0.5)], key=k
+        ),
+        "sample_sde": lambda k: mp.diffusion.sample_sde(data, k, 4, T=2.0, delta=0.01, steps=2),
+    }
+    for name, call in calls.items():
+        for bad in (0, np.random.default_rng(0), jnp.zeros(3)):
+            with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
+                call(bad)
