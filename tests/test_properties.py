@@ -214,3 +214,4 @@ def test_keys_checked_by_name():
         for bad in (0, np.random.default_rng(0), jnp.zeros(3)):
             with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
                 call(bad)
+                pytest.fail(f"{name} accepted {bad!r} as a key")

@@ -294,10 +294,18 @@ def test_report_prints_the_table_before_a_failing_plot(tmp_path, monkeypatch, ca
 
 
 # ------------------------------------------------------------------ SIGKILL series
+def _mtime(path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def test_sigkill_series_resumes_to_the_uninterrupted_result(tmp_path):
     """Kills at random points of a small study (computing, saving, analysing), each followed
     by `--resume`: the final file holds the same data as an uninterrupted run, and no temporary
-    file is left behind."""
+    file is left behind. A kill waits for the run's next save (the file appears or changes),
+    then a random fraction of a second, so it lands mid-run on a slow or a fast machine."""
     toml, cfg = _sampling_config(tmp_path)
     reference = studies.run_study(studies.get("sampling"), cfg, tmp_path / "ref.nc", progress=False)
     out = tmp_path / "killed.nc"
@@ -310,7 +318,10 @@ def test_sigkill_series_resumes_to_the_uninterrupted_result(tmp_path):
         resumed += out.exists()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if attempt < 3:
-            time.sleep(rng.uniform(3.0, 7.0))
+            saved = _mtime(out)
+            while proc.poll() is None and _mtime(out) == saved:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
