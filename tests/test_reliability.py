@@ -318,8 +318,8 @@ def test_sigkill_series_resumes_to_the_uninterrupted_result(tmp_path):
         resumed += out.exists()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if attempt < 3:
-            saved = _mtime(out)
-            while proc.poll() is None and _mtime(out) == saved:
+            saved, give_up = _mtime(out), time.monotonic() + 300
+            while proc.poll() is None and _mtime(out) == saved and time.monotonic() < give_up:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 1.0))
             if proc.poll() is None:
