@@ -1,13 +1,19 @@
-r"""Data distributions as NumPyro programs, with their exact OU marginals and scores.
+r"""Data distributions as NumPyro programs, with their exact marginals and scores on every path.
 
 Every family has `.dim`, `.regime` (``"smooth"`` or ``"nonsmooth"``), `.model(n)` (a NumPyro
-program with site ``"x0"``), `.sample(key, n)`, `.marginal(t)` (a NumPyro distribution equal to
-$p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$) and `.score(x, t)` $= \nabla_x \log p_t(x)$.
+program with site ``"x0"``), `.sample(key, n)`, `.marginal(t, path=OU)` (a NumPyro distribution
+equal to $p_t$, the law of $X_t = a_t X_0 + b_t Z$ on the Gaussian path `path`) and
+`.score(x, t, path=OU)` $= \nabla_x \log p_t(x)$.
+
+A family is written once, path-free: it implements the law and the score of $a X_0 + b Z$ for
+coefficients $a \ge 0$, $b > 0$ (`noised_law(a, b)`, `noised_score(x, a, b)`; the
+noise-ratio form $X_0 + \rho Z$ is a = 1, b = rho), and every path follows by $a = a(t)$,
+$b = b(t)$.
 
 Gaussian mixtures (Diracs are Gaussians with zero covariance) use the eigendecomposition
 $\Sigma_k = U_k \operatorname{diag}(\lambda_k) U_k^\top$, computed once in float64, so that
-$\Sigma_{k,t} = U_k \operatorname{diag}(\nu_{k,t}) U_k^\top$ with
-$\nu_{k,t} = \alpha_t^2 \lambda_k + \sigma_t^2$ and all terms are evaluated in that basis (stable for singular $\Sigma_k$ and small t).
+the covariance of $a X_0 + b Z$ is $U_k \operatorname{diag}(\nu_k) U_k^\top$ with
+$\nu_k = a^2 \lambda_k + b^2$ and all terms are evaluated in that basis (stable for singular $\Sigma_k$ and small t).
 
 Regimes: a family is ``"smooth"`` when its score is Lipschitz down to t = 0 (all covariances
 positive definite); otherwise ``"nonsmooth"``, and then `marginal(0)` and `score(x, 0)` raise:
@@ -33,8 +39,8 @@ from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array, ArrayLike
 from numpyro.distributions import constraints
 
-from ._checks import check_points, check_time, integer, prng_key, real_array
-from .forward import alpha, sigma
+from ._checks import check_points, check_time, concrete, integer, prng_key, real_array
+from .paths import OU, AbstractPath
 
 __all__ = [
     "DataDistribution",
@@ -94,16 +100,15 @@ def _x0_factor(cov: np.ndarray, lam: np.ndarray, vecs: np.ndarray, regime: str) 
     return np.linalg.cholesky(cov) if regime == "smooth" else vecs * np.sqrt(lam)
 
 
-def _mixture_terms(x: Array, t: ArrayLike, means: Array, lam: Array, vecs: Array | None):
-    r"""Per-component log-densities and scores of $N(\alpha_t \mu_k, \Sigma_{k,t})$ at x.
+def _mixture_terms(x: Array, a, b, means: Array, lam: Array, vecs: Array | None):
+    r"""Per-component log-densities and scores of $N(a \mu_k, a^2\Sigma_k + b^2 I)$ at x.
 
-    x: (..., d); t: scalar or shape (...) (one time per point); means, lam: (K, d); vecs:
+    x: (..., d); a, b: scalars or shape (...) (one pair per point); means, lam: (K, d); vecs:
     (K, d, d) eigenvectors (columns) or None for the identity. Returns (logpdf (..., K),
     score (..., K, d)).
     """
-    t = jnp.asarray(t)[..., None, None]
-    a, s = alpha(t), sigma(t)
-    nu = a**2 * lam + s**2
+    a, b = jnp.asarray(a)[..., None, None], jnp.asarray(b)[..., None, None]
+    nu = a**2 * lam + b**2
     diff = x[..., None, :] - a * means
     proj = diff if vecs is None else jnp.einsum("...kd,kde->...ke", diff, vecs)
     d = means.shape[-1]
@@ -114,14 +119,14 @@ def _mixture_terms(x: Array, t: ArrayLike, means: Array, lam: Array, vecs: Array
     return logpdf, score
 
 
-def _mixture_score(x, t, log_w, means, lam, vecs) -> Array:
-    logpdf, scores = _mixture_terms(x, t, means, lam, vecs)
+def _mixture_score(x, a, b, log_w, means, lam, vecs) -> Array:
+    logpdf, scores = _mixture_terms(x, a, b, means, lam, vecs)
     resp = jax.nn.softmax(log_w + logpdf, axis=-1)
     return jnp.einsum("...k,...kd->...d", resp, scores)
 
 
-def _cov_t(t, lam: Array, vecs: Array) -> Array:
-    nu = alpha(t) ** 2 * lam + sigma(t) ** 2
+def _cov_ab(a, b, lam: Array, vecs: Array) -> Array:
+    nu = a**2 * lam + b**2
     return jnp.einsum("...ij,...j,...kj->...ik", vecs, nu, vecs)
 
 
@@ -130,24 +135,26 @@ class DataDistribution(eqx.Module):
 
     A subclass provides `regime` (``"smooth"`` or ``"nonsmooth"``: a field, a property, or
     ``regime: ClassVar[str] = "smooth"``; a bare ``regime = ...`` is not enough for equinox)
-    and implements the four abstract members below; everything else (`model`, `sample`, the
-    validated `marginal` and `score`, the exact flow by ODE, training, samplers, studies) comes
-    with the base. A subclass that misses one cannot be instantiated, and the error names it.
+    and implements the four abstract members below, once and for every Gaussian path; everything
+    else (`model`, `sample`, the validated `marginal` and `score` on any path, the exact flow by
+    ODE, training, samplers, studies) comes with the base. A subclass that misses one cannot be
+    instantiated, and the error names it.
 
     * `dim` (property): the data dimension d.
     * `data_law()`: the law of $X_0$, a NumPyro distribution with event shape (d,).
-    * `marginal_law(t)`: $p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$, for t > 0 (t >= 0
-      when smooth); t may be a tracer.
-    * `unchecked_score(x, t)`: $\nabla_x \log p_t(x)$ for x of shape (..., d), with t a scalar
-      or one time per point (shape x.shape[:-1]); jit-traceable, no argument checks (the flow
-      map, the teachers and the baselines call it inside compiled loops).
+    * `noised_law(a, b)`: the law of $a X_0 + b Z$ for scalars a >= 0, b > 0 (possibly tracers).
+    * `noised_score(x, a, b)`: $\nabla_x \log$ of that law, for x of shape (..., d), with a, b
+      scalars or one pair per point (shape x.shape[:-1]); jit-traceable, no argument checks (the
+      flow map, the teachers and the baselines call it inside compiled loops).
+
+    On the path `path`, $p_t$ is `noised_law(path.a(t), path.b(t))`.
 
     Optionally, set the class variables `family` (a name) and `spec_fields` (constructor
     arguments) and call `register_family` so that `to_spec` / `from_spec` store and rebuild it;
     without them a study stores the object by class path, repr and a hash of its arrays.
 
-    Example (an isotropic Gaussian $N(c, v I)$, so that $p_t = N(\alpha_t c, (\alpha_t^2 v +
-    \sigma_t^2) I)$)::
+    Example (an isotropic Gaussian $N(c, v I)$, so that $a X_0 + b Z \sim N(a c, (a^2 v +
+    b^2) I)$)::
 
         class Isotropic(mcm_prob.data.DataDistribution):
             center: jax.Array
@@ -161,13 +168,12 @@ class DataDistribution(eqx.Module):
             def data_law(self):
                 return dist.Normal(self.center, jnp.sqrt(self.var)).to_event(1)
 
-            def marginal_law(self, t):
-                a, s = mcm_prob.alpha(t), mcm_prob.sigma(t)
-                return dist.Normal(a * self.center, jnp.sqrt(a**2 * self.var + s**2)).to_event(1)
+            def noised_law(self, a, b):
+                return dist.Normal(a * self.center, jnp.sqrt(a**2 * self.var + b**2)).to_event(1)
 
-            def unchecked_score(self, x, t):
-                a, s = mcm_prob.alpha(t)[..., None], mcm_prob.sigma(t)[..., None]
-                return -(x - a * self.center) / (a**2 * self.var + s**2)
+            def noised_score(self, x, a, b):
+                a, b = jnp.asarray(a)[..., None], jnp.asarray(b)[..., None]
+                return -(x - a * self.center) / (a**2 * self.var + b**2)
     """
 
     regime: eqx.AbstractVar[str]
@@ -184,12 +190,13 @@ class DataDistribution(eqx.Module):
         """The law of X_0 (event shape (dim,))."""
 
     @abc.abstractmethod
-    def marginal_law(self, t) -> dist.Distribution:
-        """p_t without argument checks (see the class docstring)."""
+    def noised_law(self, a, b) -> dist.Distribution:
+        """The law of a X_0 + b Z, a >= 0, b > 0, without argument checks (class docstring)."""
 
     @abc.abstractmethod
-    def unchecked_score(self, x: Array, t) -> Array:
-        """grad log p_t(x) without argument checks; t scalar or of shape x.shape[:-1]."""
+    def noised_score(self, x: Array, a, b) -> Array:
+        """grad log of the law of a X_0 + b Z at x, without argument checks; a, b scalars or of
+        shape x.shape[:-1]."""
 
     def model(self, n: int | None = None) -> Array:
         """NumPyro program sampling site ``"x0"``: shape (dim,) or (n, dim) in plate ``"data"``."""
@@ -201,8 +208,26 @@ class DataDistribution(eqx.Module):
         """n exact draws from the data law with an explicit key: shape (n, dim)."""
         return numpyro.handlers.seed(self.model, prng_key("key", key))(integer("n", n))
 
-    def _check_t(self, t) -> None:
-        check_time("t", t)
+    def marginal_law(self, t, path: AbstractPath = OU) -> dist.Distribution:
+        """p_t on `path` without argument checks (t may be a tracer); where a(t) = 0 (concrete)
+        it is the pure noise law N(0, b(t)^2 I)."""
+        a, b = path.a(t), path.b(t)
+        a_value = concrete(a)
+        if a_value is not None and a_value == 0:
+            return dist.Normal(jnp.zeros(self.dim, b.dtype), b).to_event(1)
+        return self.noised_law(a, b)
+
+    def unchecked_score(self, x: Array, t, path: AbstractPath = OU) -> Array:
+        """grad log p_t(x) on `path` without argument checks; t scalar or of shape x.shape[:-1]
+        (exactly -x / b^2 where a(t) = 0)."""
+        a, b = path.a(t), path.b(t)
+        score = self.noised_score(x, a, b)
+        if concrete(a) is not None and not np.any(np.asarray(a) == 0):
+            return score
+        return jnp.where((jnp.asarray(a) == 0)[..., None], -x / jnp.square(b)[..., None], score)
+
+    def _check_t(self, t, path: AbstractPath) -> None:
+        path.check_time("t", t)
         if self.regime == "nonsmooth":
             try:
                 check_time("t", t, positive=True)
@@ -212,16 +237,18 @@ class DataDistribution(eqx.Module):
                     "(stop early at some delta > 0)"
                 ) from err
 
-    def marginal(self, t: ArrayLike) -> dist.Distribution:
-        r"""$p_t$, the law of $X_t = \alpha_t X_0 + \sigma_t Z$ (event shape (dim,))."""
-        self._check_t(t)
-        return self.marginal_law(t)
+    def marginal(self, t: ArrayLike, path: AbstractPath = OU) -> dist.Distribution:
+        r"""$p_t$, the law of $X_t = a_t X_0 + b_t Z$ on `path` (event shape (dim,))."""
+        path = _path(path)
+        self._check_t(t, path)
+        return self.marginal_law(t, path)
 
-    def score(self, x: ArrayLike, t: ArrayLike) -> Array:
-        r"""$\nabla_x \log p_t(x)$ for x of shape (..., dim); returns shape (..., dim)."""
-        self._check_t(t)
+    def score(self, x: ArrayLike, t: ArrayLike, path: AbstractPath = OU) -> Array:
+        r"""$\nabla_x \log p_t(x)$ on `path` for x of shape (..., dim); returns shape (..., dim)."""
+        path = _path(path)
+        self._check_t(t, path)
         check_points("x", x, self.dim)
-        return self.unchecked_score(jnp.asarray(x), t)
+        return self.unchecked_score(jnp.asarray(x), t, path)
 
     def to_spec(self) -> dict | None:
         """A plain dict (fits JSON and TOML) that `from_spec` turns back into this distribution,
@@ -231,6 +258,14 @@ class DataDistribution(eqx.Module):
         return {"family": self.family} | {
             name: np.asarray(getattr(self, name), np.float64).tolist() for name in self.spec_fields
         }
+
+
+def _path(path) -> AbstractPath:
+    if not isinstance(path, AbstractPath):
+        raise TypeError(
+            f"`path` must be a mcm_prob.paths.AbstractPath (e.g. mcm_prob.OU), got {type(path).__name__}"
+        )
+    return path
 
 
 FAMILIES: dict[str, type[DataDistribution]] = {}
@@ -287,8 +322,9 @@ class Gaussian(DataDistribution):
     r"""$N(m, \Sigma)$ with $\Sigma$ symmetric PSD. Smooth when $\Sigma$ is PD, non-smooth when
     singular (then $p_0$ lives on an affine subspace and only t > 0 has a density).
 
-    Exact: $p_t = N(\alpha_t m, \alpha_t^2 \Sigma + \sigma_t^2 I)$,
-    $\nabla \log p_t(x) = -\Sigma_t^{-1}(x - \alpha_t m)$.
+    Exact: $a X_0 + b Z \sim N(a m, a^2 \Sigma + b^2 I)$, so on a path
+    $p_t = N(a_t m, \Sigma_t)$, $\Sigma_t = a_t^2\Sigma + b_t^2 I$, and
+    $\nabla \log p_t(x) = -\Sigma_t^{-1}(x - a_t m)$.
     """
 
     mean: Array
@@ -324,16 +360,16 @@ class Gaussian(DataDistribution):
             return dist.MultivariateNormal(self.mean, scale_tril=self.factor)
         return DegenerateNormal(self.mean, self.factor)
 
-    def cov_t(self, t: ArrayLike) -> Array:
-        r"""$\Sigma_t = \alpha_t^2\Sigma + \sigma_t^2 I$, shape (dim, dim)."""
-        return _cov_t(t, self.eigvals, self.eigvecs)
+    def cov_t(self, t: ArrayLike, path: AbstractPath = OU) -> Array:
+        r"""$\Sigma_t = a_t^2\Sigma + b_t^2 I$ on `path`, shape (dim, dim)."""
+        return _cov_ab(path.a(t), path.b(t), self.eigvals, self.eigvecs)
 
-    def marginal_law(self, t):
-        cov = self.cov_t(t)
-        return dist.MultivariateNormal(alpha(t) * self.mean, scale_tril=jnp.linalg.cholesky(cov))
+    def noised_law(self, a, b):
+        cov = _cov_ab(a, b, self.eigvals, self.eigvecs)
+        return dist.MultivariateNormal(a * self.mean, scale_tril=jnp.linalg.cholesky(cov))
 
-    def unchecked_score(self, x, t):
-        _, score = _mixture_terms(x, t, self.mean[None], self.eigvals[None], self.eigvecs[None])
+    def noised_score(self, x, a, b):
+        _, score = _mixture_terms(x, a, b, self.mean[None], self.eigvals[None], self.eigvecs[None])
         return score[..., 0, :]
 
 
@@ -341,8 +377,8 @@ class Gaussian(DataDistribution):
 class GaussianMixture(DataDistribution):
     r"""$\sum_k w_k N(\mu_k, \Sigma_k)$; smooth when every $\Sigma_k$ is PD.
 
-    Exact: $p_t = \sum_k w_k N(\alpha_t\mu_k, \Sigma_{k,t})$ and
-    $\nabla\log p_t = \sum_k r_k(x)\,(-\Sigma_{k,t}^{-1}(x - \alpha_t\mu_k))$ with responsibilities
+    Exact: $p_t = \sum_k w_k N(a_t\mu_k, \Sigma_{k,t})$, $\Sigma_{k,t} = a_t^2\Sigma_k + b_t^2 I$, and
+    $\nabla\log p_t = \sum_k r_k(x)\,(-\Sigma_{k,t}^{-1}(x - a_t\mu_k))$ with responsibilities
     $r_k = \operatorname{softmax}_k(\log w_k + \log N_k(x))$ (log-sum-exp arithmetic).
     """
 
@@ -387,21 +423,21 @@ class GaussianMixture(DataDistribution):
             comp = DegenerateNormal(self.means, self.factors)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def marginal_law(self, t):
-        tril = jnp.linalg.cholesky(_cov_t(t, self.eigvals, self.eigvecs))
-        comp = dist.MultivariateNormal(alpha(t) * self.means, scale_tril=tril)
+    def noised_law(self, a, b):
+        tril = jnp.linalg.cholesky(_cov_ab(a, b, self.eigvals, self.eigvecs))
+        comp = dist.MultivariateNormal(a * self.means, scale_tril=tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def unchecked_score(self, x, t):
-        return _mixture_score(x, t, jnp.log(self.weights), self.means, self.eigvals, self.eigvecs)
+    def noised_score(self, x, a, b):
+        return _mixture_score(x, a, b, jnp.log(self.weights), self.means, self.eigvals, self.eigvecs)
 
 
 @register_family
 class DiracMixture(DataDistribution):
     r"""$\sum_k w_k \delta_{a_k}$ (an empirical measure for equal weights); always non-smooth.
 
-    Exact: $p_t = \sum_k w_k N(\alpha_t a_k, \sigma_t^2 I)$ for t > 0; the score is the
-    responsibility-weighted $-(x - \alpha_t a_k)/\sigma_t^2$, evaluated with log-sum-exp so that
+    Exact: $p_t = \sum_k w_k N(a_t x_k, b_t^2 I)$ for t > 0 (atoms $x_k$); the score is the
+    responsibility-weighted $-(x - a_t x_k)/b_t^2$, evaluated with log-sum-exp so that
     small t (e.g. 1e-4) gives finite values.
     """
 
@@ -427,24 +463,24 @@ class DiracMixture(DataDistribution):
     def data_law(self):
         return Atoms(self.atoms, self.weights)
 
-    def marginal_law(self, t):
+    def noised_law(self, a, b):
         # MultivariateNormal components: NumPyro's mixtures need a parameter-free support
-        tril = sigma(t) * jnp.eye(self.dim, dtype=self.atoms.dtype)
-        comp = dist.MultivariateNormal(alpha(t) * self.atoms, scale_tril=tril)
+        tril = b * jnp.eye(self.dim, dtype=self.atoms.dtype)
+        comp = dist.MultivariateNormal(a * self.atoms, scale_tril=tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def unchecked_score(self, x, t):
+    def noised_score(self, x, a, b):
         zeros = jnp.zeros_like(self.atoms)
-        return _mixture_score(x, t, jnp.log(self.weights), self.atoms, zeros, None)
+        return _mixture_score(x, a, b, jnp.log(self.weights), self.atoms, zeros, None)
 
 
 @register_family
 class UniformBox(DataDistribution):
     r"""Uniform on the box $\prod_i [l_i, h_i]$; non-smooth (the density jumps at the faces).
 
-    $p_t$ is a product of 1-d laws `NoisyUniform` of $\alpha_t U + \sigma_t Z$, with density
-    $\big(\Phi(\tfrac{x - \alpha_t l}{\sigma_t}) - \Phi(\tfrac{x - \alpha_t h}{\sigma_t})\big) /
-    (\alpha_t (h - l))$, evaluated in log space (see `NoisyUniform`).
+    $p_t$ is a product of 1-d laws `NoisyUniform` of $a_t U + b_t Z$, with density
+    $\big(\Phi(\tfrac{x - a_t l}{b_t}) - \Phi(\tfrac{x - a_t h}{b_t})\big) /
+    (a_t (h - l))$, evaluated in log space (see `NoisyUniform`).
     """
 
     low: Array
@@ -472,12 +508,12 @@ class UniformBox(DataDistribution):
     def data_law(self):
         return dist.Uniform(self.low, self.high).to_event(1)
 
-    def marginal_law(self, t):
-        return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).to_event(1)
+    def noised_law(self, a, b):
+        return NoisyUniform(self.low, self.high, a, b).to_event(1)
 
-    def unchecked_score(self, x, t):
-        t = jnp.asarray(t)[..., None]
-        return NoisyUniform(self.low, self.high, alpha(t), sigma(t)).score(x)
+    def noised_score(self, x, a, b):
+        a, b = jnp.asarray(a)[..., None], jnp.asarray(b)[..., None]
+        return NoisyUniform(self.low, self.high, a, b).score(x)
 
 
 def _log1mexp(u: Array) -> Array:
@@ -513,7 +549,7 @@ def _log_ndtr_diff(a: Array, w: Array) -> Array:
 
 class NoisyUniform(dist.Distribution):
     r"""Law of $\alpha U + \sigma Z$ with $U \sim \mathrm{Uniform}(l, h)$, $Z \sim N(0, 1)$
-    (elementwise; $\alpha, \sigma > 0$). This is the OU marginal of a uniform coordinate.
+    (elementwise; $\alpha, \sigma > 0$). This is the marginal of a uniform coordinate on a path.
 
     log-density: $\log(\Phi(a) - \Phi(b)) - \log(\alpha (h - l))$ with $a = (x - \alpha l)/\sigma$,
     $b = (x - \alpha h)/\sigma$. Score: $(\varphi(a) - \varphi(b)) / (\sigma(\Phi(a) - \Phi(b)))$,

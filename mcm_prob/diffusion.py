@@ -24,7 +24,7 @@ from jaxtyping import Array
 
 from ._checks import data_family, finite_or_raise, integer, number, prng_key
 from .data import DataDistribution, Gaussian
-from .flow import _ode_solve, pf_ode_step
+from .flow import ode_solve, pf_ode_step
 from .sampling import SamplerOutput, _gaussian_law
 
 __all__ = ["sample_sde", "sample_ode", "sample_ode_adaptive", "baseline_law", "BASELINES"]
@@ -133,7 +133,7 @@ def sample_ode_adaptive(
     number("rtol", rtol, gt=0), number("atol", atol, gt=0)
     x = jax.random.normal(key, (n, data.dim), jnp.result_type(float))
     t0, t1 = jnp.asarray(T, x.dtype), jnp.asarray(delta, x.dtype)
-    y, num_steps = _ode_solve(data, x, t0, t1, rtol, atol, max_steps)
+    y, num_steps = ode_solve(data, x, t0, t1, rtol, atol, max_steps)
     nfe = math.ceil(float(jnp.mean(6 * num_steps + 1)))
     return SamplerOutput(_finite(y, "sample_ode_adaptive"), nfe)
 

@@ -1,12 +1,16 @@
-r"""The exact probability-flow map $\Phi_{t\to s}$ (the ideal consistency function).
+r"""The exact probability-flow map $\Phi_{t\to s}$ (the ideal consistency function), on every path.
 
-The PF-ODE of the OU process is $\dot x = v(x, t) = -x - \nabla\log p_t(x)$. Its flow map
-$\Phi_{t\to s}$, $0 \le s \le t$, pushes $p_t$ forward to $p_s$; $f(x, t, s) = \Phi_{t\to s}(x)$.
+The PF-ODE of a Gaussian path is $\dot x = v(x, t) = (a'/a)x - b^2(\rho'/\rho)\nabla\log p_t(x)$
+(OU: $-x - \nabla\log p_t(x)$). Its flow map $\Phi_{t\to s}$, $0 \le s \le t$, pushes $p_t$
+forward to $p_s$; $f(x, t, s) = \Phi_{t\to s}(x)$.
 
 * Gaussian data (any PSD covariance): closed form in the eigenbasis of $\Sigma$,
-  $\Phi_{t\to s}(x) = \alpha_s m + U \operatorname{diag}(\sqrt{\nu_s/\nu_t}) U^\top (x - \alpha_t m)$
-  with $\nu_t = \alpha_t^2\lambda + \sigma_t^2$.
-* Other families: one adaptive diffrax solve with the exact score; below t = 10 in the DDIM
+  $\Phi_{t\to s}(x) = a_s m + U \operatorname{diag}(\sqrt{\nu_s/\nu_t}) U^\top (x - a_t m)$
+  with $\nu_t = a_t^2\lambda + b_t^2$.
+* Other families: every path is OU after a change of scale and time (`mcm_prob.paths`):
+  $\Phi^{path}_{t\to s}(x) = c_s\,\Phi^{OU}_{u_t\to u_s}(x/c_t)$ with $c = \sqrt{a^2 + b^2}$
+  and $u$ the OU time of the same noise ratio, so one OU solve serves every path. The OU
+  solve is one adaptive diffrax solve with the exact score; below t = 10 in the DDIM
   variables $y = x/\alpha_t$, $\rho = \sigma_t/\alpha_t$:
   $dy/d\rho = -\sigma_t \nabla\log p_t(\alpha_t y)$; above it, in x rescaled by a constant
   and t, where v decays like $\alpha_t$ (the DDIM form alone stalls beyond t of about 33: y is
@@ -28,22 +32,49 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from ._checks import check_points, check_time, check_times, integer, number, one_of
+from ._checks import check_points, check_time, integer, number, one_of
 from .data import DataDistribution, Gaussian
-from .forward import alpha, sigma, snr_ratio, time_from_snr_ratio
+from .forward import alpha, as_path, sigma, snr_ratio, time_from_snr_ratio
+from .paths import OU, AbstractPath
 
-__all__ = ["flow_map", "pf_flow", "ExactFlow", "pf_ode_velocity", "pf_ode_step"]
+__all__ = ["flow_map", "pf_flow", "ExactFlow", "pf_ode_velocity", "pf_ode_step", "velocity", "ode_solve"]
 
 _METHODS = ("auto", "closed_form", "ode")
 
 
-def pf_ode_velocity(data: DataDistribution, x: ArrayLike, t: ArrayLike) -> Array:
-    r"""PF-ODE velocity $v(x, t) = -x - \nabla\log p_t(x)$; x of shape (..., dim)."""
-    return -jnp.asarray(x) - data.score(x, t)
+def _data_mean(data: DataDistribution, path: AbstractPath):
+    """E[x_0], which the velocity needs only on a path with a(t_max) = 0 (else 0, unused)."""
+    if not (math.isfinite(path.t_max) and float(path.a(path.t_max)) == 0.0):
+        return 0.0
+    try:
+        return data.data_law().mean
+    except NotImplementedError as err:
+        raise ValueError(
+            f"the PF-ODE velocity of the {path.name} path at its top time needs the data mean, "
+            f"and {type(data).__name__}.data_law() has no `mean`"
+        ) from err
 
 
-def pf_ode_step(data: DataDistribution, x: Array, t, t_next, method: str = "heun") -> Array:
-    r"""One fixed PF-ODE step from t to t_next with the exact score (either direction).
+def velocity(data: DataDistribution, x: Array, t, path: AbstractPath = OU) -> Array:
+    r"""PF-ODE velocity with the exact score, unvalidated (t scalar or shape x.shape[:-1]):
+    the building block of the teachers and the baselines (`pf_ode_velocity` checks)."""
+    return path.velocity(x, t, data.unchecked_score(x, t, path), _data_mean(data, path))
+
+
+def pf_ode_velocity(
+    data: DataDistribution, x: ArrayLike, t: ArrayLike, *, path: AbstractPath = OU
+) -> Array:
+    r"""PF-ODE velocity $v(x, t) = (a'/a)x - b^2(\rho'/\rho)\nabla\log p_t(x)$ on `path`
+    (OU: $-x - \nabla\log p_t(x)$); x of shape (..., dim)."""
+    path = as_path(path)
+    data.score(x, t, path)  # validates x and t
+    return velocity(data, jnp.asarray(x), t, path)
+
+
+def pf_ode_step(
+    data: DataDistribution, x: Array, t, t_next, method: str = "heun", path: AbstractPath = OU
+) -> Array:
+    r"""One fixed PF-ODE step from t to t_next on `path` with the exact score (either direction).
 
     Euler: $x - h\,v(x, t)$ with $h = t - t_{next}$; Heun: the trapezoidal corrector
     $x - \tfrac h2 (v(x, t) + v(\tilde x, t_{next}))$ on the Euler predictor $\tilde x$.
@@ -54,19 +85,20 @@ def pf_ode_step(data: DataDistribution, x: Array, t, t_next, method: str = "heun
         raise ValueError(f"`method` must be 'euler' or 'heun', got {method!r}")
     t, t_next = jnp.asarray(t), jnp.asarray(t_next)
     h = (t - t_next)[..., None]
-    v1 = -x - data.unchecked_score(x, t)
+    v1 = velocity(data, x, t, path)
     x_euler = x - h * v1
     if method == "euler":
         return x_euler
-    return x - 0.5 * h * (v1 - x_euler - data.unchecked_score(x_euler, t_next))
+    return x - 0.5 * h * (v1 + velocity(data, x_euler, t_next, path))
 
 
-def _gaussian_flow(data: Gaussian, x: Array, t, s) -> Array:
+def _gaussian_flow(data: Gaussian, x: Array, t, s, path: AbstractPath) -> Array:
     lam, vecs, m = data.eigvals, data.eigvecs, data.mean
-    nu_t = alpha(t) ** 2 * lam + sigma(t) ** 2
-    nu_s = alpha(s) ** 2 * lam + sigma(s) ** 2
-    coef = (x - alpha(t) * m) @ vecs
-    return alpha(s) * m + (jnp.sqrt(nu_s / nu_t) * coef) @ vecs.T
+    a_t, a_s = path.a(t), path.a(s)
+    nu_t = a_t**2 * lam + path.b(t) ** 2
+    nu_s = a_s**2 * lam + path.b(s) ** 2
+    coef = (x - a_t * m) @ vecs
+    return a_s * m + (jnp.sqrt(nu_s / nu_t) * coef) @ vecs.T
 
 
 # The solve runs in one time variable u and one state z. Below _SWITCH: the DDIM variables
@@ -93,9 +125,10 @@ def _time(u):
 
 
 @eqx.filter_jit
-def _ode_solve(data: DataDistribution, x: Array, t, s, rtol, atol, max_steps: int):
-    """PF-ODE solve from t to s (either order), one adaptive solve per point in the variables
-    (u, z) above. Returns (Phi_{t->s}(x), number of steps per point)."""
+def ode_solve(data: DataDistribution, x: Array, t, s, rtol, atol, max_steps: int):
+    """The OU PF-ODE solve from OU time t to s (either order), unvalidated: one adaptive solve
+    per point in the variables (u, z) above. Returns (Phi_{t->s}(x), number of steps per
+    point). Other paths call it through `pf_flow`'s change of scale and time."""
 
     t_, s_ = jnp.minimum(t, _CAP), jnp.minimum(s, _CAP)
     down = t_ >= s_
@@ -167,17 +200,19 @@ def pf_flow(
     t0: ArrayLike,
     t1: ArrayLike,
     *,
+    path: AbstractPath = OU,
     method: str = "auto",
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 4096,
 ) -> Array:
-    r"""Transport x from time t0 to time t1 along the PF-ODE, in either direction.
+    r"""Transport x from time t0 to time t1 along the PF-ODE of `path`, in either direction.
 
-    $\Phi_{t_0\to t_1}$ for any $t_0, t_1 \ge 0$ (> 0 for non-smooth data solved by ODE);
-    `flow_map(data, x, t, s)` is the backward case t1 = s <= t0 = t. Same arguments and
-    guarantees as `flow_map`.
+    $\Phi_{t_0\to t_1}$ for any $t_0, t_1$ in the path's time range (> 0 for non-smooth data
+    solved by ODE); `flow_map(data, x, t, s)` is the backward case t1 = s <= t0 = t. Same
+    arguments and guarantees as `flow_map`.
     """
+    path = as_path(path)
     _check_options(method, rtol, atol, max_steps)
     check_points("x", x, data.dim)
     if method == "closed_form" and not isinstance(data, Gaussian):
@@ -185,6 +220,7 @@ def pf_flow(
     closed = isinstance(data, Gaussian) and method != "ode"
     positive = data.regime == "nonsmooth" and not closed
     for name, value in (("t0", t0), ("t1", t1)):
+        path.check_time(name, value)
         try:
             check_time(name, value, positive=positive)
         except ValueError as err:
@@ -197,9 +233,11 @@ def pf_flow(
     x = jnp.asarray(x)
     t0, t1 = jnp.asarray(t0, x.dtype), jnp.asarray(t1, x.dtype)
     if closed:
-        return _gaussian_flow(data, x, t0, t1)
+        return _gaussian_flow(data, x, t0, t1, path)
     rtol, atol = _tolerances(rtol, atol, x.dtype)
-    return _ode_solve(data, x, t0, t1, rtol, atol, max_steps)[0]
+    u0, u1 = path.ou_time(t0), path.ou_time(t1)
+    y = ode_solve(data, x / path.scale(t0), u0, u1, rtol, atol, max_steps)[0]
+    return path.scale(t1) * y
 
 
 def flow_map(
@@ -208,40 +246,46 @@ def flow_map(
     t: ArrayLike,
     s: ArrayLike,
     *,
+    path: AbstractPath = OU,
     method: str = "auto",
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 4096,
 ) -> Array:
-    r"""Exact PF-ODE flow map $\Phi_{t\to s}(x)$ for $0 \le s \le t$.
+    r"""Exact PF-ODE flow map $\Phi_{t\to s}(x)$ of `path` for $0 \le s \le t$.
 
     **Arguments:**
     - `data`: a data family from `mcm_prob.data`.
     - `x`: points of shape (..., dim), distributed (typically) as $p_t$.
-    - `t`, `s`: scalar times with 0 <= s <= t; for non-smooth data solved by ODE, s > 0.
+    - `t`, `s`: scalar times with 0 <= s <= t in the path's time range; for non-smooth data
+      solved by ODE, s > 0.
+    - `path`: the Gaussian path (`mcm_prob.paths`; default OU).
     - `method`: ``"auto"`` (closed form for `Gaussian`, ODE otherwise), ``"closed_form"``
       (Gaussian only) or ``"ode"`` (diffrax Tsit5 with a PID controller for any family).
     - `rtol`, `atol`, `max_steps`: ODE tolerances and step budget (ignored by the closed form);
       tolerances default to 1e-10 for float64 `x` and 1e-6 for float32.
 
-    **Large times.** Above t = 50, $p_t = N(0, I)$ to working precision: the flow moves a point
-    by at most $\alpha_{50}(|E[X_0 \mid x]| + |x|) \approx 2\cdot10^{-22}(R + |x|)$ from there
-    on (data within radius R), so the ODE starts from min(t, 50); any finite t is accepted.
+    **Large times.** Above OU time 50, $p_t = N(0, I)$ to working precision: the flow moves a
+    point by at most $\alpha_{50}(|E[X_0 \mid x]| + |x|) \approx 2\cdot10^{-22}(R + |x|)$ from
+    there on (data within radius R), so the ODE starts from min(u, 50); any finite t (and the
+    top time of a path with a = 0 there, u = inf) is accepted.
 
     **Returns:** $\Phi_{t\to s}(x)$ with the shape of `x`. Jit-compatible (validation runs on
     concrete arguments only). The ODE path raises if the step budget is exhausted.
     """
-    check_times(t, s)
-    return pf_flow(data, x, t, s, method=method, rtol=rtol, atol=atol, max_steps=max_steps)
+    path = as_path(path)
+    path.check_times(t, s)
+    return pf_flow(
+        data, x, t, s, path=path, method=method, rtol=rtol, atol=atol, max_steps=max_steps
+    )
 
 
 class ExactFlow(eqx.Module):
-    """The exact flow map as a consistency function `f(x, t, s)` (batched over leading axes of x).
-
-    Usable wherever an f(x, t, s) is expected (samplers, consistency-error metrics, teachers).
-    """
+    """The exact flow map of `path` as a consistency function `f(x, t, s)` (batched over leading
+    axes of x). Usable wherever an f(x, t, s) is expected (samplers, metrics, teachers)."""
 
     data: DataDistribution
+    path: AbstractPath
     method: str = eqx.field(static=True)
     rtol: float | None = eqx.field(static=True)
     atol: float | None = eqx.field(static=True)
@@ -254,9 +298,11 @@ class ExactFlow(eqx.Module):
         rtol: float | None = None,
         atol: float | None = None,
         max_steps: int = 4096,
+        *,
+        path: AbstractPath = OU,
     ):
         _check_options(method, rtol, atol, max_steps)  # at construction, by name
-        self.data, self.method = data, method
+        self.data, self.method, self.path = data, method, as_path(path)
         self.rtol = None if rtol is None else float(rtol)
         self.atol = None if atol is None else float(atol)
         self.max_steps = int(max_steps)
@@ -267,6 +313,7 @@ class ExactFlow(eqx.Module):
             x,
             t,
             s,
+            path=self.path,
             method=self.method,
             rtol=self.rtol,
             atol=self.atol,

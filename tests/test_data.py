@@ -373,11 +373,12 @@ def test_registered_user_family_round_trips():
         def data_law(self):
             return mp.data.Gaussian(self.shift, np.eye(self.dim)).data_law()
 
-        def marginal_law(self, t):
-            return dist.Normal(mp.alpha(t) * self.shift, 1.0).to_event(1)
+        def noised_law(self, a, b):
+            return dist.Normal(a * self.shift, jnp.sqrt(a**2 + b**2)).to_event(1)
 
-        def unchecked_score(self, x, t):
-            return -(x - mp.alpha(t)[..., None] * self.shift)
+        def noised_score(self, x, a, b):
+            a, b = jnp.asarray(a)[..., None], jnp.asarray(b)[..., None]
+            return -(x - a * self.shift) / (a**2 + b**2)
 
     try:
         mp.data.register_family(Shifted)
