@@ -38,6 +38,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import log_ndtr, logsumexp
 from jaxtyping import Array, ArrayLike
 from numpyro.distributions import constraints
+from numpyro.distributions.util import lazy_property
 
 from ._checks import check_points, check_time, concrete, integer, prng_key, real_array
 from .paths import OU, AbstractPath
@@ -55,6 +56,7 @@ __all__ = [
     "NoisyUniform",
     "Atoms",
     "DegenerateNormal",
+    "EigenNormal",
 ]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
@@ -325,52 +327,120 @@ class Gaussian(DataDistribution):
     Exact: $a X_0 + b Z \sim N(a m, a^2 \Sigma + b^2 I)$, so on a path
     $p_t = N(a_t m, \Sigma_t)$, $\Sigma_t = a_t^2\Sigma + b_t^2 I$, and
     $\nabla \log p_t(x) = -\Sigma_t^{-1}(x - a_t m)$.
+
+    Two constructions: `Gaussian(mean, cov)` (eigendecomposition computed once), or, at image
+    scale, `Gaussian(eigvals=lam, eigvecs=U, mean=m)` with $\Sigma = U \operatorname{diag}(\lambda)
+    U^\top$ given (`eigvecs` omitted: the standard basis, no d x d array is ever formed, and
+    every exact law the package computes runs per eigenvalue in O(K d)).
     """
 
     mean: Array
-    cov: Array
     eigvals: Array
-    eigvecs: Array
-    factor: Array  # Cholesky factor of cov (smooth) or eigvecs * sqrt(eigvals) (singular)
+    eigvecs: Array | None  # None: the standard basis
+    factor: Array | None  # Cholesky factor of cov (smooth) or eigvecs * sqrt(eigvals) (singular)
+    given_cov: Array | None  # the covariance as given (None for the eigenvalue construction)
     regime: str = eqx.field(static=True)
     family = "gaussian"
-    spec_fields = ("mean", "cov")
+    spec_fields = ("mean", "cov", "eigvals", "eigvecs")
 
-    def __init__(self, mean: ArrayLike, cov: ArrayLike):
-        m = real_array("mean", mean, ndim=1)
-        c = real_array("cov", cov, ndim=2)
-        if c.shape != (m.size, m.size):
-            raise ValueError(
-                f"`cov` must have shape ({m.size}, {m.size}) to match `mean`, got {c.shape}"
-            )
-        if m.size == 0:
-            raise ValueError("`mean` must be non-empty")
-        lam, vecs = _eigh_psd("cov", c)
-        self.mean, self.cov = jnp.asarray(m), jnp.asarray(c)
-        self.eigvals, self.eigvecs = jnp.asarray(lam), jnp.asarray(vecs)
-        self.regime = "smooth" if np.all(lam > 0) else "nonsmooth"
-        self.factor = jnp.asarray(_x0_factor(c, lam, vecs, self.regime))
+    def __init__(
+        self,
+        mean: ArrayLike | None = None,
+        cov: ArrayLike | None = None,
+        *,
+        eigvals: ArrayLike | None = None,
+        eigvecs: ArrayLike | None = None,
+    ):
+        if (cov is None) == (eigvals is None):
+            raise ValueError("pass either `cov` or `eigvals` (optionally with `eigvecs`), not both")
+        if cov is not None:
+            if eigvecs is not None:
+                raise ValueError("`eigvecs` goes with `eigvals`, not with `cov`")
+            if mean is None:
+                raise ValueError("`mean` is required with `cov`")
+            m = real_array("mean", mean, ndim=1)
+            c = real_array("cov", cov, ndim=2)
+            if c.shape != (m.size, m.size):
+                raise ValueError(
+                    f"`cov` must have shape ({m.size}, {m.size}) to match `mean`, got {c.shape}"
+                )
+            if m.size == 0:
+                raise ValueError("`mean` must be non-empty")
+            lam, vecs = _eigh_psd("cov", c)
+            regime = "smooth" if np.all(lam > 0) else "nonsmooth"
+            self.factor = jnp.asarray(_x0_factor(c, lam, vecs, regime))
+            self.given_cov = jnp.asarray(c)
+        else:
+            lam = real_array("eigvals", eigvals, ndim=1)
+            if lam.size == 0 or np.any(lam < 0):
+                raise ValueError("`eigvals` must be non-empty and >= 0")
+            m = np.zeros(lam.size) if mean is None else real_array("mean", mean, ndim=1)
+            if m.shape != lam.shape:
+                raise ValueError(
+                    f"`mean` must have shape {lam.shape} to match `eigvals`, got {m.shape}"
+                )
+            vecs = None
+            if eigvecs is not None:
+                vecs = real_array("eigvecs", eigvecs, ndim=2)
+                if vecs.shape != (lam.size, lam.size):
+                    raise ValueError(
+                        f"`eigvecs` must have shape ({lam.size}, {lam.size}), got {vecs.shape}"
+                    )
+                if not np.allclose(vecs.T @ vecs, np.eye(lam.size), atol=1e-10):
+                    raise ValueError("`eigvecs` must be orthonormal (its columns the eigenvectors)")
+            regime = "smooth" if np.all(lam > 0) else "nonsmooth"
+            self.factor = self.given_cov = None
+        self.mean, self.eigvals = jnp.asarray(m), jnp.asarray(lam)
+        self.eigvecs = None if vecs is None else jnp.asarray(vecs)
+        self.regime = regime
 
     @property
     def dim(self) -> int:
         return self.mean.shape[-1]
 
+    @property
+    def cov(self) -> Array:
+        """The covariance, shape (dim, dim) (formed on demand for the eigenvalue construction)."""
+        if self.given_cov is not None:
+            return self.given_cov
+        if self.eigvecs is None:
+            return jnp.diag(self.eigvals)
+        return (self.eigvecs * self.eigvals) @ self.eigvecs.T
+
     def data_law(self):
+        if self.factor is None:
+            if self.eigvecs is None:
+                return dist.Normal(self.mean, jnp.sqrt(self.eigvals)).to_event(1)
+            return DegenerateNormal(self.mean, self.eigvecs * jnp.sqrt(self.eigvals))
         if self.regime == "smooth":
             return dist.MultivariateNormal(self.mean, scale_tril=self.factor)
         return DegenerateNormal(self.mean, self.factor)
 
     def cov_t(self, t: ArrayLike, path: AbstractPath = OU) -> Array:
         r"""$\Sigma_t = a_t^2\Sigma + b_t^2 I$ on `path`, shape (dim, dim)."""
-        return _cov_ab(path.a(t), path.b(t), self.eigvals, self.eigvecs)
+        vecs = jnp.eye(self.dim) if self.eigvecs is None else self.eigvecs
+        return _cov_ab(path.a(t), path.b(t), self.eigvals, vecs)
 
     def noised_law(self, a, b):
+        if self.factor is None:  # the eigenvalue construction: O(d) per eigenvalue
+            coef = self.mean if self.eigvecs is None else self.mean @ self.eigvecs
+            return EigenNormal(a * coef, a**2 * self.eigvals + b**2, self.eigvecs)
         cov = _cov_ab(a, b, self.eigvals, self.eigvecs)
         return dist.MultivariateNormal(a * self.mean, scale_tril=jnp.linalg.cholesky(cov))
 
     def noised_score(self, x, a, b):
-        _, score = _mixture_terms(x, a, b, self.mean[None], self.eigvals[None], self.eigvecs[None])
+        vecs = None if self.eigvecs is None else self.eigvecs[None]
+        _, score = _mixture_terms(x, a, b, self.mean[None], self.eigvals[None], vecs)
         return score[..., 0, :]
+
+    def to_spec(self) -> dict:
+        out = {"family": "gaussian", "mean": np.asarray(self.mean, np.float64).tolist()}
+        if self.factor is not None:
+            return out | {"cov": np.asarray(self.cov, np.float64).tolist()}
+        out["eigvals"] = np.asarray(self.eigvals, np.float64).tolist()
+        if self.eigvecs is not None:
+            out["eigvecs"] = np.asarray(self.eigvecs, np.float64).tolist()
+        return out
 
 
 @register_family
@@ -429,7 +499,9 @@ class GaussianMixture(DataDistribution):
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
     def noised_score(self, x, a, b):
-        return _mixture_score(x, a, b, jnp.log(self.weights), self.means, self.eigvals, self.eigvecs)
+        return _mixture_score(
+            x, a, b, jnp.log(self.weights), self.means, self.eigvals, self.eigvecs
+        )
 
 
 @register_family
@@ -679,6 +751,66 @@ class DegenerateNormal(dist.Distribution):
     @property
     def covariance_matrix(self):
         return jnp.einsum("...ij,...kj->...ik", self.factor, self.factor)
+
+
+class EigenNormal(dist.MultivariateNormal):
+    r"""$N(U c, U \operatorname{diag}(v) U^\top)$: `coef` c (d,), `var` v (d,) > 0, `basis` U
+    (d, d) orthonormal or None (the standard basis). A `MultivariateNormal` (dense parts on
+    demand) whose mean, variance, sampling and log density cost O(d) (O(d^2) with a basis)."""
+
+    def __init__(self, coef, var, basis=None, *, validate_args=None):
+        self.coef, self.var = jnp.asarray(coef), jnp.asarray(var)
+        self.basis = None if basis is None else jnp.asarray(basis)
+        dist.Distribution.__init__(
+            self, batch_shape=(), event_shape=self.coef.shape[-1:], validate_args=validate_args
+        )
+
+    def _to_basis(self, z):
+        return z if self.basis is None else z @ self.basis.T
+
+    def _from_basis(self, x):
+        return x if self.basis is None else x @ self.basis
+
+    @lazy_property
+    def loc(self):
+        return self._to_basis(self.coef)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @lazy_property
+    def covariance_matrix(self):
+        if self.basis is None:
+            return jnp.diag(self.var)
+        return (self.basis * self.var) @ self.basis.T
+
+    @lazy_property
+    def scale_tril(self):
+        return jnp.linalg.cholesky(self.covariance_matrix)
+
+    @lazy_property
+    def precision_matrix(self):
+        if self.basis is None:
+            return jnp.diag(1.0 / self.var)
+        return (self.basis / self.var) @ self.basis.T
+
+    @property
+    def variance(self):
+        if self.basis is None:
+            return self.var
+        return jnp.sum(self.basis**2 * self.var, -1)
+
+    def sample(self, key, sample_shape=()):
+        eps = jax.random.normal(key, sample_shape + self.coef.shape, self.coef.dtype)
+        return self._to_basis(self.coef + jnp.sqrt(self.var) * eps)
+
+    def log_prob(self, value):
+        z = self._from_basis(jnp.asarray(value)) - self.coef
+        return -0.5 * jnp.sum(z**2 / self.var + jnp.log(2 * jnp.pi * self.var), -1)
+
+    def tree_flatten(self):  # pragma: no cover - not used under jit
+        raise NotImplementedError("EigenNormal is not a jit argument; pass its arrays instead")
 
 
 def describe(data: DataDistribution) -> dict:

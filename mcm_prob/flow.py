@@ -37,15 +37,26 @@ from .data import DataDistribution, Gaussian
 from .forward import alpha, as_path, sigma, snr_ratio, time_from_snr_ratio
 from .paths import OU, AbstractPath
 
-__all__ = ["flow_map", "pf_flow", "ExactFlow", "pf_ode_velocity", "pf_ode_step", "velocity", "ode_solve"]
+__all__ = [
+    "flow_map",
+    "pf_flow",
+    "ExactFlow",
+    "pf_ode_velocity",
+    "pf_ode_step",
+    "velocity",
+    "ode_solve",
+]
 
 _METHODS = ("auto", "closed_form", "ode")
 
 
 def _data_mean(data: DataDistribution, path: AbstractPath):
     """E[x_0], which the velocity needs only on a path with a(t_max) = 0 (else 0, unused)."""
-    if not (math.isfinite(path.t_max) and float(path.a(path.t_max)) == 0.0):
+    if not math.isfinite(path.t_max):
         return 0.0
+    with jax.ensure_compile_time_eval():  # the path's constants, also inside a trace
+        if float(path.a(path.t_max)) != 0.0:
+            return 0.0
     try:
         return data.data_law().mean
     except NotImplementedError as err:
@@ -97,6 +108,8 @@ def _gaussian_flow(data: Gaussian, x: Array, t, s, path: AbstractPath) -> Array:
     a_t, a_s = path.a(t), path.a(s)
     nu_t = a_t**2 * lam + path.b(t) ** 2
     nu_s = a_s**2 * lam + path.b(s) ** 2
+    if vecs is None:  # standard basis
+        return a_s * m + jnp.sqrt(nu_s / nu_t) * (x - a_t * m)
     coef = (x - a_t * m) @ vecs
     return a_s * m + (jnp.sqrt(nu_s / nu_t) * coef) @ vecs.T
 

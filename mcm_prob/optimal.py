@@ -37,7 +37,8 @@ from ._checks import integer, number, prng_key
 from .accuracy import product_factors, schedule_kl
 from .data import DataDistribution, Gaussian
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
-from .sampling import _affine, _gaussian_parts, gaussian_law_moments
+from .laws import gaussian_parts
+from .sampling import check_perturbation, gaussian_law_moments
 from .schedules import Schedule
 
 __all__ = ["OptimalSchedule", "optimal_schedule"]
@@ -173,8 +174,10 @@ def _initial(starts, n_random, k, T, delta, key):
 def _optimise_gaussian(data, perturbation, T, delta, lr, a0, b0, iterations):
     """Adam from every start (vmapped) on the exact Gaussian law; returns the KL history
     (starts, iterations) and the best parameters of each run."""
-    m, lam, u = _gaussian_parts(data)
-    a_pert, b_pert = _affine(perturbation, m.size)
+    m, lam, u = gaussian_parts(data)
+    u = np.eye(m.size) if u is None else u
+    m = u @ m
+    a_pert, b_pert = check_perturbation(perturbation, m.size)
     args = (m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0)
     hist, (best_a, best_b) = _adam_runs(
         *(jnp.asarray(v, jnp.float64) for v in args),

@@ -1,9 +1,10 @@
 r"""Multi-step consistency sampling (docs/conventions.md) and its exact law for Gaussian data.
 
 With step h, K = `steps`, re-noising length $\tau$ and stop time $\delta$: $t_k = \delta + (K-k)h$
-for k = 0..K; $x \sim N(0, I)$ at $t_0$; for k = 0..K-1, $s_k = \max(t_{k+1} - \tau, \delta)$,
-$y = f(x, t_k, s_k)$ and, if k < K-1, $x = \alpha_{t_{k+1}-s_k} y + \sigma_{t_{k+1}-s_k}\xi$
-(the OU transition from $s_k$ to $t_{k+1}$). The output is the last y, a draw meant to follow
+for k = 0..K; x from the path's prior at $t_0$ (OU: N(0, I)); for k = 0..K-1,
+$s_k = \max(t_{k+1} - \tau, \delta)$, $y = f(x, t_k, s_k)$ and, if k < K-1,
+$x = r_k y + \mathrm{std}_k\,\xi$, the path's transition from $s_k$ to $t_{k+1}$ (OU:
+$r = \alpha_{t_{k+1}-s_k}$, $\mathrm{std} = \sigma_{t_{k+1}-s_k}$). The output is the last y, a draw meant to follow
 $p_\delta$. $\tau = 0$ composes flow maps deterministically; $\tau = \infty$ is Song et al.'s
 multistep Algorithm 1; intermediate $\tau$ is CTM's gamma-sampling in OU time. Any other start
 and landing times are passed as a `mcm_prob.Schedule` (`schedule=`), of which this constant step
@@ -25,7 +26,9 @@ from jaxtyping import Array
 
 from ._checks import finite_or_raise, integer, number, prng_key, real_array
 from .data import Gaussian
-from .forward import alpha, sigma
+from .forward import as_path
+from .laws import EigenNormal, gaussian_parts
+from .paths import OU, AbstractPath
 from .schedules import Schedule, as_schedule
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "sample_gamma",
     "sampler_times",
     "sampler_law",
+    "eigen_law_moments",
+    "gaussian_law_moments",
     "affine_error",
 ]
 
@@ -67,29 +72,58 @@ def sample(
     tau: float = 0.0,
     schedule: Schedule | None = None,
     extrapolate: bool = False,
+    path: AbstractPath = OU,
+    init=None,
 ) -> SamplerOutput:
     """Run the multi-step consistency sampler with any consistency function f(x, t, s).
 
     **Arguments:** `f` maps x of shape (n, dim) and scalar times to shape (n, dim); `key` (typed
     JAX key); `n` samples; `dim`; then either the constant step (`delta` > 0 stop time, `h` > 0
     step, `steps` = K >= 1, `tau` >= 0 re-noising length, `math.inf` for Algorithm 1) or
-    `schedule`, any `mcm_prob.Schedule`. When `f` knows the time range it was trained on
-    (``f.trained_range`` = (delta, T), e.g. a model from `mcm_prob.load_model`), a schedule
-    that starts above T or lands below delta is refused; `extrapolate=True` runs it anyway
-    with a warning.
+    `schedule`, any `mcm_prob.Schedule`; `path` (times in its units; re-noising by its
+    transitions); `init`: the law of the start x at t_0 (a NumPyro distribution with event
+    shape (dim,), e.g. the exact `data.marginal(t_0, path)`; default the path's prior). When
+    `f` knows the time range it was trained on (``f.trained_range`` = (delta, T), e.g. a model
+    from `mcm_prob.load_model`), a schedule that starts above T or lands below delta is
+    refused; `extrapolate=True` runs it anyway with a warning.
 
     **Returns:** `SamplerOutput(samples (n, dim), nfe=K)`. The loop is a `lax.scan`, so the
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
     n, dim, key = integer("n", n), integer("dim", dim), prng_key("key", key)
+    path = as_path(path)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
     _check_range(f, sched, extrapolate)
-    gap = np.append(sched.gaps, 0.0)  # no re-noising after the last step
-    dtype = jnp.result_type(float)
-    times = tuple(jnp.asarray(a, dtype) for a in (sched.t, sched.s, gap))
-    y = _run_sampler(f, key, int(n), int(dim), *times)
+    k_init, k_run = jax.random.split(key)
+    x0 = _initial(path, sched, init, k_init, n, dim)
+    y = _run_sampler(f, k_run, x0, *_times(path, sched))
     y = finite_or_raise(y, "the sampler produced non-finite values; check f and the schedule")
     return SamplerOutput(y, sched.steps)
+
+
+def _initial(path: AbstractPath, sched: Schedule, init, key, n: int, dim: int) -> Array:
+    """n start points at t_0: the path's prior, or draws of `init`."""
+    path.check_time("schedule.t[0]", sched.horizon)
+    dtype = jnp.result_type(float)
+    if init is None:
+        return jnp.asarray(path.prior_std(sched.horizon), dtype) * jax.random.normal(
+            key, (n, dim), dtype
+        )
+    if not isinstance(init, dist.Distribution) or init.event_shape != (dim,):
+        raise ValueError(
+            f"`init` must be a NumPyro distribution with event shape ({dim},), got {init!r}"
+        )
+    return jnp.asarray(init.sample(key, (n,)), dtype)
+
+
+def _times(path: AbstractPath, sched: Schedule):
+    """(t, s, re-noise ratio, re-noise std), each (K,): the transition from s_k to t_{k+1}
+    (ratio 1, std 0 after the last step)."""
+    dtype = jnp.result_type(float)
+    ratio, std = path.transition_coefficients(jnp.asarray(sched.s[:-1]), jnp.asarray(sched.t[1:]))
+    ratio = jnp.append(jnp.asarray(ratio, dtype), 1.0)
+    std = jnp.append(jnp.asarray(std, dtype), 0.0)
+    return jnp.asarray(sched.t, dtype), jnp.asarray(sched.s, dtype), ratio, std
 
 
 def _check_range(f, sched: Schedule, extrapolate: bool) -> None:
@@ -116,46 +150,47 @@ def _check_range(f, sched: Schedule, extrapolate: bool) -> None:
 
 
 @eqx.filter_jit
-def _run_sampler(f, key, n: int, dim: int, t, s, gap):
-    """The sampler loop as one compiled program (times are traced: no recompilation when only
-    delta, h or tau change; f is a pytree argument or, for plain callables, static)."""
-    dtype = t.dtype
-    k_init, k_noise = jax.random.split(key)
-    x = jax.random.normal(k_init, (n, dim), dtype)
+def _run_sampler(f, key, x, t, s, ratio, std):
+    """The sampler loop from the start points x as one compiled program (times are traced: no
+    recompilation when only delta, h or tau change; f is a pytree argument or, for plain
+    callables, static)."""
+    dtype = x.dtype
 
     def body(carry, inputs):
         x, _ = carry
-        k, t_k, s_k, g_k = inputs
+        k, t_k, s_k, r_k, sd_k = inputs
         y = jnp.asarray(f(x, t_k, s_k), dtype)
-        xi = jax.random.normal(jax.random.fold_in(k_noise, k), x.shape, dtype)
-        return (alpha(g_k) * y + sigma(g_k) * xi, y), None
+        xi = jax.random.normal(jax.random.fold_in(key, k), x.shape, dtype)
+        return (r_k * y + sd_k * xi, y), None
 
-    (_, y), _ = jax.lax.scan(body, (x, x), (jnp.arange(t.shape[0]), t, s, gap))
+    (_, y), _ = jax.lax.scan(body, (x, x), (jnp.arange(t.shape[0]), t, s, ratio, std))
     return y
 
 
-def sample_grid(grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip=None) -> Array:
+def sample_grid(
+    grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip=None, path: AbstractPath = OU
+) -> Array:
     """`sample` for every model of a `mcm_prob.FittedGrid` as one compiled program.
 
     Model (i, j) draws with ``keys[j]`` (one key per seed column: the models of one seed
     share their noise, common random numbers across Delta), so ``out[i, j]`` equals
-    ``sample(grid[i, j], keys[j], n, dim=dim, schedule=schedule).samples`` up to float
-    round-off. `skip`: optional boolean (n_rows, n_cols) mask of models to leave out (e.g.
-    diverged fits); their draws are NaN. **Returns:** shape (n_rows, n_cols, n, dim);
+    ``sample(grid[i, j], keys[j], n, dim=dim, schedule=schedule, path=path).samples`` up to
+    float round-off. `skip`: optional boolean (n_rows, n_cols) mask of models to leave out
+    (e.g. diverged fits); their draws are NaN. **Returns:** shape (n_rows, n_cols, n, dim);
     non-finite draws of any other model raise.
     """
     n, dim, keys = integer("n", n), integer("dim", dim), prng_key("keys", keys, stacked=True)
+    path = as_path(path)
     sched = as_schedule(schedule)
     rows, cols = grid.shape
     if keys.shape[0] != cols:
         raise ValueError(f"`keys` must hold one key per grid column ({cols}), got {keys.shape}")
-    gap = np.append(sched.gaps, 0.0)
-    dtype = jnp.result_type(float)
-    times = tuple(jnp.asarray(a, dtype) for a in (sched.t, sched.s, gap))
     skip = np.zeros((rows, cols), bool) if skip is None else np.asarray(skip, bool)
     if skip.shape != (rows, cols):
         raise ValueError(f"`skip` must have the grid's shape {(rows, cols)}, got {skip.shape}")
-    y = _run_sampler_grid(grid.models, keys, int(n), int(dim), *times)
+    split = jax.vmap(jax.random.split)(keys)
+    x0 = jax.vmap(lambda k: _initial(path, sched, None, k, n, dim))(split[:, 0])
+    y = _run_sampler_grid(grid.models, split[:, 1], x0, *_times(path, sched))
     mask = jnp.asarray(skip)[:, :, None, None]
     if not bool(jnp.all(jnp.isfinite(y) | mask)):
         raise FloatingPointError("the sampler produced non-finite values; check the models")
@@ -163,13 +198,13 @@ def sample_grid(grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip
 
 
 @eqx.filter_jit
-def _run_sampler_grid(models, keys, n: int, dim: int, t, s, gap):
+def _run_sampler_grid(models, keys, x0, t, s, ratio, std):
     params, static = eqx.partition(models, eqx.is_array)
 
-    def one(p, key):
-        return _run_sampler(eqx.combine(p, static), key, n, dim, t, s, gap)
+    def one(p, key, x):
+        return _run_sampler(eqx.combine(p, static), key, x, t, s, ratio, std)
 
-    return jax.vmap(jax.vmap(one), in_axes=(0, None))(params, keys)
+    return jax.vmap(jax.vmap(one), in_axes=(0, None, None))(params, keys, x0)
 
 
 def sample_deterministic(f, key, n, *, dim, delta, h, steps) -> SamplerOutput:
@@ -191,7 +226,8 @@ def sample_gamma(f, key, n, *, dim, delta, h, steps, gamma: float) -> SamplerOut
     return sample(f, key, n, dim=dim, delta=delta, h=h, steps=steps, tau=gamma * h)
 
 
-def _affine(perturbation, d: int):
+def check_perturbation(perturbation, d: int):
+    """The affine consistency error (A (d, d), b (d,)) of `sampler_law`, checked; zeros for None."""
     if perturbation is None:
         return np.zeros((d, d)), np.zeros(d)
     a, b = perturbation
@@ -204,10 +240,14 @@ def _affine(perturbation, d: int):
     return a, b
 
 
-def _gaussian_parts(data: Gaussian):
-    if not isinstance(data, Gaussian):
-        raise TypeError(f"`data` must be a mcm_prob.data.Gaussian, got {type(data).__name__}")
-    return (np.asarray(v, np.float64) for v in (data.mean, data.eigvals, data.eigvecs))
+def _initial_moments(data: Gaussian, path: AbstractPath, t0: float, start: str, m, lam):
+    """Mean and variance (per eigen-direction) of the start at t_0."""
+    if start == "prior":
+        return np.zeros_like(m), np.full_like(lam, float(path.prior_std(t0)) ** 2)
+    if start != "exact":
+        raise ValueError(f"`start` must be 'prior' or 'exact' (p_T), got {start!r}")
+    a, b = float(path.a(t0)), float(path.b(t0))
+    return a * m, a**2 * lam + b**2
 
 
 def sampler_law(
@@ -219,67 +259,104 @@ def sampler_law(
     tau: float = 0.0,
     schedule: Schedule | None = None,
     perturbation: tuple | None = None,
+    path: AbstractPath = OU,
+    start: str = "prior",
 ) -> dist.MultivariateNormal:
     r"""Exact law of `sample` driven by the exact flow map (optionally perturbed) on Gaussian data.
 
-    With $\Phi_{t\to s}(x) = \alpha_s m + A_{t,s}(x - \alpha_t m)$,
-    $A_{t,s} = U\operatorname{diag}(\sqrt{\nu_s/\nu_t})U^\top$, and the affine perturbation
-    $\hat f = \Phi + A x + b$ (`perturbation=(A, b)`, constant in time), every stage is affine in
-    a Gaussian, so the law stays Gaussian: $y = (A_{t,s} + A)x + c$ gives
-    $\mu \mapsto (A_{t,s}+A)\mu + c$, $C \mapsto (A_{t,s}+A) C (A_{t,s}+A)^\top$, and re-noising
-    $x = a y + b\xi$ gives $\mu \mapsto a\mu$, $C \mapsto a^2 C + b^2 I$. Computed in numpy
-    float64 (singular data covariances included; delta > 0 keeps the law non-degenerate).
-    The schedule is the constant step (`delta`, `h`, `steps`, `tau`) or any `schedule`.
+    With $\Phi_{t\to s}(x) = a_s m + A_{t,s}(x - a_t m)$,
+    $A_{t,s} = U\operatorname{diag}(\sqrt{\nu_s/\nu_t})U^\top$, $\nu_t = a_t^2\lambda + b_t^2$
+    on `path`, and the affine perturbation $\hat f = \Phi + A x + b$ (`perturbation=(A, b)`,
+    constant in time), every stage is affine in a Gaussian, so the law stays Gaussian:
+    $y = (A_{t,s} + A)x + c$ gives $\mu \mapsto (A_{t,s}+A)\mu + c$, $C \mapsto (A_{t,s}+A) C
+    (A_{t,s}+A)^\top$, and re-noising $x = r y + \mathrm{std}\,\xi$ gives $\mu \mapsto r\mu$,
+    $C \mapsto r^2 C + \mathrm{std}^2 I$. Without a perturbation everything is diagonal in U and
+    runs per eigenvalue in O(K d) (`mcm_prob.laws`); with one, in d x d matrices. numpy float64
+    (singular data covariances included; delta > 0 keeps the law non-degenerate). The schedule
+    is the constant step (`delta`, `h`, `steps`, `tau`) or any `schedule`; `start`:
+    ``"prior"`` (the path's prior at t_0, as `sample`) or ``"exact"`` ($p_{t_0}$).
 
-    **Returns:** a `numpyro.distributions.MultivariateNormal` (use x64 for float64 arrays).
+    **Returns:** a `numpyro.distributions.MultivariateNormal` (an `EigenNormal` without a
+    perturbation; use x64 for float64 arrays).
     """
-    m, lam, u = _gaussian_parts(data)
+    path = as_path(path)
+    m, lam, u = gaussian_parts(data)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
-    a_pert, b_pert = _affine(perturbation, m.size)
-    mu, cov = gaussian_law_moments(np, m, lam, u, sched.t, sched.s, (a_pert, b_pert))
-    return _gaussian_law(mu, cov)
+    path.check_time("schedule.t[0]", sched.horizon)
+    mean0, var0 = _initial_moments(data, path, sched.horizon, start, m, lam)
+    if perturbation is None:
+        mu, var = eigen_law_moments(m, lam, sched.t, sched.s, path, mean0, var0)
+        return EigenNormal(mu, var, u)
+    u = np.eye(m.size) if u is None else u
+    a_pert, b_pert = check_perturbation(perturbation, m.size)
+    init = (u @ mean0, (u * var0) @ u.T)
+    mu, cov = gaussian_law_moments(
+        np, u @ m, lam, u, sched.t, sched.s, (a_pert, b_pert), path=path, init=init
+    )
+    return _dense_law(mu, cov)
 
 
-def gaussian_law_moments(xp, m, lam, u, t, s, perturbation=None):
+def eigen_law_moments(m, lam, t, s, path: AbstractPath = OU, mean0=None, var0=None):
+    """Per-eigenvalue mean (d,) and variance (d,) of the exact-flow sampler law, for the data
+    mean `m` in the eigenbasis, eigenvalues `lam`, start and landing times `t`, `s` (K,), from
+    N(mean0, var0) (default the prior N(0, I))."""
+    mu = np.zeros_like(m) if mean0 is None else mean0
+    var = np.ones_like(lam) if var0 is None else var0
+    a_t, b_t = np.asarray(path.a(t)), np.asarray(path.b(t))
+    a_s, b_s = np.asarray(path.a(s)), np.asarray(path.b(s))
+    ratio, std = (np.asarray(v) for v in path.transition_coefficients(s[:-1], t[1:]))
+    for k in range(t.shape[0]):
+        flow = np.sqrt((a_s[k] ** 2 * lam + b_s[k] ** 2) / (a_t[k] ** 2 * lam + b_t[k] ** 2))
+        mu, var = flow * (mu - a_t[k] * m) + a_s[k] * m, flow**2 * var
+        if k < t.shape[0] - 1:
+            mu, var = ratio[k] * mu, ratio[k] ** 2 * var + std[k] ** 2
+    return mu, var
+
+
+def gaussian_law_moments(xp, m, lam, u, t, s, perturbation=None, *, path=OU, init=None):
     """Mean (d,) and covariance (d, d) of the sampler law of `sampler_law` for data mean `m`,
     covariance eigenvalues `lam` and eigenvectors `u`, start and landing times `t`, `s` (K,),
     in the array namespace `xp` (numpy for float64 ground truth; jax.numpy to differentiate with
-    respect to the times)."""
+    respect to the times); `init` = (mean, cov) at t_0 (default N(0, I))."""
     d, steps = m.shape[0], t.shape[0]
-    mu, cov = xp.zeros(d), xp.eye(d)
+    mu, cov = (xp.zeros(d), xp.eye(d)) if init is None else init
+    ratio, std = path.transition_coefficients(s[:-1], t[1:]) if steps > 1 else (None, None)
     for k in range(steps):
-        nu_t = xp.exp(-2 * t[k]) * lam - xp.expm1(-2 * t[k])
-        nu_s = xp.exp(-2 * s[k]) * lam - xp.expm1(-2 * s[k])
+        a_t, a_s = path.a(t[k]), path.a(s[k])
+        nu_t = a_t**2 * lam + path.b(t[k]) ** 2
+        nu_s = a_s**2 * lam + path.b(s[k]) ** 2
         flow = (u * xp.sqrt(nu_s / nu_t)) @ u.T
-        lin, shift = flow, xp.exp(-s[k]) * m - flow @ (xp.exp(-t[k]) * m)
+        lin, shift = flow, a_s * m - flow @ (a_t * m)
         if perturbation is not None:
             lin, shift = lin + perturbation[0], shift + perturbation[1]
         mu, cov = lin @ mu + shift, lin @ cov @ lin.T
         if k < steps - 1:
-            gap = t[k + 1] - s[k]
-            a, sd2 = xp.exp(-gap), -xp.expm1(-2 * gap)
-            mu, cov = a * mu, a**2 * cov + sd2 * xp.eye(d)
+            mu, cov = ratio[k] * mu, ratio[k] ** 2 * cov + std[k] ** 2 * xp.eye(d)
     return mu, cov
 
 
-def _gaussian_law(mean: np.ndarray, cov: np.ndarray) -> dist.MultivariateNormal:
-    cov = 0.5 * (cov + cov.T)
+def _dense_law(mean: np.ndarray, cov: np.ndarray) -> dist.MultivariateNormal:
+    cov = 0.5 * (np.asarray(cov) + np.asarray(cov).T)
     return dist.MultivariateNormal(
         jnp.asarray(mean), scale_tril=jnp.asarray(np.linalg.cholesky(cov))
     )
 
 
-def affine_error(data: Gaussian, perturbation: tuple, t) -> np.ndarray:
+def affine_error(data: Gaussian, perturbation: tuple, t, *, path: AbstractPath = OU) -> np.ndarray:
     r"""Size of the perturbation in $L^2(p_t)$: $E_{x\sim p_t}\|Ax + b\|^2 =
     \operatorname{tr}(A\Sigma_t A^\top) + \|A m_t + b\|^2$, for each t in `t` (any shape)."""
-    m, lam, u = _gaussian_parts(data)
-    a_pert, b_pert = _affine(perturbation, m.size)
+    path = as_path(path)
+    m, lam, u = gaussian_parts(data)
+    u = np.eye(m.size) if u is None else u
+    m = u @ m
+    a_pert, b_pert = check_perturbation(perturbation, m.size)
     t = real_array("t", t)
     if np.any(t < 0):
         raise ValueError("`t` must be >= 0")
     out = np.empty(t.shape)
     for idx, tk in np.ndenumerate(t):
-        cov_t = (u * (np.exp(-2 * tk) * lam - np.expm1(-2 * tk))) @ u.T
-        mean_t = a_pert @ (np.exp(-tk) * m) + b_pert
+        a, b = float(path.a(tk)), float(path.b(tk))
+        cov_t = (u * (a**2 * lam + b**2)) @ u.T
+        mean_t = a_pert @ (a * m) + b_pert
         out[idx] = np.trace(a_pert @ cov_t @ a_pert.T) + mean_t @ mean_t
     return out

@@ -24,6 +24,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike
@@ -162,6 +163,32 @@ class AbstractPath(eqx.Module):
         denoised = jnp.where(a > 0, a_dot / safe * (x + b**2 * score), a_dot * mean)
         return denoised - b * b_dot * score
 
+    def sde_coefficients(self, t: ArrayLike) -> tuple[Array, Array]:
+        r"""(f, g^2) of the forward SDE $dX = f(t) X dt + g(t) dB$ whose marginals are the path's:
+        $f = a'/a$, $g^2 = 2 b^2 \rho'/\rho = 2b(b' - b a'/a)$."""
+        a, b = self.a(t), self.b(t)
+        f = self.a_dot(t) / a
+        return f, 2 * b * (self.b_dot(t) - b * f)
+
+    def score_integral(self, s: ArrayLike, t: ArrayLike) -> Array:
+        r"""$\int_s^t a(\tau)\, d\rho_\tau^2$ (s <= t, elementwise): the score coefficient of the
+        exponential integrator. Generic: 32-point Gauss-Legendre in $\tau$."""
+        nodes, weights = np.polynomial.legendre.leggauss(32)
+        s, t = jnp.asarray(s)[..., None], jnp.asarray(t)[..., None]
+        tau = 0.5 * (t + s) + 0.5 * (t - s) * nodes
+        rho = self.rho(tau)
+        integrand = 2 * self.a(tau) * rho * _elementwise_derivative(self.rho, tau)
+        return 0.5 * (t - s)[..., 0] * jnp.sum(weights * integrand, -1)
+
+    def exponential_step(self, t: ArrayLike, t_next: ArrayLike) -> tuple[Array, Array, Array]:
+        r"""(lin, coef, std) of one reverse-SDE exponential-integrator step from t down to
+        t_next <= t with the score s frozen at (x, t): $x' = \mathrm{lin}\,x + \mathrm{coef}\,s
+        + \mathrm{std}\,\xi$. The linear part is exact: in $y = x/a$ the reverse SDE is
+        $dy = -(g^2/a) s\,d\tau + (g/a) dB$ with $g^2/a^2 = d\rho^2/d\tau$, so lin = $a_{t'}/a_t$,
+        coef = $a_{t'}\int_{t'}^{t} a\,d\rho^2$, std = $a_{t'}\sqrt{\rho_t^2 - \rho_{t'}^2}$."""
+        ratio, std = self.transition_coefficients(t_next, t)
+        return 1.0 / ratio, self.a(t_next) * self.score_integral(t_next, t), std / ratio
+
     # -- the NumPyro program ------------------------------------------------------------------
     def model(self, x0: ArrayLike, t: ArrayLike) -> Array:
         r"""NumPyro program: site ``"xt"`` $\sim N(a_t x_0, b_t^2 I)$; x0 of shape (..., dim).
@@ -181,22 +208,26 @@ class AbstractPath(eqx.Module):
 
     # -- validation and specs -----------------------------------------------------------------
     def check_time(self, name: str, t, *, positive: bool = False) -> None:
-        """A concrete time must be finite and in [0, t_max] (> 0 if `positive`); tracers pass."""
-        check_time(name, t, positive=positive)
+        """A concrete time (scalar or array) must be finite and in [0, t_max] (> 0 if
+        `positive`); tracers pass."""
         value = concrete(t, name)
-        if value is not None and value > self.t_max:
+        if value is None:
+            return
+        for v in np.ravel(value):
+            check_time(name, v, positive=positive)
+        if np.any(value > self.t_max):
             raise ValueError(
                 f"`{name}` must lie in the {self.name} path's time range [0, {self.t_max:g}], "
-                f"got {float(value)}"
+                f"got {np.max(value)}"
             )
 
     def check_times(self, t, s, *, s_positive: bool = False) -> None:
-        """0 <= s <= t <= t_max on concrete values."""
+        """0 <= s <= t <= t_max on concrete values (scalars, or arrays elementwise)."""
         self.check_time("t", t)
         self.check_time("s", s, positive=s_positive)
         ta, sa = concrete(t), concrete(s)
-        if ta is not None and sa is not None and sa > ta:
-            raise ValueError(f"`s` must be <= `t` (0 <= s <= t), got s={float(sa)} > t={float(ta)}")
+        if ta is not None and sa is not None and np.any(sa > ta):
+            raise ValueError(f"`s` must be <= `t` (0 <= s <= t), got s={sa} > t={ta}")
 
     def to_spec(self) -> dict | None:
         """A plain dict that `mcm_prob.paths.from_spec` rebuilds this path from, or None for a

@@ -99,6 +99,18 @@ class OrnsteinUhlenbeck(AbstractPath):
     def velocity(self, x, t, score, mean=0.0):
         return -x - score
 
+    def sde_coefficients(self, t):
+        t = _t(t)
+        return -jnp.ones_like(t), 2.0 * jnp.ones_like(t)
+
+    def score_integral(self, s, t):
+        return 2 * (jnp.exp(jnp.asarray(t)) - jnp.exp(jnp.asarray(s)))
+
+    def exponential_step(self, t, t_next):
+        r"""$(e^h, 2(e^h - 1), \sqrt{e^{2h} - 1})$, $h = t - t_{next}$ (expm1 forms)."""
+        h = jnp.asarray(t) - jnp.asarray(t_next)
+        return jnp.exp(h), 2 * jnp.expm1(h), jnp.sqrt(jnp.expm1(2 * h))
+
     def to_spec(self) -> dict:
         return {"path": "ou"}
 
@@ -159,6 +171,10 @@ class VP(AbstractPath):
         gap = (t - s) * (self.beta_min + 0.5 * (self.beta_max - self.beta_min) * (t + s))
         return jnp.exp(-0.5 * gap), jnp.sqrt(-jnp.expm1(-gap))
 
+    def score_integral(self, s, t):
+        r"""$2(1/a_t - 1/a_s)$ ($a = (1 + \rho^2)^{-1/2}$)."""
+        return 2 * (1 / self.a(t) - 1 / self.a(s))
+
     def to_spec(self) -> dict:
         return {"path": "vp", "beta_min": self.beta_min, "beta_max": self.beta_max}
 
@@ -200,6 +216,9 @@ class VE(AbstractPath):
     def velocity(self, x, t, score, mean=0.0):
         return -jnp.asarray(t)[..., None] * score
 
+    def score_integral(self, s, t):
+        return jnp.square(jnp.asarray(t)) - jnp.square(jnp.asarray(s))
+
     def to_spec(self) -> dict:
         return {"path": "ve"}
 
@@ -235,6 +254,11 @@ class LinearInterpolant(AbstractPath):
         self.check_times(t, s)
         t, s = jnp.asarray(t), jnp.asarray(s)
         return (1.0 - t) / (1.0 - s), jnp.sqrt((t - s) * (t + s - 2 * t * s)) / (1.0 - s)
+
+    def score_integral(self, s, t):
+        r"""$2[(\rho_t - \rho_s) - \log((1 + \rho_t)/(1 + \rho_s))]$ ($a = 1/(1 + \rho)$)."""
+        r_t, r_s = self.rho(t), self.rho(s)
+        return 2 * ((r_t - r_s) - jnp.log1p(r_t) + jnp.log1p(r_s))
 
     def to_spec(self) -> dict:
         return {"path": "linear"}
@@ -278,6 +302,10 @@ class TrigFlow(AbstractPath):
         c_s = jnp.cos(s)
         std = self.sigma_data * jnp.sqrt(jnp.sin(t - s) * jnp.sin(t + s)) / c_s
         return self.a(t) / c_s, std
+
+    def score_integral(self, s, t):
+        r"""$2\sigma_d^2(1/a_t - 1/a_s)$ ($a = \sigma_d/\sqrt{\sigma_d^2 + \rho^2}$)."""
+        return 2 * self.sigma_data**2 * (1 / self.a(t) - 1 / self.a(s))
 
     def to_spec(self) -> dict:
         return {"path": "trigflow", "sigma_data": self.sigma_data}
