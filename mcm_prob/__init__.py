@@ -1,6 +1,6 @@
 """mcm_prob: multi-step consistency models with exact ground truth.
 
-Pipeline: data (`mcm_prob.data`) -> forward OU process (`OU`, `joint_model`) -> exact flow maps
+Pipeline: Gaussian paths (`mcm_prob.paths`; default `OU`) -> data (`mcm_prob.data`) -> forward process (`joint_model`) -> exact flow maps
 (`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`; `save_model`, `load_model`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
 -> statistics (`bootstrap_rates`, `fit_error_model`, `compare_error_models`) -> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
 """
@@ -13,8 +13,10 @@ from . import (
     diffusion,
     error_models,
     gridlaw,
+    laws,
     metrics,
     optimal,
+    paths,
     schedules,
     statistics,
     studies,
@@ -53,6 +55,8 @@ __version__ = "0.1.0"
 __all__ = [
     "OU",
     "OrnsteinUhlenbeck",
+    "paths",
+    "laws",
     "alpha",
     "sigma",
     "joint_model",
