@@ -336,7 +336,10 @@ def test_spec_round_trip(name):
         ([1, 2], "must be a dict with a 'family' key"),
         ({"mean": [0.0]}, "key 'family' must be one of"),
         ({"family": "laplace"}, "key 'family' must be one of"),
-        ({"family": "gaussian", "mean": [0.0]}, r"missing key\(s\) \['cov'\]"),
+        (
+            {"family": "gaussian", "mean": [0.0]},
+            r"family 'gaussian': pass either `cov` or `eigvals`",
+        ),
         (
             {"family": "uniform_box", "low": [0], "high": [1], "width": 2},
             r"unknown key\(s\) \['width'\]",
