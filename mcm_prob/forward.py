@@ -46,10 +46,12 @@ def time_from_snr_ratio(rho: ArrayLike) -> Array:
     return OU.time_of_rho(rho)
 
 
-def as_path(path) -> AbstractPath:
-    """`path` checked to be a `mcm_prob.paths.AbstractPath` (None means `OU`)."""
+def as_path(path, f=None) -> AbstractPath:
+    """`path` checked to be a `mcm_prob.paths.AbstractPath`; None means the path of `f` (a
+    fitted model knows the path it was trained on: its `path` attribute), else `OU`."""
     if path is None:
-        return OU
+        own = getattr(f, "path", None)
+        return own if isinstance(own, AbstractPath) else OU
     if not isinstance(path, AbstractPath):
         raise TypeError(
             "`path` must be a mcm_prob.paths.AbstractPath (mcm_prob.OU, paths.VP(), paths.VE(), "

@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_times, integer, number, prng_key
+from ._checks import integer, number, prng_key
 from .data import DataDistribution, EigenNormal
 from .flow import flow_map
+from .forward import as_path
+from .paths import OU, AbstractPath
 
 __all__ = [
     "kl_gaussian",
@@ -148,20 +150,28 @@ def default_time_pairs(delta: float, T: float) -> list[tuple[float, float]]:
     return [(t, s) for t in ts for s in (delta, 0.5 * (t + delta))]
 
 
-def reference_flows(data: DataDistribution, pairs, *, key: jax.Array, n: int = 2048, **flow_kwargs):
+def reference_flows(
+    data: DataDistribution,
+    pairs,
+    *,
+    key: jax.Array,
+    n: int = 2048,
+    path: AbstractPath = OU,
+    **flow_kwargs,
+):
     """Evaluation draws and exact flows for `consistency_error`: a list of (x, Phi_{t->s}(x)),
-    x ~ p_t (n draws from `fold_in(key, pair index)`), one entry per (t, s) pair. Compute once
-    and pass as `reference=` to evaluate many models on the same points."""
+    x ~ p_t on `path` (n draws from `fold_in(key, pair index)`), one entry per (t, s) pair.
+    Compute once and pass as `reference=` to evaluate many models on the same points."""
     pairs = [(float(t), float(s)) for t, s in pairs]
     if not pairs:
         raise ValueError("`pairs` must contain at least one (t, s) pair")
-    n, key = integer("n", n, ge=2), prng_key("key", key)
+    n, key, path = integer("n", n, ge=2), prng_key("key", key), as_path(path)
     for t, s in pairs:
-        check_times(t, s, s_positive=data.regime == "nonsmooth")
+        path.check_times(t, s, s_positive=data.regime == "nonsmooth")
     out = []
     for i, (t, s) in enumerate(pairs):
-        x = data.marginal(t).sample(jax.random.fold_in(key, i), (n,))
-        out.append((x, flow_map(data, x, t, s, **flow_kwargs)))
+        x = data.marginal(t, path).sample(jax.random.fold_in(key, i), (n,))
+        out.append((x, flow_map(data, x, t, s, path=path, **flow_kwargs)))
     return out
 
 
@@ -173,6 +183,7 @@ def consistency_error(
     key: jax.Array,
     n: int = 2048,
     reference=None,
+    path: AbstractPath | None = None,
     **flow_kwargs,
 ) -> ConsistencyError:
     """Consistency error of `f` against the exact flow map of `data` on (t, s) `pairs`.
@@ -184,10 +195,13 @@ def consistency_error(
     - `key`: draws x ~ p_t; the same key gives the same draws (common random numbers).
     - `n`: draws per pair; `flow_kwargs`: passed to `flow_map` (tolerances).
     - `reference`: the output of `reference_flows` for these pairs (skips recomputing them).
+    - `path`: the Gaussian path of the times (default: the path `f` was trained on, ``f.path``,
+      else OU).
     """
     pairs = [(float(t), float(s)) for t, s in pairs]
     if reference is None:
-        reference = reference_flows(data, pairs, key=key, n=n, **flow_kwargs)
+        path = as_path(path, f)
+        reference = reference_flows(data, pairs, key=key, n=n, path=path, **flow_kwargs)
     if len(reference) != len(pairs):
         raise ValueError(f"`reference` has {len(reference)} entries for {len(pairs)} pairs")
     means, ses = [], []

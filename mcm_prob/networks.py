@@ -1,9 +1,9 @@
 r"""Neural two-time consistency functions $f_\theta(x, t, s)$ with the boundary condition built in.
 
-OU form of the CTM/DDIM parameterisation: with a network $g_\theta$ acting as a denoiser
-($x_0$-prediction),
+The CTM/DDIM parameterisation on a Gaussian path $x_t = a_t x_0 + b_t z$ (OU: $a = \alpha$,
+$b = \sigma$): with a network $g_\theta$ acting as a denoiser ($x_0$-prediction),
 
-$$f_\theta(x, t, s) = \frac{\sigma_s}{\sigma_t}\,x + \Big(\alpha_s - \alpha_t\frac{\sigma_s}{\sigma_t}\Big)
+$$f_\theta(x, t, s) = \frac{b_s}{b_t}\,x + \Big(a_s - a_t\frac{b_s}{b_t}\Big)
 g_\theta(x, t, s),$$
 
 which is one DDIM step from t to s. At s = t the skip coefficient is exactly 1 and the output
@@ -12,9 +12,9 @@ too: both ratios are computed from the same numbers). If $g_\theta(x,t,s) = E[X_
 for Gaussian data the map is exact only in the limit s -> t; in general $g_\theta$ absorbs the
 curvature of the trajectory.
 
-Time embedding: $c(\tau) = \tfrac14\log\rho_\tau$ with $\rho_\tau = \sigma_\tau/\alpha_\tau$ (the
-noise level of the variance-exploding form), fed as $[c, \sin(2^k c), \cos(2^k c)]_{k<K}$ for
-both t and s.
+Time embedding: $c(\tau) = \tfrac14\log\rho_\tau$ with $\rho_\tau = b_\tau/a_\tau$ (the path's
+noise level, so nets of different paths see the same features at equal noise), fed as
+$[c, \sin(2^k c), \cos(2^k c)]_{k<K}$ for both t and s.
 """
 
 from __future__ import annotations
@@ -24,34 +24,27 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from ._checks import check_times, integer
-from .forward import alpha, sigma, snr_ratio
+from ._checks import integer
+from .paths import OU, AbstractPath
 
 __all__ = ["ConsistencyNet", "boundary_coefficients"]
 
 
-def boundary_coefficients(t: ArrayLike, s: ArrayLike) -> tuple[Array, Array]:
-    r"""Skip and output coefficients $(\sigma_s/\sigma_t,\; \alpha_s - \alpha_t\sigma_s/\sigma_t)$.
+def boundary_coefficients(
+    t: ArrayLike, s: ArrayLike, path: AbstractPath = OU
+) -> tuple[Array, Array]:
+    r"""Skip and output coefficients $(b_s/b_t,\; a_s - a_t b_s/b_t)$ on `path`.
 
     Exactly (1, 0) at s = t (including t = s = 0, where the ratio is defined as 1).
     """
     t, s = jnp.asarray(t), jnp.asarray(s)
     same = t == s
-    ratio = jnp.where(same, 1.0, sigma(s) / jnp.where(same, 1.0, sigma(t)))
-    return ratio, jnp.where(same, 0.0, alpha(s) - alpha(t) * ratio)
+    ratio = jnp.where(same, 1.0, path.b(s) / jnp.where(same, 1.0, path.b(t)))
+    return ratio, jnp.where(same, 0.0, path.a(s) - path.a(t) * ratio)
 
 
-def _log_snr_ratio(tau: Array) -> Array:
-    """log rho_tau, finite for every tau >= 0 in float32 too: e^{2 tau} - 1 overflows float32
-    beyond tau = 44, so large tau use log rho = tau + log(1 - e^{-2 tau}) / 2 (equal to round-off
-    where both are finite); tau = 0 gives log of the dtype's tiny number."""
-    large = tau > 15.0
-    direct = jnp.log(jnp.maximum(snr_ratio(jnp.where(large, 0.0, tau)), jnp.finfo(tau.dtype).tiny))
-    return jnp.where(large, tau + 0.5 * jnp.log(-jnp.expm1(-2.0 * tau)), direct)
-
-
-def _time_features(tau: Array, n_freq: int) -> Array:
-    c = 0.25 * _log_snr_ratio(tau)
+def _time_features(path: AbstractPath, tau: Array, n_freq: int) -> Array:
+    c = 0.25 * path.log_rho(tau)
     freqs = 2.0 ** jnp.arange(n_freq, dtype=tau.dtype)
     return jnp.concatenate([c[None], jnp.sin(freqs * c), jnp.cos(freqs * c)])
 
@@ -60,10 +53,12 @@ class ConsistencyNet(eqx.Module):
     r"""$f_\theta(x, t, s)$ for $0 \le s \le t$, x of shape (..., dim), scalar t and s.
 
     **Arguments:** `dim` (data dimension), `width`, `depth` (hidden layers of the MLP $g_\theta$),
-    `n_freq` (Fourier features per time), `key`, `dtype` (parameter dtype, default float32).
+    `n_freq` (Fourier features per time), `key`, `dtype` (parameter dtype, default float32),
+    `path` (the Gaussian path whose times t, s the net takes; default OU).
     """
 
     mlp: eqx.nn.MLP
+    path: AbstractPath
     dim: int = eqx.field(static=True)
     n_freq: int = eqx.field(static=True)
 
@@ -76,7 +71,13 @@ class ConsistencyNet(eqx.Module):
         n_freq: int = 4,
         key: Array,
         dtype=jnp.float32,
+        path: AbstractPath = OU,
     ):
+        if not isinstance(path, AbstractPath):
+            raise TypeError(
+                f"`path` must be a mcm_prob.paths.AbstractPath, got {type(path).__name__}"
+            )
+        self.path = path
         dim, width = integer("dim", dim), integer("width", width)
         depth, n_freq = integer("depth", depth, ge=0), integer("n_freq", n_freq, ge=0)
         self.dim, self.n_freq = dim, n_freq
@@ -96,17 +97,18 @@ class ConsistencyNet(eqx.Module):
 
     def denoiser(self, x: Array, t: Array, s: Array) -> Array:
         """The raw network $g_\\theta(x, t, s)$ for a single x of shape (dim,)."""
-        feats = jnp.concatenate([x, _time_features(t, self.n_freq), _time_features(s, self.n_freq)])
+        times = [_time_features(self.path, v, self.n_freq) for v in (t, s)]
+        feats = jnp.concatenate([x, *times])
         return self.mlp(feats)
 
     def single(self, x: Array, t: Array, s: Array) -> Array:
         """f for one point x of shape (dim,) (t, s scalars, possibly per-sample under vmap)."""
         x, t, s = (jnp.asarray(v, self.dtype) for v in (x, t, s))
-        skip, out = boundary_coefficients(t, s)
+        skip, out = boundary_coefficients(t, s, self.path)
         return skip * x + out * self.denoiser(x, t, s)
 
     def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
-        check_times(t, s)  # 0 <= s <= t where the times are concrete (not under jit)
+        self.path.check_times(t, s)  # 0 <= s <= t where the times are concrete (not under jit)
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"`x` must have trailing dimension {self.dim}, got shape {x.shape}")

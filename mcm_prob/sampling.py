@@ -72,7 +72,7 @@ def sample(
     tau: float = 0.0,
     schedule: Schedule | None = None,
     extrapolate: bool = False,
-    path: AbstractPath = OU,
+    path: AbstractPath | None = None,
     init=None,
 ) -> SamplerOutput:
     """Run the multi-step consistency sampler with any consistency function f(x, t, s).
@@ -81,7 +81,7 @@ def sample(
     JAX key); `n` samples; `dim`; then either the constant step (`delta` > 0 stop time, `h` > 0
     step, `steps` = K >= 1, `tau` >= 0 re-noising length, `math.inf` for Algorithm 1) or
     `schedule`, any `mcm_prob.Schedule`; `path` (times in its units; re-noising by its
-    transitions); `init`: the law of the start x at t_0 (a NumPyro distribution with event
+    transitions; default: the path `f` was trained on, ``f.path``, else OU); `init`: the law of the start x at t_0 (a NumPyro distribution with event
     shape (dim,), e.g. the exact `data.marginal(t_0, path)`; default the path's prior). When
     `f` knows the time range it was trained on (``f.trained_range`` = (delta, T), e.g. a model
     from `mcm_prob.load_model`), a schedule that starts above T or lands below delta is
@@ -91,7 +91,7 @@ def sample(
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
     n, dim, key = integer("n", n), integer("dim", dim), prng_key("key", key)
-    path = as_path(path)
+    path = as_path(path, f)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
     _check_range(f, sched, extrapolate)
     k_init, k_run = jax.random.split(key)
@@ -168,7 +168,7 @@ def _run_sampler(f, key, x, t, s, ratio, std):
 
 
 def sample_grid(
-    grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip=None, path: AbstractPath = OU
+    grid, keys: Array, n: int, *, dim: int, schedule: Schedule, skip=None, path=None
 ) -> Array:
     """`sample` for every model of a `mcm_prob.FittedGrid` as one compiled program.
 
@@ -180,7 +180,7 @@ def sample_grid(
     non-finite draws of any other model raise.
     """
     n, dim, keys = integer("n", n), integer("dim", dim), prng_key("keys", keys, stacked=True)
-    path = as_path(path)
+    path = as_path(path, grid.models)
     sched = as_schedule(schedule)
     rows, cols = grid.shape
     if keys.shape[0] != cols:

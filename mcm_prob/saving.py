@@ -126,6 +126,7 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
             n_freq=int(net_args["n_freq"]),
             dtype=net_args["dtype"],
             key=jax.random.key(0),
+            path=config.path,
         )
         net = eqx.tree_deserialise_leaves(io.BytesIO(rest), skeleton)
     except (KeyError, TypeError, ValueError, RuntimeError, EOFError) as err:

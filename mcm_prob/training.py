@@ -5,13 +5,16 @@ r"""Fitting consistency functions with an explicit discretization step $\Delta$.
 sets $t = t_n$, $t - \Delta = t_{n-1}$, and a target time $s = t_m$ with $m$ uniform in
 $\{0..n-1\}$ ($m = n-1$ gives $s = t - \Delta$, where the target is the boundary value itself).
 
-**Losses.** With $x_t = \alpha_t x_0 + \sigma_t z$, $x_0 \sim p_0$, $z \sim N(0, I)$:
+**Path.** Every time is in the units of `config.path` (default OU; any `mcm_prob.paths` path),
+and $x_t = a_t x_0 + b_t z$ on it (OU: $a = \alpha$, $b = \sigma$).
+
+**Losses.** With $x_t = a_t x_0 + b_t z$, $x_0 \sim p_0$, $z \sim N(0, I)$:
 
 * consistency distillation (``method="cd"``): $\hat x_{t-\Delta} = \Psi_\Delta(x_t, t)$, one
-  teacher step of the PF-ODE $\dot x = -x - \nabla\log p_t(x)$ with the exact score:
+  teacher step of the path's PF-ODE (OU: $\dot x = -x - \nabla\log p_t(x)$) with the exact score:
   Euler $\hat x = x_t - \Delta v(x_t, t)$; Heun (trapezoidal corrector); or the exact flow
   $\Phi_{t\to t-\Delta}$ (``"exact"``: isolates learning error from solver error);
-* consistency training (``method="ct"``): $\hat x_{t-\Delta} = \alpha_{t-\Delta}x_0 + \sigma_{t-\Delta}z$
+* consistency training (``method="ct"``): $\hat x_{t-\Delta} = a_{t-\Delta}x_0 + b_{t-\Delta}z$
   with the same $(x_0, z)$ (unbiased only as $\Delta \to 0$);
 
 $$L(\theta) = E\, d\big(f_\theta(x_t, t, s),\; \mathrm{sg}[f_{\theta^-}(\hat x_{t-\Delta}, t-\Delta, s)]\big),$$
@@ -49,11 +52,14 @@ from jaxtyping import Array, ArrayLike
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._checks import check_times, data_family, integer, number, one_of, prng_key
+from ._checks import data_family, integer, number, one_of, prng_key
 from .data import DataDistribution, from_spec
 from .flow import flow_map, pf_ode_step
-from .forward import alpha, sigma
+from .forward import as_path
 from .networks import ConsistencyNet
+from .paths import AbstractPath
+from .paths import describe as describe_path
+from .paths import from_spec as path_from_spec
 
 __all__ = [
     "TrainConfig",
@@ -107,6 +113,9 @@ class TrainConfig:
       n fixes one training set of n draws of x_0 per model (`training_set`), from which every
       batch draws uniformly with replacement (fresh noise z every time), for CD and CT alike.
     - `dtype`: parameter and network dtype, ``"float32"`` (default) or ``"float64"``.
+    - `path`: the Gaussian path, an `mcm_prob.paths` object or its spec (``"vp"``,
+      ``{"path": "vp", "beta_min": 0.1, "beta_max": 20.0}``); default ``"ou"``. `T` must lie in
+      its time range. Stored as its spec in `to_json`.
     - `chunk_size`: iterations per compiled chunk (progress-bar granularity); `progress`: show it.
     """
 
@@ -137,8 +146,17 @@ class TrainConfig:
     dtype: str = "float32"
     chunk_size: int = 250
     progress: bool = True
+    path: AbstractPath | str | dict = "ou"
 
     def __post_init__(self):
+        path = self.path
+        if not isinstance(path, AbstractPath):
+            try:
+                path = path_from_spec(path)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"`path`: {err}") from err
+        object.__setattr__(self, "path", path)
+        self.path.check_time("T", self.T)
         for name, options in _CHOICES.items():
             one_of(name, getattr(self, name), options)
         for name, low in (
@@ -185,8 +203,9 @@ class TrainConfig:
         return n
 
     def to_json(self) -> str:
-        """The config as a JSON string (for provenance attrs)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The config as a JSON string (for provenance attrs); the path as its spec."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.dumps(fields | {"path": describe_path(self.path)}, sort_keys=True)
 
 
 def _distance(diff: jax.Array, cfg: TrainConfig) -> jax.Array:
@@ -199,23 +218,25 @@ def _distance(diff: jax.Array, cfg: TrainConfig) -> jax.Array:
 
 def _teacher(data: DataDistribution, cfg: TrainConfig, x, t, t_prev):
     """One backward PF-ODE step from t to t_prev = t - Delta, per sample (x: (B, d), t: (B,))."""
-    return _teacher_step(data, cfg.teacher, cfg.teacher_rtol, cfg.teacher_atol, x, t, t_prev)
+    return _teacher_step(
+        data, cfg.path, cfg.teacher, cfg.teacher_rtol, cfg.teacher_atol, x, t, t_prev
+    )
 
 
-def _teacher_step(data, teacher: str, rtol, atol, x, t, t_prev):
+def _teacher_step(data, path, teacher: str, rtol, atol, x, t, t_prev):
     if teacher == "exact":
-        one = lambda xi, ti, tpi: flow_map(data, xi, ti, tpi, rtol=rtol, atol=atol)  # noqa: E731
+        one = lambda xi, ti, tpi: flow_map(data, xi, ti, tpi, path=path, rtol=rtol, atol=atol)  # noqa: E731
         return jax.vmap(one)(x, t, t_prev)
-    return pf_ode_step(data, x, t, t_prev, teacher)
+    return pf_ode_step(data, x, t, t_prev, teacher, path)
 
 
 @eqx.filter_jit
-def _teacher_chain(data, teacher: str, rtol, atol, x, t, step, n):
+def _teacher_chain(data, path, teacher: str, rtol, atol, x, t, step, n):
     """n teacher steps from t (n traced: one compilation for every (t, s, step))."""
 
     def body(k, x):
         tk = jnp.full(x.shape[:1], t - k * step, x.dtype)
-        return _teacher_step(data, teacher, rtol, atol, x, tk, tk - step)
+        return _teacher_step(data, path, teacher, rtol, atol, x, tk, tk - step)
 
     return jax.lax.fori_loop(0, n, body, x)
 
@@ -230,8 +251,10 @@ def teacher_map(
     teacher: str = "euler",
     rtol: float = 1e-6,
     atol: float = 1e-6,
+    path: AbstractPath | None = None,
 ):
-    r"""The teacher's own map from t down to s: n = (t - s)/Delta composed teacher steps.
+    r"""The teacher's own map from t down to s on `path` (default OU): n = (t - s)/Delta
+    composed teacher steps.
 
     This is the fixed point that CD with this teacher converges to on the grid, so
     $E\|\Psi^{(n)}_\Delta(x) - \Phi_{t\to s}(x)\|^2$ is the discretization part of a learned
@@ -239,13 +262,15 @@ def teacher_map(
     """
     one_of("teacher", teacher, _CHOICES["teacher"])
     step = number("step", step, gt=0)
-    check_times(t, s)
+    path = as_path(path)
+    path.check_times(t, s)
     n = round((t - s) / step)
     if abs(n * step - (t - s)) > 1e-9 * max(1.0, t):
         raise ValueError(f"(t - s) / step must be an integer, got ({t} - {s}) / {step}")
     x = jnp.asarray(x)
     return _teacher_chain(
         data,
+        path,
         teacher,
         rtol,
         atol,
@@ -302,9 +327,10 @@ def _batch(data: DataDistribution, cfg: TrainConfig, step, key, pool=None):
     m = jnp.floor(jax.random.uniform(k_m, (b,), dtype) * n)
     t, t_prev, s = cfg.delta + n * step, cfg.delta + (n - 1) * step, cfg.delta + m * step
     z = jax.random.normal(k_z, x0.shape, dtype)
-    x_t = alpha(t)[:, None] * x0 + sigma(t)[:, None] * z
+    path = cfg.path
+    x_t = path.a(t)[:, None] * x0 + path.b(t)[:, None] * z
     if cfg.method == "ct":
-        x_prev = alpha(t_prev)[:, None] * x0 + sigma(t_prev)[:, None] * z
+        x_prev = path.a(t_prev)[:, None] * x0 + path.b(t_prev)[:, None] * z
     else:
         x_prev = _teacher(data, cfg, x_t, t, t_prev)
     return x_t, t, x_prev, t_prev, s
@@ -384,7 +410,13 @@ def _init(dim: int, cfg: TrainConfig, keys: jax.Array):
     """Initial training state of len(keys) models, as one compiled program."""
     init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     make = lambda k: ConsistencyNet(  # noqa: E731
-        dim, width=cfg.width, depth=cfg.depth, n_freq=cfg.n_freq, key=k, dtype=jnp.dtype(cfg.dtype)
+        dim,
+        width=cfg.width,
+        depth=cfg.depth,
+        n_freq=cfg.n_freq,
+        key=k,
+        dtype=jnp.dtype(cfg.dtype),
+        path=cfg.path,
     )
     params, static = eqx.partition(eqx.filter_vmap(make)(init_keys), eqx.is_inexact_array)
     opt_state = jax.vmap(_optimizer(cfg).init)(params)
@@ -509,6 +541,11 @@ class TrainedModel(eqx.Module):
         return float(self.config.delta), float(self.config.T)
 
     @property
+    def path(self):
+        """The Gaussian path the model was trained on (its times are in that path's units)."""
+        return self.config.path
+
+    @property
     def data(self):
         """The training data rebuilt from its stored spec (None when no spec was stored)."""
         spec = None if self.data_spec is None else json.loads(self.data_spec)
@@ -532,6 +569,11 @@ class FittedGrid(eqx.Module):
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.steps), len(self.seeds)
+
+    @property
+    def path(self):
+        """The Gaussian path the models were trained on."""
+        return self.models.path
 
     def __getitem__(self, index: tuple[int, int]) -> ConsistencyNet:
         i, j = index

@@ -82,6 +82,14 @@ class AbstractPath(eqx.Module):
         r"""The noise ratio $\rho_t = b_t / a_t$ (the EDM noise level of $x_t / a_t$); inf where a = 0."""
         return self.b(t) / self.a(t)
 
+    def log_rho(self, t: ArrayLike) -> Array:
+        r"""$\log\rho_t$, finite for every t in the range (the network's time feature): both
+        coefficients are floored at the dtype's tiny number (t = 0 gives about log tiny, a = 0
+        about -log tiny)."""
+        a, b = self.a(t), self.b(t)
+        tiny = jnp.finfo(jnp.result_type(a, b)).tiny
+        return jnp.log(jnp.maximum(b, tiny)) - jnp.log(jnp.maximum(a, tiny))
+
     def time_of_rho(self, rho: ArrayLike) -> Array:
         r"""The time t with $\rho_t$ = `rho` (elementwise): bisection on [0, t_max] (to the
         dtype's resolution); built-in paths override it with the closed form."""

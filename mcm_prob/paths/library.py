@@ -78,6 +78,15 @@ class OrnsteinUhlenbeck(AbstractPath):
     def time_of_rho(self, rho):
         return 0.5 * jnp.log1p(jnp.square(jnp.asarray(rho)))
 
+    def log_rho(self, t):
+        """log rho_t, finite for every t >= 0 in float32 too: e^{2t} - 1 overflows float32
+        beyond t = 44, so large t use log rho = t + log(1 - e^{-2t}) / 2 (equal to round-off
+        where both are finite); t = 0 gives log of the dtype's tiny number."""
+        t = jnp.asarray(t)
+        large = t > 15.0
+        direct = jnp.log(jnp.maximum(self.rho(jnp.where(large, 0.0, t)), jnp.finfo(t.dtype).tiny))
+        return jnp.where(large, t + 0.5 * jnp.log(-jnp.expm1(-2.0 * t)), direct)
+
     def scale(self, t):
         return jnp.ones_like(_t(t))
 
