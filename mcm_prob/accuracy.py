@@ -26,6 +26,7 @@ from .data import DataDistribution, Gaussian, UniformBox
 from .diffusion import BASELINES, baseline_law
 from .gridlaw import box_factors, product_kl
 from .metrics import kl_gaussian
+from .paths import OU, AbstractPath
 from .sampling import sampler_law
 from .schedules import Schedule
 
@@ -103,17 +104,24 @@ def product_factors(data: DataDistribution, dim: int | None = None) -> list:
 
 
 def schedule_kl(
-    data: DataDistribution, schedule: Schedule, *, perturbation=None, dim=None, **grid_kwargs
+    data: DataDistribution,
+    schedule: Schedule,
+    *,
+    perturbation=None,
+    dim=None,
+    path: AbstractPath = OU,
+    **grid_kwargs,
 ) -> float:
-    """Exact KL(law of the exact-flow sampler on `schedule` || p_delta): the float64 Gaussian law
-    (with an optional affine `perturbation`, as `sampler_law`) or, for product targets (a box,
-    or a 1-d family with `dim` i.i.d. coordinates), the sum of the 1-d grid laws."""
+    """Exact KL(law of the exact-flow sampler on `schedule` || p_delta) on `path`: the float64
+    Gaussian law (with an optional affine `perturbation`, as `sampler_law`) or, for product
+    targets (a box, or a 1-d family with `dim` i.i.d. coordinates), the sum of the 1-d grid
+    laws."""
     if isinstance(data, Gaussian) and dim is None:
-        law = sampler_law(data, schedule=schedule, perturbation=perturbation)
-        return kl_gaussian(law, data.marginal(schedule.delta))
+        law = sampler_law(data, schedule=schedule, perturbation=perturbation, path=path)
+        return kl_gaussian(law, data.marginal(schedule.delta, path))
     if perturbation is not None:
         raise ValueError("`perturbation` applies to Gaussian data only")
-    return product_kl(product_factors(data, dim), schedule=schedule, **grid_kwargs)
+    return product_kl(product_factors(data, dim), schedule=schedule, path=path, **grid_kwargs)
 
 
 def kl_of_steps(
@@ -126,6 +134,7 @@ def kl_of_steps(
     tau: float = 0.0,
     schedule: Callable[[int], Schedule] | None = None,
     dim: int | None = None,
+    path: AbstractPath = OU,
     **grid_kwargs,
 ) -> Callable[[int], float]:
     """K -> KL(law after K steps || p_delta) for the chosen sampler (see the module docstring).
@@ -139,7 +148,7 @@ def kl_of_steps(
         family = _schedules(delta, h, T, tau, schedule)
         if not isinstance(data, Gaussian) or dim is not None:
             product_factors(data, dim)  # refuse data without exact laws before any work
-        return lambda k: schedule_kl(data, family(k), dim=dim, **grid_kwargs)
+        return lambda k: schedule_kl(data, family(k), dim=dim, path=path, **grid_kwargs)
     if sampler not in BASELINES[:-1]:
         raise ValueError(
             f"`sampler` must be 'consistency' or one of {BASELINES[:-1]}, got {sampler!r}"
@@ -148,14 +157,19 @@ def kl_of_steps(
         raise ValueError("`T` is required for the diffusion baselines")
     if not isinstance(data, Gaussian):
         raise ValueError(f"exact baseline laws need Gaussian data, got {type(data).__name__}")
-    target = data.marginal(delta)
-    return lambda k: kl_gaussian(baseline_law(data, sampler, T=T, delta=delta, steps=k), target)
+    target = data.marginal(delta, path)
+    return lambda k: kl_gaussian(
+        baseline_law(data, sampler, T=T, delta=delta, steps=k, path=path), target
+    )
 
 
-def start_error(data: DataDistribution, T: float, delta: float, *, dim=None, **grid_kwargs):
-    """KL(N(0, I) || p_T): the error of starting the samplers at T, computed as the KL of the
-    one-step exact-flow sampler from T to delta (the exact flow preserves KL)."""
-    return schedule_kl(data, Schedule([T], [delta], "start"), dim=dim, **grid_kwargs)
+def start_error(
+    data: DataDistribution, T: float, delta: float, *, dim=None, path=OU, **grid_kwargs
+):
+    """KL(prior || p_T) on `path` (OU: KL(N(0, I) || p_T)): the error of starting the samplers
+    at T, computed as the KL of the one-step exact-flow sampler from T to delta (the exact flow
+    preserves KL)."""
+    return schedule_kl(data, Schedule([T], [delta], "start"), dim=dim, path=path, **grid_kwargs)
 
 
 def steps_to_accuracy(
@@ -179,7 +193,7 @@ def steps_to_accuracy(
         if horizon is None and kwargs.get("schedule") is not None:
             first, last = kwargs["schedule"](1).horizon, kwargs["schedule"](max_steps).horizon
             horizon = first if math.isclose(first, last) else None
-    grid = {n: v for n, v in kwargs.items() if n in ("dim", "n_grid", "half_width", "grid")}
+    grid = {n: v for n, v in kwargs.items() if n in ("dim", "n_grid", "half_width", "grid", "path")}
     start = None if horizon is None else start_error(data, horizon, kwargs["delta"], **grid)
     reason = None
     if k is None:

@@ -100,7 +100,7 @@ def _report(args) -> int:
     except studies.NotAStudyFile as err:
         return _fail(f"{path}: {err}")
     try:
-        table = study.report(tree)
+        table = studies.report(tree)
     except Exception as err:  # a damaged or foreign file: say so, no traceback
         return _fail(
             f"{path}: cannot summarise this {study.name} file ({type(err).__name__}: {err})"

@@ -351,8 +351,10 @@ class Gaussian(DataDistribution):
         eigvals: ArrayLike | None = None,
         eigvecs: ArrayLike | None = None,
     ):
-        if (cov is None) == (eigvals is None):
-            raise ValueError("pass either `cov` or `eigvals` (optionally with `eigvecs`), not both")
+        if cov is None and eigvals is None:
+            raise ValueError("needs `cov` or `eigvals` (optionally with `eigvecs`)")
+        if cov is not None and eigvals is not None:
+            raise ValueError("pass either `cov` or `eigvals`, not both")
         if cov is not None:
             if eigvecs is not None:
                 raise ValueError("`eigvecs` goes with `eigvals`, not with `cov`")

@@ -52,6 +52,8 @@ from scipy import special, stats
 from ._checks import integer, prng_key, real_array
 from .data import DataDistribution, DiracMixture, Gaussian, GaussianMixture, UniformBox
 from .flow import pf_flow
+from .forward import as_path
+from .paths import AbstractPath, OrnsteinUhlenbeck
 from .schedules import Schedule, as_schedule
 
 __all__ = [
@@ -177,15 +179,21 @@ def grid_law_1d(
     n_grid: int = 4001,
     half_width: float | None = None,
     grid: np.ndarray | None = None,
+    path: AbstractPath | None = None,
 ) -> GridLaw:
-    """Law of `mcm_prob.sample` for a 1-d family, on a grid (see module doc).
+    r"""Law of `mcm_prob.sample` for a 1-d family, on a grid (see module doc).
 
     **Arguments:** `data` with `dim == 1`; the sampler's schedule (constant step `delta`, `h`,
     `steps`, `tau`, or any `schedule`); `f`: the consistency function f(x, t, s) on x of shape
     (n, 1), e.g. a fitted net (default: the exact flow); `n_grid` uniform points on
     [-half_width, half_width] (default: 8 plus the data's extent). `grid`: the points of
-    `grid_points(data, delta, n_grid, half_width)` computed once, when many laws of the same
-    data and delta are wanted (it replaces `n_grid` and `half_width`).
+    `grid_points(data, delta, n_grid, half_width)` computed once (off OU: at `path.ou_time(delta)`), when many laws of the same
+    data and delta are wanted (it replaces `n_grid` and `half_width`). `path`: the Gaussian
+    path of the schedule and of f (default: f's own path, else OU). Off OU the law is
+    propagated in OU coordinates ($x = c_t X^{OU}_{u_t}$, docs/conventions.md), where the
+    prior and p_delta share one grid; then `x`, `q`, `p` of the result are in those coordinates
+    at OU time $u_\delta$ (the path's are $c_\delta x$ and $q / c_\delta$) and `kl` is the
+    path's (KL is invariant under the rescaling).
     """
     if data.dim != 1:
         raise ValueError(f"`data` must be a 1-d family (dim == 1), got dim = {data.dim}")
@@ -193,15 +201,19 @@ def grid_law_1d(
     if f is not None and not callable(f):
         raise TypeError(f"`f` must be a callable f(x, t, s), got {type(f).__name__}")
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
-    t, s, gap = sched.t, sched.s, sched.gaps
+    path = as_path(path, f)
+    path.check_time("schedule.t[0]", sched.horizon)
+    # in OU coordinates: x_path = c X^OU at OU time u (KL is invariant under the rescaling)
+    t, s, c_t, c_s, start_std = _ou_schedule(path, sched)
+    gap = t[1:] - s[:-1]
     if grid is None:
-        x = grid_points(data, sched.delta, n_grid, half_width)
+        x = grid_points(data, s[-1], n_grid, half_width)
     else:
         x = real_array("grid", grid, ndim=1)
         if x.size < 101 or not np.all(np.diff(x) > 0):
             raise ValueError("`grid` must be at least 101 strictly increasing points")
     w = _trapezoid_weights(x)
-    q = stats.norm.pdf(x)
+    q = stats.norm.pdf(x, scale=start_std)
     transport, kernels = [], {}
     for k in range(sched.steps):
         log_p = _log_density(data, x, s[k])
@@ -209,7 +221,8 @@ def grid_law_1d(
             q, how = _exact_step(data, x, q, _log_density(data, x, t[k]), log_p, t[k], s[k])
         else:
             log_p_s_of = lambda z, tk=s[k]: _log_density(data, z, tk)  # noqa: E731
-            q, how = _push_step(f, x, w, q, log_p_s_of, t[k], s[k])
+            f_k = _ou_map(f, path, c_t[k], c_s[k], sched.t[k], sched.s[k])
+            q, how = _push_step(f_k, x, w, q, log_p_s_of, t[k], s[k])
         transport.append(how)
         if k < sched.steps - 1 and gap[k] > 0:
             if gap[k] not in kernels:  # OU transition density, columns normalised on the grid
@@ -226,6 +239,28 @@ def grid_law_1d(
     if not (math.isfinite(kl) and math.isfinite(mass)):
         raise FloatingPointError("grid propagation produced non-finite values; refine the grid")
     return GridLaw(x, q, np.exp(log_p), kl, mass, tuple(transport))
+
+
+def _ou_schedule(path: AbstractPath, sched: Schedule):
+    """OU times of the schedule (inf, where a = 0, capped at 50: p is N(0, I) there to working
+    precision), the scales c_t, c_s, and the start's standard deviation in OU coordinates."""
+
+    def ou(v):
+        u = np.asarray(path.ou_time(jnp.asarray(v)), np.float64)
+        return np.where(np.isinf(u), 50.0, u)
+
+    c_t = np.asarray(path.scale(jnp.asarray(sched.t)), np.float64)
+    c_s = np.asarray(path.scale(jnp.asarray(sched.s)), np.float64)
+    start = float(path.prior_std(sched.horizon)) / float(c_t[0])
+    return ou(sched.t), ou(sched.s), c_t, c_s, start
+
+
+def _ou_map(f, path: AbstractPath, c_t: float, c_s: float, t: float, s: float):
+    """f(x, t, s) of the path as a map of OU coordinates: z -> f(c_t z, t, s) / c_s (f
+    itself on OU)."""
+    if isinstance(path, OrnsteinUhlenbeck):
+        return f
+    return lambda z, _u, _v: f(c_t * z, t, s) / c_s
 
 
 def coordinate_maps(f, dim: int, schedule: Schedule, *, key=None, rtol: float = 1e-6) -> list:

@@ -338,7 +338,7 @@ def test_spec_round_trip(name):
         ({"family": "laplace"}, "key 'family' must be one of"),
         (
             {"family": "gaussian", "mean": [0.0]},
-            r"family 'gaussian': pass either `cov` or `eigvals`",
+            r"family 'gaussian': needs `cov` or `eigvals`",
         ),
         (
             {"family": "uniform_box", "low": [0], "high": [1], "width": 2},

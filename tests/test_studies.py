@@ -482,7 +482,7 @@ def test_config_validation(tmp_path, capsys):
         studies.EstimationConfig(seeds=(0.5, 1.9))
     with pytest.raises(
         ValueError,
-        match=r"data\.mine`: data spec for family 'gaussian': missing key\(s\) \['cov'\]",
+        match=r"data\.mine`: data spec for family 'gaussian': needs `cov` or `eigvals`",
     ):
         studies.EstimationConfig(data={"mine": {"family": "gaussian", "mean": [0.0]}})
     with pytest.raises(ValueError, match="entry labels must start"):

@@ -15,10 +15,12 @@ your own with `register(MyStudy())`; `mcm-prob run/report/info` then work for it
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import xarray as xr
 
+from .. import paths
 from .driver import (
     Entry,
     Study,
@@ -47,6 +49,7 @@ __all__ = [
     "run_sampling",
     "run_error_injection",
     "report",
+    "path_line",
     "plot",
     "load_config",
     "Study",
@@ -147,8 +150,23 @@ def study_of(tree: xr.DataTree) -> Study:
 
 
 def report(tree: xr.DataTree) -> str:
-    """The summary table of a study's results (complete or partial)."""
-    return study_of(tree).report(tree)
+    """The summary table of a study's results (complete or partial), headed by the Gaussian
+    path its times belong to."""
+    study = study_of(tree)
+    return f"{path_line(tree)}\n{study.report(tree)}"
+
+
+def path_line(tree: xr.DataTree) -> str:
+    """``path: SPEC (times in UNITS)`` from the file's config (files from before paths: OU)."""
+    try:
+        spec = json.loads(tree.attrs.get("config", "{}")).get("path", {"path": "ou"})
+    except ValueError:
+        spec = {"path": "ou"}
+    try:
+        units = paths.from_spec(spec).units
+    except (TypeError, ValueError):
+        units = spec.get("units", "?") if isinstance(spec, dict) else "?"
+    return f"path: {json.dumps(spec)} (times in {units})"
 
 
 def plot(tree: xr.DataTree):

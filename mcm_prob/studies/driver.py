@@ -52,6 +52,9 @@ from tqdm.auto import tqdm
 from .._checks import number
 from ..cache import enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
+from ..paths import OU, AbstractPath
+from ..paths import describe as describe_path
+from ..paths import from_spec as path_from_spec
 from ..results import ResultsWriteError, load_tree, provenance, remove_stale_temps, save_tree
 
 __all__ = [
@@ -68,7 +71,7 @@ __all__ = [
     "TIME_UNITS",
 ]
 
-TIME_UNITS = "OU time (dX = -X dt + sqrt(2) dB)"
+TIME_UNITS = OU.units  # the default path's; a study's own are `config.time_units`
 _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
@@ -132,6 +135,8 @@ def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
 def _jsonable(value):
     if isinstance(value, Entry):
         return value.to_json()
+    if isinstance(value, AbstractPath):
+        return describe_path(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
@@ -145,12 +150,28 @@ def _jsonable(value):
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    """Base of the study configs: frozen dataclasses whose ``data`` field holds the entries."""
+    """Base of the study configs: frozen dataclasses whose ``data`` field holds the entries
+    and whose ``path`` field the Gaussian path of every time in the study (a
+    `mcm_prob.paths` object or its spec: ``path = "vp"`` or a ``[STUDY.path]`` table in TOML;
+    default OU). The path is part of the config: a resume with another path is refused."""
 
     data: Any = None
+    path: Any = "ou"
 
     def __post_init__(self):
         object.__setattr__(self, "data", data_entries(self.data))
+        path = self.path
+        if not isinstance(path, AbstractPath):
+            try:
+                path = path_from_spec(path)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"config key `path`: {err}") from err
+        object.__setattr__(self, "path", path)
+
+    @property
+    def time_units(self) -> str:
+        """The `units` of every time coordinate of the study's file (the path's time)."""
+        return self.path.units
 
     @property
     def entries(self) -> dict[str, Entry]:
@@ -177,7 +198,7 @@ class StudyConfig:
             coords["delta"] = (
                 "entry",
                 [self.entry_delta(g) for g in labels],
-                {"long_name": "early-stopping time delta", "units": TIME_UNITS},
+                {"long_name": "early-stopping time delta", "units": self.time_units},
             )
         specs = {f"spec:{g}": json.dumps(e.to_json()) for g, e in self.entries.items()}
         return coords, specs

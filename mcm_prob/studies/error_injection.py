@@ -22,7 +22,7 @@ from .._checks import distinct, integer, number
 from ..data import Gaussian
 from ..metrics import kl_gaussian
 from ..sampling import affine_error, sampler_law, sampler_times
-from .driver import TIME_UNITS, Study, StudyConfig
+from .driver import Study, StudyConfig
 
 __all__ = ["InjectionConfig", "InjectionStudy"]
 
@@ -111,7 +111,7 @@ class InjectionStudy(Study):
                 "steps": ("steps", np.array(c.steps), {"long_name": "sampler steps K"}),
                 "eps": ("eps", np.array(c.eps), {"long_name": "perturbation scale"}),
             },
-            attrs={"h": c.h, "delta": c.delta, "tau": c.tau, "units_of_time": TIME_UNITS} | specs,
+            attrs={"h": c.h, "delta": c.delta, "tau": c.tau, "units_of_time": c.time_units} | specs,
         )
 
     def cells(self, c: InjectionConfig) -> list[dict[str, int]]:
@@ -124,11 +124,12 @@ class InjectionStudy(Study):
         d = data.dim
         rng = np.random.default_rng([c.seed, i])
         a, b = rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d)
-        target = data.marginal(c.delta)
+        target = data.marginal(c.delta, c.path)
         eps = np.array(c.eps)
         for k, steps in enumerate(c.steps):
             t, _, _ = sampler_times(delta=c.delta, h=c.h, steps=steps, tau=c.tau)
-            size = float(affine_error(data, (a, b), t[:-1]).max())
+            c.path.check_time("delta + steps h", t[0])
+            size = float(affine_error(data, (a, b), t[:-1], path=c.path).max())
             ds["eps_cm2"][i, k] = eps**2 * size
             ds["kl"][i, k] = [
                 kl_gaussian(
@@ -139,6 +140,7 @@ class InjectionStudy(Study):
                         steps=steps,
                         tau=c.tau,
                         perturbation=(e * a, e * b),
+                        path=c.path,
                     ),
                     target,
                 )

@@ -51,7 +51,7 @@ from ..sampling import sample, sample_grid
 from ..schedules import Schedule
 from ..statistics import bootstrap_rates, compare_error_models, loglog_slope
 from ..training import FittedGrid, TrainConfig, fit_grid, teacher_map
-from .driver import TIME_UNITS, Study, StudyConfig
+from .driver import Study, StudyConfig
 
 __all__ = ["EstimationConfig", "EstimationStudy", "DEFAULT_DATA", "DEFAULT_TRAIN", "METHODS"]
 
@@ -81,7 +81,7 @@ METHODS = {
 # the teacher's order of convergence in squared distance (the exact teacher has none)
 TEACHER_ORDER = {"euler": 2.0, "heun": 4.0}
 # TrainConfig fields that the study sets per cell
-_STUDY_SET = ("step", "T", "delta", "iterations", "train_size", "chunk_size", "progress")
+_STUDY_SET = ("step", "T", "delta", "iterations", "train_size", "chunk_size", "progress", "path")
 
 
 def _train_config(train) -> TrainConfig:
@@ -96,8 +96,8 @@ def _train_config(train) -> TrainConfig:
         raise ValueError(
             f"unknown config key(s) {unknown} in `train`"
             + (
-                f" ({set_here} are set by the study: use `budgets` for iterations and "
-                "`train_sizes` for train_size)"
+                f" ({set_here} are set by the study: use `budgets` for iterations, "
+                "`train_sizes` for train_size and the study's `path` for the path)"
                 if set_here
                 else ""
             )
@@ -203,6 +203,13 @@ class EstimationConfig(StudyConfig):
                 f"evaluation pairs lie on every grid), got {steps}"
             )
         for label in self.entries:
+            top = self.entry_delta(label) + self.horizon
+            if top > self.path.t_max:
+                raise ValueError(
+                    f"config key `steps`: the training horizon T = delta + 8 x the largest step "
+                    f"= {top:g} (entry {label!r}) is beyond the {self.path.name} path's time range "
+                    f"[0, {self.path.t_max:g}]; use a largest step <= (t_max - delta) / 8"
+                )
             self.train_config(label, base, self.methods[0], self.train_sizes[0])
 
     @property
@@ -234,6 +241,7 @@ class EstimationConfig(StudyConfig):
             iterations=iterations,
             train_size=None if train_size == math.inf else int(train_size),
             chunk_size=max(1, math.gcd(iterations // 20, *self.budgets)),
+            path=self.path,
         )
 
 
@@ -323,7 +331,8 @@ def _grid_kl(f, data, cfg: EstimationConfig, label: str) -> float:
     entries that are not 1-d."""
     if data.dim != 1:
         return np.nan
-    return grid_law_1d(data, schedule=_sampler_schedule(cfg, label), f=f, n_grid=2001).kl
+    sched = _sampler_schedule(cfg, label)
+    return grid_law_1d(data, schedule=sched, f=f, n_grid=2001, path=cfg.path).kl
 
 
 def _seed_keys(key, n_seeds: int) -> list:
@@ -333,13 +342,13 @@ def _seed_keys(key, n_seeds: int) -> list:
 
 def _reference_draws(data, cfg: EstimationConfig, label: str, key) -> np.ndarray:
     """`sample_size` exact draws of p_delta, the energy distance's reference."""
-    target = data.marginal(cfg.entry_delta(label))
+    target = data.marginal(cfg.entry_delta(label), cfg.path)
     return np.asarray(target.sample(jax.random.split(key)[1], (cfg.sample_size,)), np.float64)
 
 
 def _quality(x: np.ndarray, ref: np.ndarray, data, cfg: EstimationConfig, label: str):
     """k-NN KL against the exact p_delta and energy distance to exact draws of it."""
-    target = data.marginal(cfg.entry_delta(label))
+    target = data.marginal(cfg.entry_delta(label), cfg.path)
     return metrics.kl_knn(x, target.log_prob), metrics.energy_distance(x, ref)
 
 
@@ -351,6 +360,7 @@ def _sample_quality(f, data, cfg: EstimationConfig, label: str, key):
         cfg.sample_size,
         dim=data.dim,
         schedule=_sampler_schedule(cfg, label),
+        path=cfg.path,
     ).samples
     ref = _reference_draws(data, cfg, label, key)
     return _quality(np.asarray(x, np.float64), ref, data, cfg, label)
@@ -415,19 +425,19 @@ class EstimationStudy(Study):
                 "step": (
                     "step",
                     np.array(cfg.steps),
-                    {"long_name": "discretization step Delta", "units": TIME_UNITS},
+                    {"long_name": "discretization step Delta", "units": cfg.time_units},
                 ),
                 "seed": ("seed", np.array(cfg.seeds), {"long_name": "training seed"}),
                 "pair": ("pair", np.arange(sizes["pair"]), {"long_name": "(t, s) evaluation pair"}),
                 "t": (
                     ("entry", "pair"),
                     pairs[..., 0],
-                    {"long_name": "start time t", "units": TIME_UNITS},
+                    {"long_name": "start time t", "units": cfg.time_units},
                 ),
                 "s": (
                     ("entry", "pair"),
                     pairs[..., 1],
-                    {"long_name": "target time s", "units": TIME_UNITS},
+                    {"long_name": "target time s", "units": cfg.time_units},
                 ),
             },
             attrs=specs,
@@ -445,9 +455,9 @@ class EstimationStudy(Study):
         label = list(cfg.entries)[r]
         data, pairs = cfg.entries[label].data, cfg.pairs(label)
         key = jax.random.fold_in(jax.random.key(cfg.seed), r)
-        reference = metrics.reference_flows(data, pairs, key=key, n=cfg.eval_samples)
+        reference = metrics.reference_flows(data, pairs, key=key, n=cfg.eval_samples, path=cfg.path)
         if np.isnan(ds["kl_estimate_exact_flow"].values[r]):
-            flow = ExactFlow(data, rtol=1e-8, atol=1e-8)
+            flow = ExactFlow(data, rtol=1e-8, atol=1e-8, path=cfg.path)
             kl, en = _sample_quality(flow, data, cfg, label, jax.random.fold_in(key, 999))
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
             ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label)
@@ -476,7 +486,7 @@ class EstimationStudy(Study):
             teacher, learned = [], []
             for step in steps:
                 teach = [
-                    teacher_map(data, x, t, s, step=step, teacher=tcfg.teacher)
+                    teacher_map(data, x, t, s, step=step, teacher=tcfg.teacher, path=cfg.path)
                     for (x, _), (t, s) in zip(reference, pairs, strict=True)
                 ]
                 teacher.append(
@@ -536,6 +546,7 @@ class EstimationStudy(Study):
             dim=data.dim,
             schedule=_sampler_schedule(cfg, label),
             skip=failed,
+            path=cfg.path,
         )
         draws = np.asarray(draws, np.float64)
         refs = [_reference_draws(data, cfg, label, k) for k in seed_keys]

@@ -25,7 +25,7 @@ from ..accuracy import first_reaching, kl_of_steps, steps_to_accuracy
 from ..data import Gaussian, UniformBox
 from ..diffusion import BASELINES
 from ..gridlaw import box_factors, grid_points
-from .driver import TIME_UNITS, Study, StudyConfig
+from .driver import Study, StudyConfig
 
 __all__ = ["SamplingConfig", "SamplingStudy", "default_sampling_data"]
 
@@ -98,8 +98,23 @@ class SamplingConfig(StudyConfig):
         integer("n_grid", self.n_grid, ge=101)
         for name in ("h", "delta_smooth", "delta_nonsmooth"):
             number(name, getattr(self, name), gt=0)
+        path = self.path
         for label in self.entries:
             number("T", self.T, gt=self.entry_delta(label))
+            top = self.entry_delta(label) + self.max_steps * self.h
+            if top > path.t_max:
+                raise ValueError(
+                    f"config keys `h`, `max_steps`: the constant step reaches t_0 = delta + "
+                    f"max_steps h = {top:g} (entry {label!r}), beyond the {path.name} path's time "
+                    f"range [0, {path.t_max:g}]; use h <= (t_max - delta) / max_steps"
+                )
+        path.check_time("T", self.T)
+        sde = [b for b in self.baselines if b.startswith("sde")]
+        if sde and float(path.a(self.T)) == 0.0:
+            raise ValueError(
+                f"config key `T`: the reverse SDE of the {path.name} path is singular at T = "
+                f"{self.T:g} (a(T) = 0); use T < {path.t_max:g} or drop the baselines {sde}"
+            )
 
 
 QUICK = dict(
@@ -167,7 +182,7 @@ class SamplingStudy(Study):
                     np.array(c.taus),
                     {
                         "long_name": "re-noising length tau (inf: Song et al. Algorithm 1)",
-                        "units": TIME_UNITS,
+                        "units": c.time_units,
                     },
                 ),
                 "steps": (
@@ -205,7 +220,7 @@ class SamplingStudy(Study):
         steps = np.arange(1, c.max_steps + 1)
         for j, tau in enumerate(c.taus):
             if isinstance(data, Gaussian):
-                kl = kl_of_steps(data, delta=delta, h=c.h, tau=tau)
+                kl = kl_of_steps(data, delta=delta, h=c.h, tau=tau, path=c.path)
                 row = [kl(int(k)) for k in steps]
             else:  # a box: the sum of its 1-d factors' KLs, each factor's row computed once
                 row = sum(
@@ -217,9 +232,12 @@ class SamplingStudy(Study):
         if not isinstance(data, Gaussian):
             return
         for m, method in enumerate(c.baselines):
-            kl = kl_of_steps(data, sampler=method, delta=delta, T=c.T)
+            kl = kl_of_steps(data, sampler=method, delta=delta, T=c.T, path=c.path)
             ds["kl_baseline"][m, i] = [kl(int(k)) for k in c.baseline_steps]
-            found = [steps_to_accuracy(data, e, sampler=method, delta=delta, T=c.T) for e in c.eps]
+            found = [
+                steps_to_accuracy(data, e, sampler=method, delta=delta, T=c.T, path=c.path)
+                for e in c.eps
+            ]
             ds["nfe_to_eps_baseline"][m, i] = [
                 np.nan if r["nfe"] is None else r["nfe"] for r in found
             ]
@@ -230,12 +248,13 @@ class SamplingStudy(Study):
         """K -> exact KL of a 1-d box factor, shared by every entry with that factor (the
         cubes [-1, 1]^d of the default all have one): `cache` persists across cells."""
         spec = json.dumps(factor.to_spec())
-        if ("grid", spec, delta) not in cache:  # one grid per factor and delta
-            cache["grid", spec, delta] = grid_points(factor, delta, c.n_grid)
+        if ("grid", spec, delta) not in cache:  # one grid per factor and delta (OU coordinates)
+            u_delta = float(c.path.ou_time(delta))
+            cache["grid", spec, delta] = grid_points(factor, u_delta, c.n_grid)
         key = ("box factor", spec, delta, tau)
         if key not in cache:
             grid = cache["grid", spec, delta]
-            kl = kl_of_steps(factor, delta=delta, h=c.h, tau=tau, grid=grid)
+            kl = kl_of_steps(factor, delta=delta, h=c.h, tau=tau, grid=grid, path=c.path)
             cache[key] = [kl(int(k)) for k in steps]
         return cache[key]
 

@@ -30,8 +30,9 @@ from .._checks import distinct, integer, number
 from ..accuracy import first_reaching, schedule_kl, start_error
 from ..data import Gaussian, UniformBox
 from ..optimal import optimal_schedule
+from ..paths import OU
 from ..schedules import Schedule
-from .driver import TIME_UNITS, Study, StudyConfig
+from .driver import Study, StudyConfig
 
 __all__ = ["SchedulesConfig", "SchedulesStudy", "SCHEDULES"]
 
@@ -96,6 +97,12 @@ class SchedulesConfig(StudyConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.path != OU:
+            raise ValueError(
+                "config key `path`: the schedules study runs on the OU path only (its "
+                "literature schedules and the schedule optimiser are in OU time); got "
+                f"{self.path.name!r}"
+            )
         for label, entry in self.entries.items():
             if type(entry.data) not in (Gaussian, UniformBox):
                 raise ValueError(
@@ -179,7 +186,7 @@ class SchedulesStudy(Study):
                 "horizon": (
                     ("entry", "schedule", "steps"),
                     nan(n, ns, nk),
-                    {"long_name": "start time t_0 of the schedule", "units": TIME_UNITS},
+                    {"long_name": "start time t_0 of the schedule", "units": c.time_units},
                 ),
                 "start_kl": (
                     ("entry", "schedule", "steps"),
@@ -199,12 +206,12 @@ class SchedulesStudy(Study):
                 "optimal_t": (
                     (*opt, "k"),
                     nan(n, ne, 2, nk, kmax),
-                    {"long_name": "optimised start times t_k", "units": TIME_UNITS},
+                    {"long_name": "optimised start times t_k", "units": c.time_units},
                 ),
                 "optimal_s": (
                     (*opt, "k"),
                     nan(n, ne, 2, nk, kmax),
-                    {"long_name": "optimised landing times s_k", "units": TIME_UNITS},
+                    {"long_name": "optimised landing times s_k", "units": c.time_units},
                 ),
                 "optimal_history": (
                     (*opt, "iteration"),
