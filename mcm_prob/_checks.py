@@ -197,17 +197,6 @@ def finite_or_raise(x, message: str):
     return x
 
 
-def data_family(name: str, data) -> None:
-    """`data` must be a `mcm_prob.data.DataDistribution` (a built-in family or a subclass)."""
-    from .data import DataDistribution
-
-    if not isinstance(data, DataDistribution):
-        raise TypeError(
-            f"`{name}` must be a mcm_prob.data.DataDistribution (a built-in family or your "
-            f"subclass of it), got {type(data).__name__}"
-        )
-
-
 def error_array(errors, *, along: str = "step", min_values: int = 2):
     """Positive errors as an `xarray.DataArray` ordered (*groups, ALONG, seed), ALONG
     increasing: at least `min_values` distinct finite values > 0 of ALONG, 2 seeds, and every

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ._checks import integer, number
-from .data import DataDistribution, Gaussian, UniformBox
+from .data import ClosedFormGaussian, DataDistribution, ProductData
 from .diffusion import BASELINES, baseline_law
-from .gridlaw import box_factors, product_kl
+from .gridlaw import product_kl
 from .metrics import kl_gaussian
 from .paths import OU, AbstractPath
 from .sampling import sampler_law
@@ -93,8 +93,8 @@ def _schedules(delta, h, T, tau, schedule) -> Callable[[int], Schedule]:
 def product_factors(data: DataDistribution, dim: int | None = None) -> list:
     """The 1-d factors of a product target: a box's coordinates, or `dim` i.i.d. copies of a
     1-d family."""
-    if isinstance(data, UniformBox) and dim is None:
-        return box_factors(data)
+    if isinstance(data, ProductData) and dim is None:
+        return data.factors()
     if data.dim == 1 and dim is not None:
         return [data] * integer("dim", dim)
     raise ValueError(
@@ -116,7 +116,7 @@ def schedule_kl(
     Gaussian law (with an optional affine `perturbation`, as `sampler_law`) or, for product
     targets (a box, or a 1-d family with `dim` i.i.d. coordinates), the sum of the 1-d grid
     laws."""
-    if isinstance(data, Gaussian) and dim is None:
+    if isinstance(data, ClosedFormGaussian) and dim is None:
         law = sampler_law(data, schedule=schedule, perturbation=perturbation, path=path)
         return kl_gaussian(law, data.marginal(schedule.delta, path))
     if perturbation is not None:
@@ -146,7 +146,7 @@ def kl_of_steps(
     """
     if sampler == "consistency":
         family = _schedules(delta, h, T, tau, schedule)
-        if not isinstance(data, Gaussian) or dim is not None:
+        if not isinstance(data, ClosedFormGaussian) or dim is not None:
             product_factors(data, dim)  # refuse data without exact laws before any work
         return lambda k: schedule_kl(data, family(k), dim=dim, path=path, **grid_kwargs)
     if sampler not in BASELINES[:-1]:
@@ -155,7 +155,7 @@ def kl_of_steps(
         )
     if T is None:
         raise ValueError("`T` is required for the diffusion baselines")
-    if not isinstance(data, Gaussian):
+    if not isinstance(data, ClosedFormGaussian):
         raise ValueError(f"exact baseline laws need Gaussian data, got {type(data).__name__}")
     target = data.marginal(delta, path)
     return lambda k: kl_gaussian(

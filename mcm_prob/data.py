@@ -45,10 +45,14 @@ from .paths import OU, AbstractPath
 
 __all__ = [
     "DataDistribution",
+    "ClosedFormGaussian",
+    "ProductData",
+    "ClosedFormCDF",
     "from_spec",
     "describe",
     "register_family",
     "FAMILIES",
+    "check_data",
     "Gaussian",
     "GaussianMixture",
     "DiracMixture",
@@ -262,6 +266,15 @@ class DataDistribution(eqx.Module):
         }
 
 
+def check_data(name: str, data) -> None:
+    """`data` must be a `DataDistribution` (a built-in family or a subclass), else TypeError."""
+    if not isinstance(data, DataDistribution):
+        raise TypeError(
+            f"`{name}` must be a mcm_prob.data.DataDistribution (a built-in family or your "
+            f"subclass of it), got {type(data).__name__}"
+        )
+
+
 def _path(path) -> AbstractPath:
     if not isinstance(path, AbstractPath):
         raise TypeError(
@@ -319,8 +332,65 @@ def from_spec(spec: Mapping) -> DataDistribution:
         raise ValueError(f"data spec for family {family!r}: {err}") from err
 
 
+# -- capabilities: what exact tools a family supports, declared by subclassing -------------------
+class ClosedFormGaussian(DataDistribution):
+    r"""Capability: Gaussian data $N(m, U\operatorname{diag}(\lambda)U^\top)$ with a known
+    eigendecomposition. A subclass provides `mean` (d,), `eigvals` (d,) and `eigvecs` (d, d
+    orthonormal columns, or None for the standard basis) besides the base's members, and gets
+    the closed-form flow map, `sampler_law`, `baseline_law` and the exact-KL tools."""
+
+    mean: eqx.AbstractVar[Array]
+    eigvals: eqx.AbstractVar[Array]
+    eigvecs: eqx.AbstractVar[Array | None]
+
+
+class ProductData(DataDistribution):
+    """Capability: independent coordinates, each a 1-d family: the sampler law is the product
+    of 1-d laws and KL adds up over coordinates (`mcm_prob.gridlaw.product_kl`)."""
+
+    @abc.abstractmethod
+    def factors(self) -> list[DataDistribution]:
+        """The 1-d factor of each coordinate (equal coordinates may share one object, so that
+        their grid law is computed once)."""
+
+
+class ClosedFormCDF(DataDistribution):
+    """Capability (1-d families): the CDF of a X_0 + b Z in closed form, which the grid laws
+    use without ODE solves (`mcm_prob.gridlaw.grid_kl_cdf`, schedule optimisation)."""
+
+    @abc.abstractmethod
+    def noised_log_cdfs(self, x: Array, a, b) -> tuple[Array, Array]:
+        """(log F(x), log(1 - F(x))) of the law of a X_0 + b Z, x of shape (n,); both tails in
+        log space, differentiable in x, a and b. Raises ValueError when dim != 1."""
+
+
+def _one_dimensional(data: DataDistribution) -> None:
+    if data.dim != 1:
+        raise ValueError(f"no closed-form CDF for {type(data).__name__} with dim {data.dim}")
+
+
+def _normal_mixture_log_cdfs(x, a, b, w, m, v):
+    r"""Normal mixture $\sum_k w_k \Phi((x - a m_k)/(a^2 v_k + b^2)^{1/2})$, both tails in logs."""
+    z = (x[:, None] - a * m) / jnp.sqrt(a**2 * v + b**2)
+    return (
+        logsumexp(jnp.log(w) + log_ndtr(z), axis=1),
+        logsumexp(jnp.log(w) + log_ndtr(-z), axis=1),
+    )
+
+
+def _log_psi(z):
+    r"""$\log\Psi(z)$, $\Psi(z) = z\Phi(z) + \varphi(z)$ (the antiderivative of $\Phi$): for
+    z <= 0 as $\log\varphi(z) + \log(1 + zR(z))$ with the Mills ratio R = Phi/phi (relative
+    error about 1e-16 z^2), for z > 0 through $\Psi(z) = z + \Psi(-z)$."""
+    zn = -jnp.abs(z)
+    log_phi = -0.5 * zn**2 - 0.5 * _LOG_2PI
+    neg = log_phi + jnp.log1p(zn * jnp.exp(log_ndtr(zn) - log_phi))
+    pos = jnp.logaddexp(jnp.log(jnp.maximum(jnp.abs(z), 1e-300)), neg)
+    return jnp.where(z > 0, pos, neg)
+
+
 @register_family
-class Gaussian(DataDistribution):
+class Gaussian(ClosedFormGaussian, ClosedFormCDF):
     r"""$N(m, \Sigma)$ with $\Sigma$ symmetric PSD. Smooth when $\Sigma$ is PD, non-smooth when
     singular (then $p_0$ lives on an affine subspace and only t > 0 has a density).
 
@@ -423,6 +493,10 @@ class Gaussian(DataDistribution):
         vecs = jnp.eye(self.dim) if self.eigvecs is None else self.eigvecs
         return _cov_ab(path.a(t), path.b(t), self.eigvals, vecs)
 
+    def noised_log_cdfs(self, x, a, b):
+        _one_dimensional(self)
+        return _normal_mixture_log_cdfs(x, a, b, jnp.ones(1), self.mean, self.eigvals)
+
     def noised_law(self, a, b):
         if self.factor is None:  # the eigenvalue construction: O(d) per eigenvalue
             coef = self.mean if self.eigvecs is None else self.mean @ self.eigvecs
@@ -446,7 +520,7 @@ class Gaussian(DataDistribution):
 
 
 @register_family
-class GaussianMixture(DataDistribution):
+class GaussianMixture(ClosedFormCDF):
     r"""$\sum_k w_k N(\mu_k, \Sigma_k)$; smooth when every $\Sigma_k$ is PD.
 
     Exact: $p_t = \sum_k w_k N(a_t\mu_k, \Sigma_{k,t})$, $\Sigma_{k,t} = a_t^2\Sigma_k + b_t^2 I$, and
@@ -495,6 +569,10 @@ class GaussianMixture(DataDistribution):
             comp = DegenerateNormal(self.means, self.factors)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
+    def noised_log_cdfs(self, x, a, b):
+        _one_dimensional(self)
+        return _normal_mixture_log_cdfs(x, a, b, self.weights, self.means[:, 0], self.covs[:, 0, 0])
+
     def noised_law(self, a, b):
         tril = jnp.linalg.cholesky(_cov_ab(a, b, self.eigvals, self.eigvecs))
         comp = dist.MultivariateNormal(a * self.means, scale_tril=tril)
@@ -507,7 +585,7 @@ class GaussianMixture(DataDistribution):
 
 
 @register_family
-class DiracMixture(DataDistribution):
+class DiracMixture(ClosedFormCDF):
     r"""$\sum_k w_k \delta_{a_k}$ (an empirical measure for equal weights); always non-smooth.
 
     Exact: $p_t = \sum_k w_k N(a_t x_k, b_t^2 I)$ for t > 0 (atoms $x_k$); the score is the
@@ -537,6 +615,11 @@ class DiracMixture(DataDistribution):
     def data_law(self):
         return Atoms(self.atoms, self.weights)
 
+    def noised_log_cdfs(self, x, a, b):
+        _one_dimensional(self)
+        zeros = jnp.zeros_like(self.weights)
+        return _normal_mixture_log_cdfs(x, a, b, self.weights, self.atoms[:, 0], zeros)
+
     def noised_law(self, a, b):
         # MultivariateNormal components: NumPyro's mixtures need a parameter-free support
         tril = b * jnp.eye(self.dim, dtype=self.atoms.dtype)
@@ -549,7 +632,7 @@ class DiracMixture(DataDistribution):
 
 
 @register_family
-class UniformBox(DataDistribution):
+class UniformBox(ProductData, ClosedFormCDF):
     r"""Uniform on the box $\prod_i [l_i, h_i]$; non-smooth (the density jumps at the faces).
 
     $p_t$ is a product of 1-d laws `NoisyUniform` of $a_t U + b_t Z$, with density
@@ -581,6 +664,27 @@ class UniformBox(DataDistribution):
 
     def data_law(self):
         return dist.Uniform(self.low, self.high).to_event(1)
+
+    def factors(self) -> list[UniformBox]:
+        """`UniformBox([low_i], [high_i])` for each coordinate; equal coordinates share one."""
+        bounds = list(
+            zip(np.asarray(self.low).tolist(), np.asarray(self.high).tolist(), strict=True)
+        )
+        made = {bd: UniformBox([bd[0]], [bd[1]]) for bd in set(bounds)}
+        return [made[bd] for bd in bounds]
+
+    def noised_log_cdfs(self, x, a, b):
+        r"""$(\Psi(u) - \Psi(v))/(u - v)$ with $u = (x - a l)/b$, $v = (x - a h)/b$."""
+        _one_dimensional(self)
+        lo, hi = self.low[0], self.high[0]
+        u, v = (x - a * lo) / b, (x - a * hi) / b
+        log_width = jnp.log(a * (hi - lo) / b)
+
+        def log_diff(p, q):  # log(Psi(p) - Psi(q)), p > q
+            lp, lq = _log_psi(p), _log_psi(q)
+            return lp + jnp.log(-jnp.expm1(jnp.minimum(lq - lp, -1e-300)))
+
+        return log_diff(u, v) - log_width, log_diff(-v, -u) - log_width
 
     def noised_law(self, a, b):
         return NoisyUniform(self.low, self.high, a, b).to_event(1)

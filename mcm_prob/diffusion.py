@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ._checks import data_family, finite_or_raise, integer, number, one_of, prng_key
-from .data import DataDistribution, Gaussian
+from ._checks import finite_or_raise, integer, number, one_of, prng_key
+from .data import DataDistribution, Gaussian, check_data
 from .flow import ode_solve, pf_ode_step
 from .forward import as_path
 from .laws import EigenNormal, compose_affine, gaussian_parts
@@ -44,7 +44,7 @@ _STARTS = ("prior", "exact")
 
 
 def _check(data, n, T, delta, path, start, steps=None, sde=False) -> AbstractPath:
-    data_family("data", data)
+    check_data("data", data)
     integer("n", n)
     number("T", T, gt=number("delta", delta, gt=0))
     path = as_path(path)

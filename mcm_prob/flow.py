@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from ._checks import check_points, check_time, integer, number, one_of
-from .data import DataDistribution, Gaussian
+from .data import ClosedFormGaussian, DataDistribution
 from .forward import alpha, as_path, sigma, snr_ratio, time_from_snr_ratio
 from .paths import OU, AbstractPath
 
@@ -103,7 +103,7 @@ def pf_ode_step(
     return x - 0.5 * h * (v1 + velocity(data, x_euler, t_next, path))
 
 
-def _gaussian_flow(data: Gaussian, x: Array, t, s, path: AbstractPath) -> Array:
+def _gaussian_flow(data: ClosedFormGaussian, x: Array, t, s, path: AbstractPath) -> Array:
     lam, vecs, m = data.eigvals, data.eigvecs, data.mean
     a_t, a_s = path.a(t), path.a(s)
     nu_t = a_t**2 * lam + path.b(t) ** 2
@@ -228,9 +228,12 @@ def pf_flow(
     path = as_path(path)
     _check_options(method, rtol, atol, max_steps)
     check_points("x", x, data.dim)
-    if method == "closed_form" and not isinstance(data, Gaussian):
-        raise ValueError(f"`method='closed_form'` needs Gaussian data, got {type(data).__name__}")
-    closed = isinstance(data, Gaussian) and method != "ode"
+    if method == "closed_form" and not isinstance(data, ClosedFormGaussian):
+        raise ValueError(
+            "`method='closed_form'` needs Gaussian data (a mcm_prob.data.ClosedFormGaussian), "
+            f"got {type(data).__name__}"
+        )
+    closed = isinstance(data, ClosedFormGaussian) and method != "ode"
     positive = data.regime == "nonsmooth" and not closed
     for name, value in (("t0", t0), ("t1", t1)):
         path.check_time(name, value)

@@ -45,12 +45,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import log_ndtr, logsumexp
+from jax.scipy.special import logsumexp
 from jaxtyping import Array
 from scipy import special, stats
 
 from ._checks import integer, prng_key, real_array
-from .data import DataDistribution, DiracMixture, Gaussian, GaussianMixture, UniformBox
+from .data import ClosedFormCDF, DataDistribution, ProductData, UniformBox
 from .flow import pf_flow
 from .forward import as_path
 from .paths import AbstractPath, OrnsteinUhlenbeck
@@ -84,11 +84,12 @@ class GridLaw(NamedTuple):
 
 
 def box_factors(box: UniformBox) -> list[UniformBox]:
-    """The 1-d factors of a box: `[UniformBox([low_i], [high_i]) for each coordinate]`; equal
-    coordinates share one factor object, so `product_kl` computes their grid law once."""
-    bounds = list(zip(np.asarray(box.low).tolist(), np.asarray(box.high).tolist(), strict=True))
-    made = {b: UniformBox([b[0]], [b[1]]) for b in set(bounds)}
-    return [made[b] for b in bounds]
+    """The 1-d factors of a box, `box.factors()`: `UniformBox([low_i], [high_i])` for each
+    coordinate; equal coordinates share one factor object, so `product_kl` computes their grid
+    law once."""
+    if not isinstance(box, ProductData):
+        raise TypeError(f"`box` must be a product of 1-d factors, got {type(box).__name__}")
+    return box.factors()
 
 
 def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
@@ -311,62 +312,18 @@ def product_kl(factors, *, f=None, **law_kwargs) -> float:
 
 
 # -- exact-flow grid laws without ODE solves (1-d families with closed-form CDFs) ----------------
-def _normal_mixture_1d(data: DataDistribution):
-    """(weights, means, variances) of a 1-d family that is a mixture of normals (variance 0 for
-    Diracs), or None."""
-    if data.dim != 1:
-        return None
-    if isinstance(data, Gaussian):
-        return jnp.ones(1), jnp.reshape(data.mean, (1,)), jnp.reshape(data.cov, (1,))
-    if isinstance(data, GaussianMixture):
-        return data.weights, data.means[:, 0], data.covs[:, 0, 0]
-    if isinstance(data, DiracMixture):
-        return data.weights, data.atoms[:, 0], jnp.zeros_like(data.weights)
-    return None
-
-
-def _log_psi(z):
-    r"""$\log\Psi(z)$, $\Psi(z) = z\Phi(z) + \varphi(z)$ (the antiderivative of $\Phi$): for
-    z <= 0 as $\log\varphi(z) + \log(1 + zR(z))$ with the Mills ratio R = Phi/phi (relative
-    error about 1e-16 z^2), for z > 0 through $\Psi(z) = z + \Psi(-z)$."""
-    zn = -jnp.abs(z)
-    log_phi = -0.5 * zn**2 - 0.5 * math.log(2 * math.pi)
-    neg = log_phi + jnp.log1p(zn * jnp.exp(log_ndtr(zn) - log_phi))
-    pos = jnp.logaddexp(jnp.log(jnp.maximum(jnp.abs(z), 1e-300)), neg)
-    return jnp.where(z > 0, pos, neg)
-
-
 def has_closed_form_cdf(data: DataDistribution) -> bool:
-    """Whether `log_cdfs_1d` knows the family (1-d Gaussian, mixtures, Diracs, box)."""
-    box = isinstance(data, UniformBox) and data.dim == 1
-    return box or _normal_mixture_1d(data) is not None
+    """Whether `data` is a 1-d family with a closed-form CDF (`mcm_prob.data.ClosedFormCDF`)."""
+    return isinstance(data, ClosedFormCDF) and data.dim == 1
 
 
 def log_cdfs_1d(data: DataDistribution, x: Array, t) -> tuple[Array, Array]:
-    r"""$(\log F_t(x), \log(1 - F_t(x)))$ for the 1-d marginal $p_t$ (x of shape (n,)), in
-    closed form: normal mixtures $\sum_k w_k \Phi((x - \alpha_t m_k)/\nu_k^{1/2})$; the box
-    $(\Psi(a) - \Psi(b))/(a - b)$ with $a = (x - \alpha_t l)/\sigma_t$, $b = (x - \alpha_t
-    h)/\sigma_t$. Both tails in log space; differentiable in x and t (JAX)."""
-    a_t, s_t = jnp.exp(-t), jnp.sqrt(-jnp.expm1(-2 * t))
-    mix = _normal_mixture_1d(data)
-    if mix is not None:
-        w, m, v = mix
-        z = (x[:, None] - a_t * m) / jnp.sqrt(a_t**2 * v + s_t**2)
-        return (
-            logsumexp(jnp.log(w) + log_ndtr(z), axis=1),
-            logsumexp(jnp.log(w) + log_ndtr(-z), axis=1),
-        )
-    if not (isinstance(data, UniformBox) and data.dim == 1):
+    r"""$(\log F_t(x), \log(1 - F_t(x)))$ for the 1-d OU marginal $p_t$ (x of shape (n,)), from
+    the family's closed form (`ClosedFormCDF.noised_log_cdfs` at $a = e^{-t}$,
+    $b = \sqrt{1 - e^{-2t}}$); differentiable in x and t (JAX)."""
+    if not has_closed_form_cdf(data):
         raise ValueError(f"no closed-form CDF for {type(data).__name__} with dim {data.dim}")
-    lo, hi = data.low[0], data.high[0]
-    a, b = (x - a_t * lo) / s_t, (x - a_t * hi) / s_t
-    log_width = jnp.log(a_t * (hi - lo) / s_t)
-
-    def log_diff(u, v):  # log(Psi(u) - Psi(v)), u > v
-        lu, lv = _log_psi(u), _log_psi(v)
-        return lu + jnp.log(-jnp.expm1(jnp.minimum(lv - lu, -1e-300)))
-
-    return log_diff(a, b) - log_width, log_diff(-b, -a) - log_width
+    return data.noised_log_cdfs(x, jnp.exp(-t), jnp.sqrt(-jnp.expm1(-2 * t)))
 
 
 def grid_kl_cdf(data: DataDistribution, x: Array, t: Array, s: Array) -> Array:

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import EigenNormal, Gaussian
+from .data import ClosedFormGaussian, EigenNormal
 
 __all__ = ["EigenNormal", "gaussian_parts", "compose_affine"]
 
 
 def gaussian_parts(data) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(mean in the eigenbasis (d,), eigenvalues (d,), eigenvectors (d, d) or None for the
-    standard basis) of a `mcm_prob.data.Gaussian`, in numpy float64."""
-    if not isinstance(data, Gaussian):
-        raise TypeError(f"`data` must be a mcm_prob.data.Gaussian, got {type(data).__name__}")
+    standard basis) of Gaussian data (`mcm_prob.data.ClosedFormGaussian`), in numpy float64."""
+    if not isinstance(data, ClosedFormGaussian):
+        raise TypeError(
+            "`data` must be Gaussian (mcm_prob.data.Gaussian or another ClosedFormGaussian), "
+            f"got {type(data).__name__}"
+        )
     m = np.asarray(data.mean, np.float64)
     lam = np.asarray(data.eigvals, np.float64)
     u = None if data.eigvecs is None else np.asarray(data.eigvecs, np.float64)

@@ -35,7 +35,7 @@ import optax
 
 from ._checks import integer, number, prng_key
 from .accuracy import product_factors, schedule_kl
-from .data import DataDistribution, Gaussian
+from .data import ClosedFormGaussian, DataDistribution
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
 from .laws import gaussian_parts
 from .sampling import check_perturbation, gaussian_law_moments
@@ -106,7 +106,7 @@ def optimal_schedule(
     better, the best start, and `kl` its KL by `schedule_kl` (float64 Gaussian law, or the
     default `grid_law_1d`).
     """
-    gaussian = isinstance(data, Gaussian) and dim is None
+    gaussian = isinstance(data, ClosedFormGaussian) and dim is None
     if not gaussian:
         factors = product_factors(data, dim)
         bad = [type(f).__name__ for f in factors if not has_closed_form_cdf(f)]

@@ -52,8 +52,8 @@ from jaxtyping import Array, ArrayLike
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._checks import data_family, integer, number, one_of, prng_key
-from .data import DataDistribution, from_spec
+from ._checks import integer, number, one_of, prng_key
+from .data import DataDistribution, check_data, from_spec
 from .flow import flow_map, pf_ode_step
 from .forward import as_path
 from .networks import ConsistencyNet
@@ -69,6 +69,8 @@ __all__ = [
     "TrainingDiverged",
     "teacher_map",
     "training_set",
+    "training_batch",
+    "time_indices",
 ]
 
 _CHOICES = {
@@ -281,8 +283,10 @@ def teacher_map(
     )
 
 
-def _time_indices(key, cfg: TrainConfig, step, n_max, shape):
-    """Grid indices n in {1..N} (N = n_max, possibly traced), uniform or lognormal-in-index."""
+def time_indices(key, cfg: TrainConfig, step, n_max, shape):
+    """Grid indices n in {1..N} (N = n_max, possibly traced) of shape `shape`, drawn as
+    `cfg.time_sampling` says (uniform, or lognormal in the path's time rounded up to the grid:
+    the module docstring). Jit-traceable, unvalidated."""
     if cfg.time_sampling == "uniform":
         n = jnp.floor(jax.random.uniform(key, shape) * n_max) + 1
     else:
@@ -311,9 +315,11 @@ def _training_sets(data: DataDistribution, cfg: TrainConfig, keys: jax.Array) ->
     return jax.vmap(lambda k: training_set(data, cfg, k))(keys)
 
 
-def _batch(data: DataDistribution, cfg: TrainConfig, step, key, pool=None):
-    """One training batch: (x_t, t, x_hat_{t-Delta}, t - Delta, s), in the data's dtype;
-    x_0 from `pool` (n, d) with replacement when given, else fresh draws."""
+def training_batch(data: DataDistribution, cfg: TrainConfig, step, key, pool=None):
+    """One training batch of `cfg.batch_size` examples at step Delta = `step`: (x_t, t,
+    x_hat_{t-Delta}, t - Delta, s) on `cfg.path`, in the data's dtype (the module docstring
+    says how each is drawn); x_0 from `pool` (n, d) with replacement when given, else fresh
+    draws. Jit-traceable, unvalidated: the loop's building block, public for inspection."""
     k_x0, k_z, k_n, k_m = jax.random.split(key, 4)
     b = cfg.batch_size
     if pool is None:
@@ -323,7 +329,7 @@ def _batch(data: DataDistribution, cfg: TrainConfig, step, key, pool=None):
     dtype = x0.dtype
     step = jnp.asarray(step, dtype)
     n_max = jnp.floor((cfg.T - cfg.delta) / step + 1e-9)
-    n = _time_indices(k_n, cfg, step, n_max, (b,)).astype(dtype)
+    n = time_indices(k_n, cfg, step, n_max, (b,)).astype(dtype)
     m = jnp.floor(jax.random.uniform(k_m, (b,), dtype) * n)
     t, t_prev, s = cfg.delta + n * step, cfg.delta + (n - 1) * step, cfg.delta + m * step
     z = jax.random.normal(k_z, x0.shape, dtype)
@@ -372,7 +378,7 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, pools, its):
     def per_model(st, step, key, pool):
         def body(st, it):
             params, opt_state, ema, target, failed, failed_at = st
-            batch = _batch(data, cfg, step, jax.random.fold_in(key, it), pool)
+            batch = training_batch(data, cfg, step, jax.random.fold_in(key, it), pool)
             tgt_params = params if cfg.target_decay == 0 else target
             loss, grads = jax.value_and_grad(loss_fn)(params, tgt_params, batch)
             ok = jnp.isfinite(loss) & ~failed
@@ -396,7 +402,7 @@ def _run_chunk(state, data, static, cfg: TrainConfig, steps, keys, pools, its):
 
 
 def _check_data(data: DataDistribution, cfg: TrainConfig) -> None:
-    data_family("data", data)
+    check_data("data", data)
     if data.regime == "nonsmooth" and cfg.delta <= 0:
         raise ValueError(
             f"{type(data).__name__} is non-smooth: `delta` must be > 0 (early stopping), got {cfg.delta}"

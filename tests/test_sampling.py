@@ -230,7 +230,7 @@ def test_bad_sampler_arguments(kwargs, match):
 
 
 def test_bad_law_arguments():
-    with pytest.raises(TypeError, match="`data` must be a mcm_prob.data.Gaussian"):
+    with pytest.raises(TypeError, match=r"`data` must be Gaussian \(mcm_prob.data.Gaussian"):
         mp.sampler_law(mp.data.DiracMixture([[0.0]]), delta=0.01, h=0.1, steps=2)
     with pytest.raises(ValueError, match="`perturbation` must be"):
         mp.sampler_law(GAUSS, delta=0.01, h=0.1, steps=2, perturbation=(np.eye(3), np.zeros(3)))

@@ -146,11 +146,11 @@ def test_lognormal_time_sampling_distribution():
     """Lognormal-in-index sampling gives P(n) = Phi(z_n) - Phi(z_{n-1}) renormalised over the grid."""
     from scipy import stats
 
-    from mcm_prob.training import _time_indices
+    from mcm_prob.training import time_indices
 
     cfg = mp.TrainConfig(time_sampling="lognormal", step=0.25, T=3.0, delta=0.01)
     n_max = cfg.grid_size()
-    n = np.asarray(_time_indices(jax.random.key(0), cfg, 0.25, n_max, (200_000,)))
+    n = np.asarray(time_indices(jax.random.key(0), cfg, 0.25, n_max, (200_000,)))
     grid = cfg.delta + 0.25 * np.arange(n_max + 1)
     cdf = stats.norm.cdf((np.log(grid) - cfg.lognormal_loc) / cfg.lognormal_scale)
     probs = np.diff(cdf) / (cdf[-1] - cdf[0])
@@ -223,11 +223,13 @@ def test_train_size_draws_from_one_fixed_sample():
     key = jax.random.key(3)
     pool = mp.training_set(data, cfg, key)
     assert pool.shape == (5, 1)
-    from mcm_prob.training import _batch
+    from mcm_prob.training import training_batch
 
     seen = []
     for it in range(10):
-        x_t, t, x_prev, t_prev, _ = _batch(data, cfg, 0.1, jax.random.fold_in(key, it), pool)
+        x_t, t, x_prev, t_prev, _ = training_batch(
+            data, cfg, 0.1, jax.random.fold_in(key, it), pool
+        )
         a, s = mp.alpha(t)[:, None], mp.sigma(t)[:, None]
         a1, s1 = mp.alpha(t_prev)[:, None], mp.sigma(t_prev)[:, None]
         x0 = (s1 * x_t - s * x_prev) / (s1 * a - s * a1)
@@ -336,11 +338,9 @@ def test_sharded_grid_equals_single_device(tmp_path):
 def test_network_finite_at_large_times_and_refuses_s_above_t():
     """float32 nets stay finite far beyond t = 44 (where e^{2t} - 1 overflows float32); the
     time feature log rho_t matches float64 numpy to float32 round-off; s > t is refused."""
-    from mcm_prob.networks import _log_snr_ratio
-
     tau = np.array([1e-4, 0.3, 5.0, 14.9, 15.1, 40.0, 44.5, 100.0, 1e4])
     exact = tau + 0.5 * np.log(-np.expm1(-2 * tau))  # log sqrt(e^{2 tau} - 1), float64
-    got = np.asarray(_log_snr_ratio(jnp.asarray(tau, jnp.float32)), np.float64)
+    got = np.asarray(mp.OU.log_rho(jnp.asarray(tau, jnp.float32)), np.float64)
     np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-6)
     net = mp.ConsistencyNet(2, width=16, depth=1, key=jax.random.key(0))
     x = jnp.ones((3, 2), jnp.float32)

@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from .._checks import distinct, integer, number
-from ..data import Gaussian
+from ..data import ClosedFormGaussian
 from ..metrics import kl_gaussian
 from ..sampling import affine_error, sampler_law, sampler_times
 from .driver import Study, StudyConfig
@@ -52,7 +52,7 @@ class InjectionConfig(StudyConfig):
     def __post_init__(self):
         super().__post_init__()
         for label, entry in self.entries.items():
-            if not isinstance(entry.data, Gaussian):
+            if not isinstance(entry.data, ClosedFormGaussian):
                 raise ValueError(
                     f"config key `data.{label}`: error injection needs exact Gaussian laws, "
                     f"i.e. a 'gaussian' entry; got {type(entry.data).__name__}"

@@ -22,9 +22,9 @@ import xarray as xr
 
 from .._checks import distinct, integer, number, one_of
 from ..accuracy import first_reaching, kl_of_steps, steps_to_accuracy
-from ..data import Gaussian, UniformBox
+from ..data import ClosedFormGaussian, ProductData
 from ..diffusion import BASELINES
-from ..gridlaw import box_factors, grid_points
+from ..gridlaw import grid_points
 from .driver import Study, StudyConfig
 
 __all__ = ["SamplingConfig", "SamplingStudy", "default_sampling_data"]
@@ -76,7 +76,7 @@ class SamplingConfig(StudyConfig):
     def __post_init__(self):
         super().__post_init__()
         for label, entry in self.entries.items():
-            if type(entry.data) not in (Gaussian, UniformBox):
+            if not isinstance(entry.data, (ClosedFormGaussian, ProductData)):
                 raise ValueError(
                     f"config key `data.{label}`: the sampling study needs exact sampler laws, "
                     "i.e. a 'gaussian' (any mean and covariance) or a 'uniform_box' (product "
@@ -219,17 +219,17 @@ class SamplingStudy(Study):
         data, delta = c.entries[label].data, c.entry_delta(label)
         steps = np.arange(1, c.max_steps + 1)
         for j, tau in enumerate(c.taus):
-            if isinstance(data, Gaussian):
+            if isinstance(data, ClosedFormGaussian):
                 kl = kl_of_steps(data, delta=delta, h=c.h, tau=tau, path=c.path)
                 row = [kl(int(k)) for k in steps]
             else:  # a box: the sum of its 1-d factors' KLs, each factor's row computed once
                 row = sum(
                     np.array(self._factor_row(c, cache, fac, delta, tau, steps))
-                    for fac in box_factors(data)
+                    for fac in data.factors()
                 ).tolist()
             ds["kl"][i, j] = row
             ds["steps_to_eps"][i, j] = first_reaching(row, steps, c.eps)
-        if not isinstance(data, Gaussian):
+        if not isinstance(data, ClosedFormGaussian):
             return
         for m, method in enumerate(c.baselines):
             kl = kl_of_steps(data, sampler=method, delta=delta, T=c.T, path=c.path)

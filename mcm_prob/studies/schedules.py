@@ -28,7 +28,7 @@ import xarray as xr
 
 from .._checks import distinct, integer, number
 from ..accuracy import first_reaching, schedule_kl, start_error
-from ..data import Gaussian, UniformBox
+from ..data import ClosedFormGaussian, ProductData
 from ..optimal import optimal_schedule
 from ..paths import OU
 from ..schedules import Schedule
@@ -104,7 +104,7 @@ class SchedulesConfig(StudyConfig):
                 f"{self.path.name!r}"
             )
         for label, entry in self.entries.items():
-            if type(entry.data) not in (Gaussian, UniformBox):
+            if not isinstance(entry.data, (ClosedFormGaussian, ProductData)):
                 raise ValueError(
                     f"config key `data.{label}`: the schedules study needs exact sampler laws, "
                     "i.e. a 'gaussian' (any mean and covariance) or a 'uniform_box'; got "
@@ -258,7 +258,7 @@ class SchedulesStudy(Study):
         i = cell["entry"]
         label = list(c.entries)[i]
         data, delta = c.entries[label].data, c.entry_delta(label)
-        gauss = isinstance(data, Gaussian)
+        gauss = isinstance(data, ClosedFormGaussian)
         grid = {"n_grid": c.n_grid}
 
         starts: dict[float, float] = {}
