@@ -228,7 +228,7 @@ class DataDistribution(eqx.Module):
         (exactly -x / b^2 where a(t) = 0)."""
         a, b = path.a(t), path.b(t)
         score = self.noised_score(x, a, b)
-        if concrete(a) is not None and not np.any(np.asarray(a) == 0):
+        if not path.ends_in_noise or (concrete(a) is not None and not np.any(np.asarray(a) == 0)):
             return score
         return jnp.where((jnp.asarray(a) == 0)[..., None], -x / jnp.square(b)[..., None], score)
 

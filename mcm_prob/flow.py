@@ -52,11 +52,8 @@ _METHODS = ("auto", "closed_form", "ode")
 
 def _data_mean(data: DataDistribution, path: AbstractPath):
     """E[x_0], which the velocity needs only on a path with a(t_max) = 0 (else 0, unused)."""
-    if not math.isfinite(path.t_max):
+    if not path.ends_in_noise:
         return 0.0
-    with jax.ensure_compile_time_eval():  # the path's constants, also inside a trace
-        if float(path.a(path.t_max)) != 0.0:
-            return 0.0
     try:
         return data.data_law().mean
     except NotImplementedError as err:

@@ -66,6 +66,15 @@ class AbstractPath(eqx.Module):
 
     # -- derived coefficients ---------------------------------------------------------------
     @property
+    def ends_in_noise(self) -> bool:
+        """Whether a(t_max) = 0: x_t = b z exactly at the top time (the linear interpolant,
+        TrigFlow), where the data term and rho = b/a need care."""
+        if not math.isfinite(self.t_max):
+            return False
+        with jax.ensure_compile_time_eval():  # the path's constants, also inside a trace
+            return float(self.a(self.t_max)) == 0.0
+
+    @property
     def units(self) -> str:
         """What the time of this path means (stored as the `units` of time coordinates)."""
         return f"{self.name} path time"
