@@ -13,9 +13,9 @@ Constructors (all return a validated `Schedule`):
 * `Schedule.fixed_horizon(T, delta, steps, tau)`: the same with $h = (T - \delta)/K$, to compare
   with the fixed-T diffusion baselines at the same horizon.
 * `Schedule.from_start_times(t, delta, tau)`: any start times, landing by the tau rule.
-* Schedules from the literature, converted to OU time by the variance-exploding time change
-  $\rho_t = \sigma_t/\alpha_t = \sqrt{e^{2t} - 1}$ (EDM's noise level $\sigma$ is $\rho$,
-  $t = \tfrac12\log(1 + \rho^2)$), all jumping to delta and re-noising (tau = inf) by default as
+* Schedules from the literature, converted to the path's time by its noise level (`path=`;
+  OU by default: $\rho_t = \sigma_t/\alpha_t = \sqrt{e^{2t} - 1}$, EDM's noise level $\sigma$
+  is $\rho$, $t = \tfrac12\log(1 + \rho^2)$; VE: t = rho), all jumping to delta and re-noising (tau = inf) by default as
   Song et al.'s multistep Algorithm 1 does:
   `karras` (EDM spacing $\rho_i^{1/r}$ uniform, r = 7, Karras et al. 2022), `song`
   (geometric $\rho_i$, the VE SDE of Song et al. 2021), `ect` (two steps with middle noise level
@@ -36,12 +36,34 @@ __all__ = ["Schedule", "ECT_MIDDLE_SIGMA"]
 ECT_MIDDLE_SIGMA = 0.821  # ECT's two-step middle noise level (EDM sigma)
 
 
-def _rho(t):
-    return np.sqrt(np.expm1(2.0 * np.asarray(t, np.float64)))
+def _rho(t, path=None):
+    """Noise level of time t on `path` (None: OU, in numpy float64)."""
+    if path is None:
+        return np.sqrt(np.expm1(2.0 * np.asarray(t, np.float64)))
+    rho = np.asarray(path.rho(np.asarray(t, np.float64)), np.float64)
+    if not np.all(np.isfinite(rho)):
+        raise ValueError(
+            f"the {path.name} path's noise level is infinite at T = {t}: the noise-level "
+            "spacings need a finite one; use T < t_max"
+        )
+    return rho
 
 
-def _time(rho):
-    return 0.5 * np.log1p(np.square(np.asarray(rho, np.float64)))
+def _time(rho, path=None):
+    """Time of noise level rho on `path` (None: OU)."""
+    if path is None:
+        return 0.5 * np.log1p(np.square(np.asarray(rho, np.float64)))
+    return np.array(path.time_of_rho(np.asarray(rho, np.float64)), np.float64)
+
+
+def _checked_path(path):
+    if path is None:
+        return None
+    from .paths import AbstractPath
+
+    if not isinstance(path, AbstractPath):
+        raise TypeError(f"`path` must be a mcm_prob.paths.AbstractPath, got {type(path).__name__}")
+    return path
 
 
 class Schedule(eqx.Module):
@@ -131,33 +153,47 @@ class Schedule(eqx.Module):
         return cls(sched.t, sched.s, "fixed_horizon")
 
     @classmethod
-    def karras(cls, *, T: float, delta: float, steps: int, rho: float = 7.0, tau=math.inf):
+    def karras(
+        cls, *, T: float, delta: float, steps: int, rho: float = 7.0, tau=math.inf, path=None
+    ):
         r"""EDM spacing: $\rho_i = (\rho_{max}^{1/r} + \tfrac iK(\rho_{min}^{1/r} -
         \rho_{max}^{1/r}))^r$, i = 0..K, between $\rho_{max} = \rho_T$ and $\rho_{min} =
-        \rho_\delta$; start times are the first K (Karras et al. 2022, r = `rho`)."""
+        \rho_\delta$; start times are the first K (Karras et al. 2022, r = `rho`). Times of
+        `path` (default OU), through its noise level."""
         delta, T, k, r = _horizon(T, delta, steps)
-        r = number("rho", rho, gt=0)
-        lo, hi = _rho(delta) ** (1 / r), _rho(T) ** (1 / r)
-        t = _time((hi + np.arange(k) / k * (lo - hi)) ** r)
+        r, path = number("rho", rho, gt=0), _checked_path(path)
+        lo, hi = _rho(delta, path) ** (1 / r), _rho(T, path) ** (1 / r)
+        t = _time((hi + np.arange(k) / k * (lo - hi)) ** r, path)
         t[0] = T  # exact horizon (the time change round-trips to within an ulp)
         return cls(*_land(t, delta, tau), "karras")
 
     @classmethod
-    def song(cls, *, T: float, delta: float, steps: int, tau=math.inf):
+    def song(cls, *, T: float, delta: float, steps: int, tau=math.inf, path=None):
         r"""Geometric noise levels $\rho_i = \rho_T (\rho_\delta/\rho_T)^{i/K}$, i = 0..K-1
-        (the VE SDE discretisation of Song et al. 2021)."""
+        (the VE SDE discretisation of Song et al. 2021), in the times of `path` (default OU)."""
         delta, T, k, _ = _horizon(T, delta, steps)
-        lo, hi = math.log(_rho(delta)), math.log(_rho(T))
-        t = _time(np.exp(hi + np.arange(k) / k * (lo - hi)))
+        path = _checked_path(path)
+        lo, hi = math.log(_rho(delta, path)), math.log(_rho(T, path))
+        t = _time(np.exp(hi + np.arange(k) / k * (lo - hi)), path)
         t[0] = T
         return cls(*_land(t, delta, tau), "song")
 
     @classmethod
-    def ect(cls, *, T: float, delta: float, middle_sigma: float = ECT_MIDDLE_SIGMA, tau=math.inf):
+    def ect(
+        cls,
+        *,
+        T: float,
+        delta: float,
+        middle_sigma: float = ECT_MIDDLE_SIGMA,
+        tau=math.inf,
+        path=None,
+    ):
         r"""ECT's two-step sampler: start at T, then at the middle noise level
-        $\rho = 0.821$ ($t = \tfrac12\log(1 + 0.821^2) \approx 0.2637$)."""
+        $\rho = 0.821$ (OU: $t = \tfrac12\log(1 + 0.821^2) \approx 0.2637$; VE: t = 0.821),
+        in the times of `path` (default OU)."""
         delta, T, _, _ = _horizon(T, delta, 2)
-        mid = float(_time(number("middle_sigma", middle_sigma, gt=0)))
+        path = _checked_path(path)
+        mid = float(_time(number("middle_sigma", middle_sigma, gt=0), path))
         if not delta < mid < T:
             raise ValueError(
                 f"the middle time t = {mid:.4g} of `middle_sigma` = {middle_sigma} must lie in "

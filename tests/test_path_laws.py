@@ -286,3 +286,23 @@ def test_a_user_family_with_the_gaussian_capability_gets_exact_tools(key):
         np.testing.assert_allclose(
             law(mine).covariance_matrix, law(same).covariance_matrix, rtol=1e-12
         )
+
+
+def test_literature_schedules_in_the_times_of_a_path():
+    """Karras on VE is EDM's sigma_i = (80^{1/7} + i/K (0.002^{1/7} - 80^{1/7}))^7; on VP the
+    same noise levels mapped to VP times (rho_t = sqrt(e^{B(t)} - 1)); ECT's middle noise level
+    is t = 0.821 on VE; the interpolant's infinite noise level at t = 1 is refused by name."""
+    k, r = 4, 7.0
+    edm = (80 ** (1 / r) + np.arange(k) / k * (0.002 ** (1 / r) - 80 ** (1 / r))) ** r
+    ve = mp.Schedule.karras(T=80.0, delta=0.002, steps=k, path=paths.VE())
+    np.testing.assert_allclose(ve.t, edm, rtol=1e-12)
+    vp = paths.VP()
+    sched = mp.Schedule.karras(T=1.0, delta=0.01, steps=k, path=vp)
+    lo, hi = float(vp.rho(0.01)) ** (1 / r), float(vp.rho(1.0)) ** (1 / r)
+    levels = (hi + np.arange(k) / k * (lo - hi)) ** r
+    big = np.log1p(levels**2)  # B(t) = 0.1 t + 9.95 t^2
+    want = (-0.1 + np.sqrt(0.01 + 4 * 9.95 * big)) / (2 * 9.95)
+    np.testing.assert_allclose(sched.t, want, rtol=1e-10)
+    assert mp.Schedule.ect(T=80.0, delta=0.002, path=paths.VE()).t[1] == pytest.approx(0.821)
+    with pytest.raises(ValueError, match="noise level is infinite at T = 1"):
+        mp.Schedule.karras(T=1.0, delta=0.01, steps=3, path=paths.LinearInterpolant())
