@@ -116,6 +116,13 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
             f"{path} is a saved model of format version {header.get('version')!r}; "
             f"this mcm_prob reads version {VERSION}"
         )
+    stored_path = header.get("train_config", {}).get("path")
+    if isinstance(stored_path, dict) and stored_path.get("path") == "custom":
+        raise ValueError(
+            f"{path}: the model was trained on a user path ({stored_path.get('repr')}), which "
+            "a file cannot rebuild; rebuild the network with ConsistencyNet(..., path=your_path) "
+            "and equinox.tree_deserialise_leaves"
+        )
     try:
         net_args = header["network"]
         config = TrainConfig(**header["train_config"])

@@ -2,6 +2,7 @@
 flow falls with iterations; the network's boundary form and time features follow the path;
 saved models keep their path."""
 
+import json
 import math
 
 import jax
@@ -85,3 +86,13 @@ def test_boundary_form_and_features_follow_the_path(tmp_path):
     back = mp.load_model(tmp_path / "m.eqx")
     assert back.path == path and back.config.to_json() == cfg.to_json()
     np.testing.assert_array_equal(back(x[:, :1], 0.9, 0.1), model(x[:, :1], 0.9, 0.1))
+
+
+def test_a_model_of_a_user_path_saves_and_refuses_to_load_by_name(tmp_path):
+    custom = CASES["custom"][0]
+    cfg = mp.TrainConfig(T=2.0, width=8, depth=1, path=custom)
+    assert json.loads(cfg.to_json())["path"]["path"] == "custom"
+    net = mp.ConsistencyNet(1, width=8, depth=1, key=jax.random.key(0), path=custom)
+    mp.save_model(tmp_path / "u.eqx", net, cfg)
+    with pytest.raises(ValueError, match="trained on a user path"):
+        mp.load_model(tmp_path / "u.eqx")
