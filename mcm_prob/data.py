@@ -41,7 +41,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.util import lazy_property
 
 from ._checks import check_points, check_time, concrete, integer, prng_key, real_array
-from .paths import OU, AbstractPath
+from .paths import OU, AbstractPath, as_path
 
 __all__ = [
     "DataDistribution",
@@ -245,13 +245,13 @@ class DataDistribution(eqx.Module):
 
     def marginal(self, t: ArrayLike, path: AbstractPath = OU) -> dist.Distribution:
         r"""$p_t$, the law of $X_t = a_t X_0 + b_t Z$ on `path` (event shape (dim,))."""
-        path = _path(path)
+        path = as_path(path)
         self._check_t(t, path)
         return self.marginal_law(t, path)
 
     def score(self, x: ArrayLike, t: ArrayLike, path: AbstractPath = OU) -> Array:
         r"""$\nabla_x \log p_t(x)$ on `path` for x of shape (..., dim); returns shape (..., dim)."""
-        path = _path(path)
+        path = as_path(path)
         self._check_t(t, path)
         check_points("x", x, self.dim)
         return self.unchecked_score(jnp.asarray(x), t, path)
@@ -273,14 +273,6 @@ def check_data(name: str, data) -> None:
             f"`{name}` must be a mcm_prob.data.DataDistribution (a built-in family or your "
             f"subclass of it), got {type(data).__name__}"
         )
-
-
-def _path(path) -> AbstractPath:
-    if not isinstance(path, AbstractPath):
-        raise TypeError(
-            f"`path` must be a mcm_prob.paths.AbstractPath (e.g. mcm_prob.OU), got {type(path).__name__}"
-        )
-    return path
 
 
 FAMILIES: dict[str, type[DataDistribution]] = {}

@@ -30,9 +30,8 @@ from jaxtyping import Array
 from ._checks import finite_or_raise, integer, number, one_of, prng_key
 from .data import DataDistribution, Gaussian, check_data
 from .flow import ode_solve, pf_ode_step
-from .forward import as_path
 from .laws import EigenNormal, compose_affine, gaussian_parts
-from .paths import OU, AbstractPath
+from .paths import OU, AbstractPath, as_path
 from .sampling import SamplerOutput
 
 __all__ = ["sample_sde", "sample_ode", "sample_ode_adaptive", "baseline_law", "BASELINES"]

@@ -34,8 +34,8 @@ from jaxtyping import Array, ArrayLike
 
 from ._checks import check_points, check_time, integer, number, one_of
 from .data import ClosedFormGaussian, DataDistribution
-from .forward import alpha, as_path, sigma, snr_ratio, time_from_snr_ratio
-from .paths import OU, AbstractPath
+from .forward import alpha, sigma, snr_ratio, time_from_snr_ratio
+from .paths import OU, AbstractPath, as_path
 
 __all__ = [
     "flow_map",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpyro
 from jaxtyping import Array, ArrayLike
 
-from .paths import OU, AbstractPath, OrnsteinUhlenbeck
+from .paths import OU, AbstractPath, OrnsteinUhlenbeck, as_path
 
 __all__ = [
     "OU",
@@ -44,20 +44,6 @@ def snr_ratio(t: ArrayLike) -> Array:
 def time_from_snr_ratio(rho: ArrayLike) -> Array:
     r"""Inverse of `snr_ratio`: $t = \tfrac12 \log(1 + \rho^2)$."""
     return OU.time_of_rho(rho)
-
-
-def as_path(path, f=None) -> AbstractPath:
-    """`path` checked to be a `mcm_prob.paths.AbstractPath`; None means the path of `f` (a
-    fitted model knows the path it was trained on: its `path` attribute), else `OU`."""
-    if path is None:
-        own = getattr(f, "path", None)
-        return own if isinstance(own, AbstractPath) else OU
-    if not isinstance(path, AbstractPath):
-        raise TypeError(
-            "`path` must be a mcm_prob.paths.AbstractPath (mcm_prob.OU, paths.VP(), paths.VE(), "
-            f"paths.LinearInterpolant(), paths.TrigFlow(), paths.CustomPath(...)), got {type(path).__name__}"
-        )
-    return path
 
 
 def joint_model(data, t: ArrayLike, n: int | None = None, *, path: AbstractPath = OU) -> Array:

@@ -52,8 +52,7 @@ from scipy import special, stats
 from ._checks import integer, prng_key, real_array
 from .data import ClosedFormCDF, DataDistribution, ProductData, UniformBox
 from .flow import pf_flow
-from .forward import as_path
-from .paths import AbstractPath, OrnsteinUhlenbeck
+from .paths import AbstractPath, OrnsteinUhlenbeck, as_path
 from .schedules import Schedule, as_schedule
 
 __all__ = [

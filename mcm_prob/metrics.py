@@ -29,8 +29,7 @@ import numpy as np
 from ._checks import integer, number, prng_key
 from .data import DataDistribution, EigenNormal
 from .flow import flow_map
-from .forward import as_path
-from .paths import OU, AbstractPath
+from .paths import OU, AbstractPath, as_path
 
 __all__ = [
     "kl_gaussian",

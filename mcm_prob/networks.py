@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from ._checks import integer
-from .paths import OU, AbstractPath
+from .paths import OU, AbstractPath, as_path
 
 __all__ = ["ConsistencyNet", "boundary_coefficients"]
 
@@ -73,11 +73,7 @@ class ConsistencyNet(eqx.Module):
         dtype=jnp.float32,
         path: AbstractPath = OU,
     ):
-        if not isinstance(path, AbstractPath):
-            raise TypeError(
-                f"`path` must be a mcm_prob.paths.AbstractPath, got {type(path).__name__}"
-            )
-        self.path = path
+        self.path = as_path(path)
         dim, width = integer("dim", dim), integer("width", width)
         depth, n_freq = integer("depth", depth, ge=0), integer("n_freq", n_freq, ge=0)
         self.dim, self.n_freq = dim, n_freq

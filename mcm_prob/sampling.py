@@ -26,9 +26,8 @@ from jaxtyping import Array
 
 from ._checks import finite_or_raise, integer, number, prng_key, real_array
 from .data import Gaussian
-from .forward import as_path
 from .laws import EigenNormal, gaussian_parts
-from .paths import OU, AbstractPath
+from .paths import OU, AbstractPath, as_path
 from .schedules import Schedule, as_schedule
 
 __all__ = [

@@ -30,6 +30,7 @@ import equinox as eqx
 import numpy as np
 
 from ._checks import integer, number, real_array
+from .paths import as_path
 
 __all__ = ["Schedule", "ECT_MIDDLE_SIGMA"]
 
@@ -57,13 +58,8 @@ def _time(rho, path=None):
 
 
 def _checked_path(path):
-    if path is None:
-        return None
-    from .paths import AbstractPath
-
-    if not isinstance(path, AbstractPath):
-        raise TypeError(f"`path` must be a mcm_prob.paths.AbstractPath, got {type(path).__name__}")
-    return path
+    """None (OU, in numpy float64 as always) or a checked path."""
+    return None if path is None else as_path(path)
 
 
 class Schedule(eqx.Module):

@@ -55,11 +55,9 @@ from . import _checks
 from ._checks import integer, number, one_of, prng_key
 from .data import DataDistribution, check_data, from_spec
 from .flow import flow_map, pf_ode_step
-from .forward import as_path
 from .networks import ConsistencyNet
-from .paths import AbstractPath
+from .paths import AbstractPath, as_path, path_of
 from .paths import describe as describe_path
-from .paths import from_spec as path_from_spec
 
 __all__ = [
     "TrainConfig",
@@ -151,13 +149,7 @@ class TrainConfig:
     path: AbstractPath | str | dict = "ou"
 
     def __post_init__(self):
-        path = self.path
-        if not isinstance(path, AbstractPath):
-            try:
-                path = path_from_spec(path)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"`path`: {err}") from err
-        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "path", path_of(self.path))
         self.path.check_time("T", self.T)
         for name, options in _CHOICES.items():
             one_of(name, getattr(self, name), options)

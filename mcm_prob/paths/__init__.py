@@ -12,8 +12,10 @@ from .library import (
     LinearInterpolant,
     OrnsteinUhlenbeck,
     TrigFlow,
+    as_path,
     describe,
     from_spec,
+    path_of,
 )
 
 __all__ = [
@@ -28,4 +30,6 @@ __all__ = [
     "PATHS",
     "from_spec",
     "describe",
+    "as_path",
+    "path_of",
 ]

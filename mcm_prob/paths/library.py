@@ -38,6 +38,8 @@ __all__ = [
     "PATHS",
     "from_spec",
     "describe",
+    "as_path",
+    "path_of",
 ]
 
 
@@ -390,6 +392,32 @@ def from_spec(spec: Mapping | str) -> AbstractPath:
             f"path spec for {name!r}: unknown key(s) {unknown}; accepted: {['path', *_FIELDS[name]]}"
         )
     return PATHS[name](**args)
+
+
+def as_path(path, f=None) -> AbstractPath:
+    """`path` checked to be an `AbstractPath`; None means the path of `f` (a fitted model knows
+    the path it was trained on: its `path` attribute), else `OU`."""
+    if path is None:
+        own = getattr(f, "path", None)
+        return own if isinstance(own, AbstractPath) else OU
+    if not isinstance(path, AbstractPath):
+        raise TypeError(
+            "`path` must be a mcm_prob.paths.AbstractPath (mcm_prob.OU, paths.VP(), paths.VE(), "
+            "paths.LinearInterpolant(), paths.TrigFlow(), paths.CustomPath(...)), got "
+            f"{type(path).__name__}"
+        )
+    return path
+
+
+def path_of(value, name: str = "`path`") -> AbstractPath:
+    """A path from an `AbstractPath`, a name (``"vp"``) or a spec dict (configs and TOML);
+    a bad one raises `ValueError` starting with `name`."""
+    if isinstance(value, AbstractPath):
+        return value
+    try:
+        return from_spec(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: {err}") from err
 
 
 def describe(path: AbstractPath) -> dict:

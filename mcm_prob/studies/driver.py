@@ -52,9 +52,8 @@ from tqdm.auto import tqdm
 from .._checks import number
 from ..cache import enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
-from ..paths import OU, AbstractPath
+from ..paths import OU, AbstractPath, path_of
 from ..paths import describe as describe_path
-from ..paths import from_spec as path_from_spec
 from ..results import ResultsWriteError, load_tree, provenance, remove_stale_temps, save_tree
 
 __all__ = [
@@ -160,13 +159,7 @@ class StudyConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "data", data_entries(self.data))
-        path = self.path
-        if not isinstance(path, AbstractPath):
-            try:
-                path = path_from_spec(path)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"config key `path`: {err}") from err
-        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "path", path_of(self.path, "config key `path`"))
 
     @property
     def time_units(self) -> str:
