@@ -4,8 +4,8 @@ With step h, K = `steps`, re-noising length $\tau$ and stop time $\delta$: $t_k 
 for k = 0..K; x from the path's prior at $t_0$ (OU: N(0, I)); for k = 0..K-1,
 $s_k = \max(t_{k+1} - \tau, \delta)$, $y = f(x, t_k, s_k)$ and, if k < K-1,
 $x = r_k y + \mathrm{std}_k\,\xi$, the path's transition from $s_k$ to $t_{k+1}$ (OU:
-$r = \alpha_{t_{k+1}-s_k}$, $\mathrm{std} = \sigma_{t_{k+1}-s_k}$). The output is the last y, a draw meant to follow
-$p_\delta$. $\tau = 0$ composes flow maps deterministically; $\tau = \infty$ is Song et al.'s
+$r = \alpha_{t_{k+1}-s_k}$, $\mathrm{std} = \sigma_{t_{k+1}-s_k}$). The output is the last y, a
+draw meant to follow $p_\delta$. $\tau = 0$ composes flow maps deterministically; $\tau = \infty$ is Song et al.'s
 multistep Algorithm 1; intermediate $\tau$ is CTM's gamma-sampling in OU time. Any other start
 and landing times are passed as a `mcm_prob.Schedule` (`schedule=`), of which this constant step
 is one constructor.
@@ -80,8 +80,9 @@ def sample(
     JAX key); `n` samples; `dim`; then either the constant step (`delta` > 0 stop time, `h` > 0
     step, `steps` = K >= 1, `tau` >= 0 re-noising length, `math.inf` for Algorithm 1) or
     `schedule`, any `mcm_prob.Schedule`; `path` (times in its units; re-noising by its
-    transitions; default: the path `f` was trained on, ``f.path``, else OU); `init`: the law of the start x at t_0 (a NumPyro distribution with event
-    shape (dim,), e.g. the exact `data.marginal(t_0, path)`; default the path's prior). When
+    transitions; default: the path `f` was trained on, ``f.path``, else OU); `init`: the law
+    of the start x at t_0 (a NumPyro distribution with event shape (dim,), e.g. the exact
+    `data.marginal(t_0, path)`; default the path's prior). When
     `f` knows the time range it was trained on (``f.trained_range`` = (delta, T), e.g. a model
     from `mcm_prob.load_model`), a schedule that starts above T or lands below delta is
     refused; `extrapolate=True` runs it anyway with a warning.
