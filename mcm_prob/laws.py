@@ -1,5 +1,11 @@
 r"""Exact Gaussian laws, per eigenvalue: the laws of the samplers and baselines on Gaussian data.
 
+This module holds the parts every exact Gaussian law shares: `gaussian_parts` (mean, eigenvalues
+and basis of Gaussian data), `eigen_law_moments` (the exact-flow sampler, per eigenvalue),
+`gaussian_law_moments` (the same with an affine consistency error, d x d, numpy or jax.numpy),
+`compose_affine` (K coordinatewise affine-Gaussian steps at once: the baselines); the laws are
+returned by `mcm_prob.sampler_law` and `mcm_prob.diffusion.baseline_law`.
+
 For Gaussian data $N(m, U\operatorname{diag}(\lambda)U^\top)$ and any Gaussian path, the exact
 flow, the re-noising transitions and the fixed-step baselines with the exact score are all
 affine maps plus isotropic Gaussian noise that are diagonal in the eigenbasis U. So a law
@@ -16,8 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 from .data import ClosedFormGaussian, EigenNormal
+from .paths import OU, AbstractPath
 
-__all__ = ["EigenNormal", "gaussian_parts", "compose_affine"]
+__all__ = [
+    "EigenNormal",
+    "gaussian_parts",
+    "compose_affine",
+    "eigen_law_moments",
+    "gaussian_law_moments",
+]
 
 
 def gaussian_parts(data) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -41,3 +54,42 @@ def compose_affine(a, c, q, mean0, var0):
     after = np.concatenate([np.cumprod(a[::-1], 0)[::-1][1:], np.ones_like(a[:1])])
     total = np.prod(a, 0)
     return np.sum(after * c, 0) + total * mean0, total**2 * var0 + np.sum(after**2 * q, 0)
+
+
+def eigen_law_moments(m, lam, t, s, path: AbstractPath = OU, mean0=None, var0=None):
+    """Per-eigenvalue mean (d,) and variance (d,) of the exact-flow sampler law, for the data
+    mean `m` in the eigenbasis, eigenvalues `lam`, start and landing times `t`, `s` (K,), from
+    N(mean0, var0) (default the prior N(0, I))."""
+    mu = np.zeros_like(m) if mean0 is None else mean0
+    var = np.ones_like(lam) if var0 is None else var0
+    a_t, b_t = np.asarray(path.a(t)), np.asarray(path.b(t))
+    a_s, b_s = np.asarray(path.a(s)), np.asarray(path.b(s))
+    ratio, std = (np.asarray(v) for v in path.transition_coefficients(s[:-1], t[1:]))
+    for k in range(t.shape[0]):
+        flow = np.sqrt((a_s[k] ** 2 * lam + b_s[k] ** 2) / (a_t[k] ** 2 * lam + b_t[k] ** 2))
+        mu, var = flow * (mu - a_t[k] * m) + a_s[k] * m, flow**2 * var
+        if k < t.shape[0] - 1:
+            mu, var = ratio[k] * mu, ratio[k] ** 2 * var + std[k] ** 2
+    return mu, var
+
+
+def gaussian_law_moments(xp, m, lam, u, t, s, perturbation=None, *, path=OU, init=None):
+    """Mean (d,) and covariance (d, d) of the sampler law of `sampler_law` for data mean `m`,
+    covariance eigenvalues `lam` and eigenvectors `u`, start and landing times `t`, `s` (K,),
+    in the array namespace `xp` (numpy for float64 ground truth; jax.numpy to differentiate with
+    respect to the times); `init` = (mean, cov) at t_0 (default N(0, I))."""
+    d, steps = m.shape[0], t.shape[0]
+    mu, cov = (xp.zeros(d), xp.eye(d)) if init is None else init
+    ratio, std = path.transition_coefficients(s[:-1], t[1:]) if steps > 1 else (None, None)
+    for k in range(steps):
+        a_t, a_s = path.a(t[k]), path.a(s[k])
+        nu_t = a_t**2 * lam + path.b(t[k]) ** 2
+        nu_s = a_s**2 * lam + path.b(s[k]) ** 2
+        flow = (u * xp.sqrt(nu_s / nu_t)) @ u.T
+        lin, shift = flow, a_s * m - flow @ (a_t * m)
+        if perturbation is not None:
+            lin, shift = lin + perturbation[0], shift + perturbation[1]
+        mu, cov = lin @ mu + shift, lin @ cov @ lin.T
+        if k < steps - 1:
+            mu, cov = ratio[k] * mu, ratio[k] ** 2 * cov + std[k] ** 2 * xp.eye(d)
+    return mu, cov

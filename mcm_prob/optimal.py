@@ -37,8 +37,8 @@ from ._checks import integer, number, prng_key
 from .accuracy import product_factors, schedule_kl
 from .data import ClosedFormGaussian, DataDistribution
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
-from .laws import gaussian_parts
-from .sampling import check_perturbation, gaussian_law_moments
+from .laws import gaussian_law_moments, gaussian_parts
+from .sampling import check_perturbation
 from .schedules import Schedule
 
 __all__ = ["OptimalSchedule", "optimal_schedule"]

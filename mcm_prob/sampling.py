@@ -26,7 +26,7 @@ from jaxtyping import Array
 
 from ._checks import finite_or_raise, integer, number, prng_key, real_array
 from .data import Gaussian
-from .laws import EigenNormal, gaussian_parts
+from .laws import EigenNormal, eigen_law_moments, gaussian_law_moments, gaussian_parts
 from .paths import OU, AbstractPath, as_path
 from .schedules import Schedule, as_schedule
 
@@ -39,8 +39,6 @@ __all__ = [
     "sample_gamma",
     "sampler_times",
     "sampler_law",
-    "eigen_law_moments",
-    "gaussian_law_moments",
     "affine_error",
 ]
 
@@ -294,45 +292,6 @@ def sampler_law(
         np, u @ m, lam, u, sched.t, sched.s, (a_pert, b_pert), path=path, init=init
     )
     return _dense_law(mu, cov)
-
-
-def eigen_law_moments(m, lam, t, s, path: AbstractPath = OU, mean0=None, var0=None):
-    """Per-eigenvalue mean (d,) and variance (d,) of the exact-flow sampler law, for the data
-    mean `m` in the eigenbasis, eigenvalues `lam`, start and landing times `t`, `s` (K,), from
-    N(mean0, var0) (default the prior N(0, I))."""
-    mu = np.zeros_like(m) if mean0 is None else mean0
-    var = np.ones_like(lam) if var0 is None else var0
-    a_t, b_t = np.asarray(path.a(t)), np.asarray(path.b(t))
-    a_s, b_s = np.asarray(path.a(s)), np.asarray(path.b(s))
-    ratio, std = (np.asarray(v) for v in path.transition_coefficients(s[:-1], t[1:]))
-    for k in range(t.shape[0]):
-        flow = np.sqrt((a_s[k] ** 2 * lam + b_s[k] ** 2) / (a_t[k] ** 2 * lam + b_t[k] ** 2))
-        mu, var = flow * (mu - a_t[k] * m) + a_s[k] * m, flow**2 * var
-        if k < t.shape[0] - 1:
-            mu, var = ratio[k] * mu, ratio[k] ** 2 * var + std[k] ** 2
-    return mu, var
-
-
-def gaussian_law_moments(xp, m, lam, u, t, s, perturbation=None, *, path=OU, init=None):
-    """Mean (d,) and covariance (d, d) of the sampler law of `sampler_law` for data mean `m`,
-    covariance eigenvalues `lam` and eigenvectors `u`, start and landing times `t`, `s` (K,),
-    in the array namespace `xp` (numpy for float64 ground truth; jax.numpy to differentiate with
-    respect to the times); `init` = (mean, cov) at t_0 (default N(0, I))."""
-    d, steps = m.shape[0], t.shape[0]
-    mu, cov = (xp.zeros(d), xp.eye(d)) if init is None else init
-    ratio, std = path.transition_coefficients(s[:-1], t[1:]) if steps > 1 else (None, None)
-    for k in range(steps):
-        a_t, a_s = path.a(t[k]), path.a(s[k])
-        nu_t = a_t**2 * lam + path.b(t[k]) ** 2
-        nu_s = a_s**2 * lam + path.b(s[k]) ** 2
-        flow = (u * xp.sqrt(nu_s / nu_t)) @ u.T
-        lin, shift = flow, a_s * m - flow @ (a_t * m)
-        if perturbation is not None:
-            lin, shift = lin + perturbation[0], shift + perturbation[1]
-        mu, cov = lin @ mu + shift, lin @ cov @ lin.T
-        if k < steps - 1:
-            mu, cov = ratio[k] * mu, ratio[k] ** 2 * cov + std[k] ** 2 * xp.eye(d)
-    return mu, cov
 
 
 def _dense_law(mean: np.ndarray, cov: np.ndarray) -> dist.MultivariateNormal:
