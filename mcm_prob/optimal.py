@@ -38,6 +38,7 @@ from .accuracy import product_factors, schedule_kl
 from .data import ClosedFormGaussian, DataDistribution
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
 from .laws import gaussian_law_moments, gaussian_parts
+from .paths import OU, AbstractPath, as_path
 from .sampling import check_perturbation
 from .schedules import Schedule
 
@@ -87,6 +88,7 @@ def optimal_schedule(
     n_grid: int = 301,
     grid: dict | None = None,
     floor: float = 0.0,
+    path: AbstractPath = OU,
 ) -> OptimalSchedule:
     r"""Minimise KL(sampler law || p_delta) over K-step schedules with horizon T (module doc).
 
@@ -100,13 +102,19 @@ def optimal_schedule(
     (and as many focused) grid points of the product targets' grid laws while optimising;
     `grid`: keyword arguments of `grid_law_1d` for the final KLs of product targets; `floor`:
     no optimisation when a start's KL is already at or below it (the accuracy floor of the KL
-    computation: nothing smaller can be told apart), and then `history` has no iterations.
+    computation: nothing smaller can be told apart), and then `history` has no iterations;
+    `path`: the Gaussian path of the times (Gaussian data; product targets are OU only).
 
     **Returns:** `OptimalSchedule`; `schedule` is the best iterate of all runs or, if none is
     better, the best start, and `kl` its KL by `schedule_kl` (float64 Gaussian law, or the
     default `grid_law_1d`).
     """
     gaussian = isinstance(data, ClosedFormGaussian) and dim is None
+    path = as_path(path)
+    if not gaussian and path != OU:
+        raise ValueError(
+            f"optimal schedules for product targets run on the OU path only, got {path.name!r}"
+        )
     if not gaussian:
         factors = product_factors(data, dim)
         bad = [type(f).__name__ for f in factors if not has_closed_form_cdf(f)]
@@ -118,6 +126,7 @@ def optimal_schedule(
     k = integer("steps", steps)
     delta = number("delta", delta, gt=0)
     T = number("T", T, gt=delta)
+    path.check_time("T", T)
     integer("iterations", iterations)
     integer("n_random", n_random, ge=0)
     integer("n_grid", n_grid, ge=101)
@@ -127,7 +136,8 @@ def optimal_schedule(
         starts = [
             Schedule.fixed_horizon(T=T, delta=delta, steps=k, tau=tau) for tau in (0.0, np.inf)
         ]
-        starts.append(Schedule.karras(T=T, delta=delta, steps=k))
+        if np.isfinite(float(path.rho(T))):
+            starts.append(Schedule.karras(T=T, delta=delta, steps=k, path=path))
     starts = list(starts)
     for i, st in enumerate(starts):
         if not isinstance(st, Schedule) or st.steps != k:
@@ -138,7 +148,10 @@ def optimal_schedule(
                 f"{st.horizon:g} and {st.delta:g}"
             )
     grid = {} if gaussian or grid is None else dict(grid)
-    exact = lambda sched: schedule_kl(data, sched, perturbation=perturbation, dim=dim, **grid)  # noqa: E731
+
+    def exact(sched):
+        return schedule_kl(data, sched, perturbation=perturbation, dim=dim, path=path, **grid)
+
     start_kl = np.array([exact(st) for st in starts])
     best = (starts[int(np.argmin(start_kl))], float(start_kl.min()))
     history = np.zeros((len(starts) + n_random, 0))
@@ -148,14 +161,16 @@ def optimal_schedule(
         with jax.enable_x64(True):
             if gaussian:
                 history, params = _optimise_gaussian(
-                    data, perturbation, T, delta, learning_rate, a0, b0, iterations
+                    data, perturbation, T, delta, learning_rate, a0, b0, iterations, path
                 )
             else:
                 history, params = _optimise_product(
                     factors, T, delta, learning_rate, a0, b0, iterations, n_grid
                 )
         for p in params:
-            cand = Schedule(*(np.asarray(v, np.float64) for v in _times(p, T, delta)), "optimal")
+            t, s = (np.array(v, np.float64) for v in _times(p, T, delta))
+            t[0] = T  # exactly the horizon (the softmax sum can be an ulp above it)
+            cand = Schedule(t, s, "optimal")
             value = exact(cand)
             if value < best[1]:
                 best = (cand, value)
@@ -171,7 +186,7 @@ def _initial(starts, n_random, k, T, delta, key):
     return a0, b0
 
 
-def _optimise_gaussian(data, perturbation, T, delta, lr, a0, b0, iterations):
+def _optimise_gaussian(data, perturbation, T, delta, lr, a0, b0, iterations, path):
     """Adam from every start (vmapped) on the exact Gaussian law; returns the KL history
     (starts, iterations) and the best parameters of each run."""
     m, lam, u = gaussian_parts(data)
@@ -183,6 +198,7 @@ def _optimise_gaussian(data, perturbation, T, delta, lr, a0, b0, iterations):
         *(jnp.asarray(v, jnp.float64) for v in args),
         iterations=iterations,
         perturbed=perturbation is not None,
+        path=path,
     )
     return np.asarray(hist), list(zip(np.asarray(best_a), np.asarray(best_b), strict=True))
 
@@ -214,17 +230,18 @@ def _product_runs(data, grids, T, delta, lr, a0, b0, *, counts, iterations):
     return jax.vmap(lambda p: _adam_scan(log_kl, p, lr, iterations))((a0, b0))
 
 
-@functools.partial(jax.jit, static_argnames=("iterations", "perturbed"))
-def _adam_runs(m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0, *, iterations, perturbed):
-    """One compiled program per (K, d, number of starts, iterations): every run of Adam."""
-    nu = jnp.exp(-2 * delta) * lam - jnp.expm1(-2 * delta)
+@functools.partial(jax.jit, static_argnames=("iterations", "perturbed", "path"))
+def _adam_runs(m, lam, u, a_pert, b_pert, T, delta, lr, a0, b0, *, iterations, perturbed, path):
+    """One compiled program per (K, d, number of starts, iterations, path): every run of Adam."""
+    nu = path.a(delta) ** 2 * lam + path.b(delta) ** 2
     prec = (u / nu) @ u.T
-    m_delta, logdet_p = jnp.exp(-delta) * m, jnp.sum(jnp.log(nu))
+    m_delta, logdet_p = path.a(delta) * m, jnp.sum(jnp.log(nu))
     perturbation = (a_pert, b_pert) if perturbed else None
+    init = (jnp.zeros_like(m), path.prior_std(T) ** 2 * jnp.eye(m.size))
 
     def log_kl(params):
         t, s = _times(params, T, delta)
-        mu, cov = gaussian_law_moments(jnp, m, lam, u, t, s, perturbation)
+        mu, cov = gaussian_law_moments(jnp, m, lam, u, t, s, perturbation, path=path, init=init)
         chol = jnp.linalg.cholesky(0.5 * (cov + cov.T))
         diff = m_delta - mu
         kl = 0.5 * (

@@ -32,6 +32,13 @@ CASES = {
         math.pi / 2,
         0.01,
     ),
+    "custom": (
+        paths.CustomPath(lambda t: 1.0 / (1.0 + t**2), lambda t: t * 1.0, t_max=2.0),
+        lambda t: 1.0 / (1.0 + t**2),
+        lambda t: t,
+        2.0,
+        0.01,
+    ),
 }
 LAM = np.array([2.0, 0.3])
 MEAN = np.array([0.7, -0.4])
@@ -306,3 +313,18 @@ def test_literature_schedules_in_the_times_of_a_path():
     assert mp.Schedule.ect(T=80.0, delta=0.002, path=paths.VE()).t[1] == pytest.approx(0.821)
     with pytest.raises(ValueError, match="noise level is infinite at T = 1"):
         mp.Schedule.karras(T=1.0, delta=0.01, steps=3, path=paths.LinearInterpolant())
+
+
+def test_optimal_schedule_on_vp():
+    """On VP, the optimiser's schedule is a valid VP schedule whose exact KL (schedule_kl on
+    VP) is the reported one and at most the best start's; product targets are OU only."""
+    data = mp.data.Gaussian(MEAN, [[0.5, 0.2], [0.2, 2.0]])
+    vp = paths.VP()
+    res = mp.optimal_schedule(data, 3, T=1.0, delta=0.01, iterations=100, n_random=1, path=vp)
+    assert res.schedule.horizon == pytest.approx(1.0) and res.schedule.delta == pytest.approx(0.01)
+    assert res.kl <= res.start_kl.min()
+    np.testing.assert_allclose(
+        res.kl, mp.accuracy.schedule_kl(data, res.schedule, path=vp), rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="OU path only"):
+        mp.optimal_schedule(mp.data.UniformBox([0.0], [1.0]), 2, T=1.0, delta=0.05, path=vp)

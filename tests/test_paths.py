@@ -249,7 +249,7 @@ def test_flow_maps_equal_a_diffrax_solve_of_the_path_ode(path_name, key):
         np.testing.assert_allclose(got, a_s * np.asarray(ve), rtol=1e-8, atol=1e-8, err_msg=name)
 
 
-@pytest.mark.parametrize("path_name", ["vp", "linear", "trigflow"])
+@pytest.mark.parametrize("path_name", list(PATHS))
 def test_joint_model_under_nuts_gives_tweedie(path_name, key):
     """NUTS on x_0 | x_t of `joint_model(..., path=)`: the posterior mean equals Tweedie's
     E[x_0 | x_t] = (x_t + b_t^2 score) / a_t within 5 Monte Carlo standard errors."""

@@ -90,6 +90,9 @@ def test_sampling_on_a_path_from_toml(tmp_path, capsys, name, h, T):
     capsys.readouterr()
     assert cli.main(["report", str(out)]) == 0
     assert f'"path": "{name}"' in capsys.readouterr().out
+    toml.write_text(SAMPLING.format(path='path = "ou"', h=h, T=T))  # another path: refused
+    assert cli.main(argv[:-1] + ["--resume", "--no-progress"]) == 1
+    assert "different config" in capsys.readouterr().err
 
 
 def test_study_path_refusals():
