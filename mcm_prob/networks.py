@@ -35,12 +35,15 @@ def boundary_coefficients(
 ) -> tuple[Array, Array]:
     r"""Skip and output coefficients $(b_s/b_t,\; a_s - a_t b_s/b_t)$ on `path`.
 
-    Exactly (1, 0) at s = t (including t = s = 0, where the ratio is defined as 1).
+    Exactly (1, 0) at s = t (the ratio of two equal numbers; at t = s = 0, where b = 0, the
+    ratio is defined as 1). Only t = 0 is special-cased, so the derivatives in t and s are the
+    formula's on the diagonal s = t too (selecting constants there would make them zero).
     """
     t, s = jnp.asarray(t), jnp.asarray(s)
-    same = t == s
-    ratio = jnp.where(same, 1.0, path.b(s) / jnp.where(same, 1.0, path.b(t)))
-    return ratio, jnp.where(same, 0.0, path.a(s) - path.a(t) * ratio)
+    b_t = path.b(t)
+    at_zero = b_t == 0
+    ratio = jnp.where(at_zero, 1.0, path.b(s) / jnp.where(at_zero, 1.0, b_t))
+    return ratio, jnp.where(at_zero, 0.0, path.a(s) - path.a(t) * ratio)
 
 
 def _time_features(path: AbstractPath, tau: Array, n_freq: int) -> Array:

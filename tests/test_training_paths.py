@@ -96,3 +96,24 @@ def test_a_model_of_a_user_path_saves_and_refuses_to_load_by_name(tmp_path):
     mp.save_model(tmp_path / "u.eqx", net, cfg)
     with pytest.raises(ValueError, match="trained on a user path"):
         mp.load_model(tmp_path / "u.eqx")
+
+
+@pytest.mark.parametrize("name", ["ou", "vp", "linear"])
+def test_network_derivatives_on_the_diagonal_equal_finite_differences(name):
+    """d f / dt and d f / ds at s = t (float64 net) equal central finite differences of the
+    same formula (1e-6 relative): the boundary form does not freeze them (d f/dt at s = t is
+    -(b'/b) x + (b'/b a - a') g, not 0)."""
+    path, _ = CASES[name]
+    net = mp.ConsistencyNet(
+        2, width=8, depth=1, key=jax.random.key(3), dtype=jnp.float64, path=path
+    )
+    x, t0, h = jnp.array([0.3, -0.7]), 0.4, 1e-5
+    for arg in (1, 2):
+
+        def f(v, arg=arg):
+            return net.single(x, v, t0) if arg == 1 else net.single(x, t0, v)
+
+        grad = jax.jacfwd(f)(jnp.asarray(t0))
+        fd = (f(jnp.asarray(t0 + h)) - f(jnp.asarray(t0 - h))) / (2 * h)
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+        assert np.max(np.abs(np.asarray(grad))) > 1e-3  # not frozen
