@@ -907,8 +907,12 @@ class EigenNormal(dist.MultivariateNormal):
         z = self._from_basis(jnp.asarray(value)) - self.coef
         return -0.5 * jnp.sum(z**2 / self.var + jnp.log(2 * jnp.pi * self.var), -1)
 
-    def tree_flatten(self):  # pragma: no cover - not used under jit
-        raise NotImplementedError("EigenNormal is not a jit argument; pass its arrays instead")
+    def tree_flatten(self):
+        return (self.coef, self.var, self.basis), None
+
+    @classmethod
+    def tree_unflatten(cls, aux_data, params):
+        return cls(*params)
 
 
 def describe(data: DataDistribution) -> dict:

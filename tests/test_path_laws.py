@@ -227,6 +227,8 @@ def test_eigen_kl_and_w2_equal_the_dense_formulas(rng):
     )
     x = jnp.asarray(rng.normal(size=(3, d)))
     np.testing.assert_allclose(p_law.log_prob(x), dense[0].log_prob(x), rtol=1e-12)
+    jitted = jax.jit(lambda law, z: law.log_prob(z))(p_law, x)  # a pytree: (coef, var, basis)
+    np.testing.assert_allclose(jitted, p_law.log_prob(x), rtol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["vp", "ve", "linear", "trigflow"])

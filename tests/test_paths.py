@@ -123,6 +123,10 @@ def test_coefficients_against_hand_formulas(name):
     np.testing.assert_allclose(path.rho(t), b(t) / a(t), rtol=1e-12)
     np.testing.assert_allclose(path.time_of_rho(b(t) / a(t)), t, rtol=1e-10)
     np.testing.assert_allclose(path.ou_time(t), 0.5 * np.log1p((b(t) / a(t)) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(path.time_of_ou(path.ou_time(t)), t, rtol=1e-10)
+    np.testing.assert_allclose(path.scale(t), np.hypot(a(t), b(t)), rtol=1e-12)
+    prior = path.prior(3, top)
+    np.testing.assert_allclose(prior.variance, np.full(3, float(path.prior_std(top)) ** 2))
     # transition: x_t | x_s ~ N((a_t/a_s) x_s, b_t^2 - (a_t/a_s)^2 b_s^2)
     s = 0.3 * t
     ratio, std = path.transition_coefficients(jnp.asarray(s[3]), jnp.asarray(t[3]))
