@@ -29,7 +29,7 @@ from jaxtyping import Array
 
 from ._checks import finite_or_raise, integer, number, one_of, prng_key
 from .data import DataDistribution, Gaussian, check_data
-from .flow import ode_solve, pf_ode_step
+from .flow import path_ode_solve, pf_ode_step
 from .laws import EigenNormal, compose_affine, gaussian_parts
 from .paths import OU, AbstractPath, as_path
 from .sampling import SamplerOutput
@@ -168,10 +168,9 @@ def sample_ode_adaptive(
     number("rtol", rtol, gt=0), number("atol", atol, gt=0)
     x = _start(data, path, start, key, n, T)
     t0, t1 = jnp.asarray(T, x.dtype), jnp.asarray(delta, x.dtype)
-    u0, u1 = path.ou_time(t0), path.ou_time(t1)
-    y, num_steps = ode_solve(data, x / path.scale(t0), u0, u1, rtol, atol, max_steps)
+    y, num_steps = path_ode_solve(data, x, t0, t1, path, rtol, atol, max_steps)
     nfe = math.ceil(float(jnp.mean(6 * num_steps + 1)))
-    return SamplerOutput(_finite(path.scale(t1) * y, "sample_ode_adaptive"), nfe)
+    return SamplerOutput(_finite(y, "sample_ode_adaptive"), nfe)
 
 
 def baseline_law(

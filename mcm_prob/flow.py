@@ -45,6 +45,7 @@ __all__ = [
     "pf_ode_step",
     "velocity",
     "ode_solve",
+    "path_ode_solve",
 ]
 
 _METHODS = ("auto", "closed_form", "ode")
@@ -248,9 +249,16 @@ def pf_flow(
     if closed:
         return _gaussian_flow(data, x, t0, t1, path)
     rtol, atol = _tolerances(rtol, atol, x.dtype)
+    return path_ode_solve(data, x, t0, t1, path, rtol, atol, max_steps)[0]
+
+
+def path_ode_solve(data, x: Array, t0, t1, path: AbstractPath, rtol, atol, max_steps: int):
+    """`ode_solve` on any path through its change of scale and time,
+    Phi^path_{t0->t1}(x) = c_{t1} Phi^OU_{u(t0)->u(t1)}(x / c_{t0}); unvalidated. Returns
+    (the flowed x, number of solver steps per point)."""
     u0, u1 = path.ou_time(t0), path.ou_time(t1)
-    y = ode_solve(data, x / path.scale(t0), u0, u1, rtol, atol, max_steps)[0]
-    return path.scale(t1) * y
+    y, num_steps = ode_solve(data, x / path.scale(t0), u0, u1, rtol, atol, max_steps)
+    return path.scale(t1) * y, num_steps
 
 
 def flow_map(
