@@ -1,7 +1,8 @@
 """mcm_prob: multi-step consistency models with exact ground truth.
 
 Pipeline: Gaussian paths (`mcm_prob.paths`; default `OU`) -> data (`mcm_prob.data`) -> forward process (`joint_model`) -> exact flow maps
-(`flow_map`, `ExactFlow`) -> training (`fit`, `fit_grid`; `save_model`, `load_model`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
+(`flow_map`, `ExactFlow`) -> objectives and training (`mcm_prob.training`: `CD`, `CT`, `ContinuousConsistency`, `MeanFlow`, `Shortcut`,
+`FlowMapMatching`, your own `AbstractObjective`; `fit`, `fit_grid`; `save_model`, `load_model`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
 -> statistics (`bootstrap_rates`, `fit_error_model`, `compare_error_models`) -> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
 """
 
@@ -20,11 +21,12 @@ from . import (
     schedules,
     statistics,
     studies,
+    training,
 )
-from .flow import ExactFlow, flow_map, pf_flow, pf_ode_step, pf_ode_velocity
+from .flow import AbstractFlowMap, ExactFlow, flow_map, pf_flow, pf_ode_step, pf_ode_velocity
 from .forward import OU, OrnsteinUhlenbeck, alpha, joint_model, sigma
 from .metrics import consistency_error
-from .networks import ConsistencyNet
+from .networks import ConsistencyNet, DisplacementNet
 from .optimal import OptimalSchedule, optimal_schedule
 from .sampling import (
     SamplerOutput,
@@ -41,7 +43,17 @@ from .saving import load_model, save_model
 from .schedules import Schedule
 from .statistics import bootstrap_rates, compare_error_models, fit_error_model, fit_error_models
 from .training import (
+    CD,
+    CT,
+    AbstractObjective,
+    ContinuousConsistency,
+    FitConfig,
     FittedGrid,
+    FlowMapMatching,
+    MeanFlow,
+    NetworkConfig,
+    OptimizerConfig,
+    Shortcut,
     TrainConfig,
     TrainedModel,
     TrainingDiverged,
@@ -67,6 +79,19 @@ __all__ = [
     "pf_ode_step",
     "ExactFlow",
     "ConsistencyNet",
+    "DisplacementNet",
+    "AbstractFlowMap",
+    "AbstractObjective",
+    "CD",
+    "CT",
+    "ContinuousConsistency",
+    "MeanFlow",
+    "Shortcut",
+    "FlowMapMatching",
+    "FitConfig",
+    "NetworkConfig",
+    "OptimizerConfig",
+    "training",
     "TrainConfig",
     "TrainingDiverged",
     "fit",

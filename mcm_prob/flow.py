@@ -24,6 +24,7 @@ forward to $p_s$; $f(x, t, s) = \Phi_{t\to s}(x)$.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import diffrax
@@ -40,6 +41,7 @@ from .paths import OU, AbstractPath, as_path
 __all__ = [
     "flow_map",
     "pf_flow",
+    "AbstractFlowMap",
     "ExactFlow",
     "pf_ode_velocity",
     "pf_ode_step",
@@ -301,9 +303,50 @@ def flow_map(
     )
 
 
-class ExactFlow(eqx.Module):
+class AbstractFlowMap(eqx.Module):
+    r"""A two-time map $f(x, t, s)$, $0 \le s \le t$, on a Gaussian path: the interface every
+    model (learned nets, the exact flow, a user's map) offers the objectives.
+
+    A subclass implements, for one point x of shape (dim,) and scalar t, s (jit-traceable,
+    unvalidated, differentiable in x, t and s):
+
+    - `single(x, t, s)`: $f(x, t, s)$, with $f(x, t, t) = x$;
+    - `average_velocity(x, t, s)`: $u(x, t, s) = (x - f(x, t, s))/(t - s)$, so that
+      $f = x + (s - t)\,u$ (the displacement form); on the diagonal its limit
+      $u(x, t, t) = \partial_s f(x, t, s)|_{s=t}$, which is the PF-ODE velocity $v(x, t)$ for
+      the exact flow;
+    - `__call__(x, t, s)`: f batched over leading axes of x (validated),
+
+    and has the fields `path` (whose time t and s are in) and `dim`.
+    """
+
+    path: eqx.AbstractVar[AbstractPath]
+    dim: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def single(self, x: Array, t: Array, s: Array) -> Array:
+        """f(x, t, s) for one point x of shape (dim,)."""
+
+    @abc.abstractmethod
+    def average_velocity(self, x: Array, t: Array, s: Array) -> Array:
+        """u(x, t, s) = (x - f(x, t, s)) / (t - s), its limit at s = t; x of shape (dim,)."""
+
+    @abc.abstractmethod
+    def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
+        """f(x, t, s) for x of shape (..., dim), scalar t and s."""
+
+
+def safe_quotient(num: Array, den: Array, on_zero: Array) -> Array:
+    """num / den, and `on_zero` where den == 0, with finite derivatives everywhere (the
+    denominator is replaced before the division, so no inf or NaN enters a gradient)."""
+    zero = den == 0
+    return jnp.where(zero, on_zero, num / jnp.where(zero, 1.0, den))
+
+
+class ExactFlow(AbstractFlowMap):
     """The exact flow map of `path` as a consistency function `f(x, t, s)` (batched over leading
-    axes of x). Usable wherever an f(x, t, s) is expected (samplers, metrics, teachers)."""
+    axes of x). Usable wherever an f(x, t, s) is expected (samplers, metrics, teachers, and as
+    a model in an objective's loss: its fixed point)."""
 
     data: DataDistribution
     path: AbstractPath
@@ -327,6 +370,27 @@ class ExactFlow(eqx.Module):
         self.rtol = None if rtol is None else float(rtol)
         self.atol = None if atol is None else float(atol)
         self.max_steps = int(max_steps)
+
+    @property
+    def dim(self) -> int:
+        return self.data.dim
+
+    def single(self, x: Array, t: Array, s: Array) -> Array:
+        x = jnp.asarray(x)
+        t, s = jnp.asarray(t, x.dtype), jnp.asarray(s, x.dtype)
+        if isinstance(self.data, ClosedFormGaussian) and self.method != "ode":
+            return _gaussian_flow(self.data, x, t, s, self.path)
+        rtol, atol = _tolerances(self.rtol, self.atol, x.dtype)
+        return path_ode_solve(self.data, x[None], t, s, self.path, rtol, atol, self.max_steps)[0][0]
+
+    def average_velocity(self, x: Array, t: Array, s: Array) -> Array:
+        x = jnp.asarray(x)
+        t, s = jnp.asarray(t, x.dtype), jnp.asarray(s, x.dtype)
+        # at s = t the flow is not evaluated at equal times (its derivative there is v)
+        s_off = jnp.where(t == s, 0.5 * t, s)
+        return safe_quotient(
+            x - self.single(x, t, s_off), t - s, velocity(self.data, x, t, self.path)
+        )
 
     def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
         return flow_map(
