@@ -320,8 +320,6 @@ class AbstractFlowMap(eqx.Module):
     and has the fields `path` (whose time t and s are in) and `dim`.
     """
 
-    path: eqx.AbstractVar[AbstractPath]
-    dim: eqx.AbstractVar[int]
 
     @abc.abstractmethod
     def single(self, x: Array, t: Array, s: Array) -> Array:

@@ -99,10 +99,6 @@ class AbstractSkipNet(AbstractFlowMap):
     implement `coefficients(t, s)` and `velocity_coefficients(t, s)` (the $\alpha, \beta$ of
     $u = \alpha x + \beta N_\theta$)."""
 
-    mlp: eqx.AbstractVar[eqx.nn.MLP]
-    path: eqx.AbstractVar[AbstractPath]
-    dim: eqx.AbstractVar[int]
-    n_freq: eqx.AbstractVar[int]
 
     @abc.abstractmethod
     def coefficients(self, t: Array, s: Array) -> tuple[Array, Array]:

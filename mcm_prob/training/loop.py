@@ -345,7 +345,7 @@ def fit(data: DataDistribution, objective, key: jax.Array, *, step=None, setting
         what = config.to_json() if isinstance(config, TrainConfig) else repr(objective)
         raise TrainingDiverged(
             f"training diverged: non-finite loss at iteration {int(failed_at[0])} "
-            f"with {what}; lower the learning rate, set `grad_clip`, or check the data",
+            f"with config {what}; lower `learning_rate`, set `grad_clip`, or check the data",
             iteration=int(failed_at[0]),
             history=history,
         )

@@ -24,7 +24,7 @@ $s \le t$ in [delta, T]; the PF-ODE velocity $v(x, t)$ comes from the exact scor
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -75,7 +75,7 @@ class Context(NamedTuple):
 class AbstractObjective(eqx.Module):
     """The public base of objectives (module docstring): subclass it for your own."""
 
-    has_step: eqx.AbstractClassVar[bool]
+    has_step: ClassVar[bool]  # set by every subclass
 
     @abc.abstractmethod
     def loss(self, model, target, key: Array, ctx: Context) -> Array:
