@@ -320,7 +320,6 @@ class AbstractFlowMap(eqx.Module):
     and has the fields `path` (whose time t and s are in) and `dim`.
     """
 
-
     @abc.abstractmethod
     def single(self, x: Array, t: Array, s: Array) -> Array:
         """f(x, t, s) for one point x of shape (dim,)."""

@@ -99,7 +99,6 @@ class AbstractSkipNet(AbstractFlowMap):
     implement `coefficients(t, s)` and `velocity_coefficients(t, s)` (the $\alpha, \beta$ of
     $u = \alpha x + \beta N_\theta$)."""
 
-
     @abc.abstractmethod
     def coefficients(self, t: Array, s: Array) -> tuple[Array, Array]:
         """(c_skip, c_out) at scalar times t, s, with (1, 0) at s = t."""

@@ -50,7 +50,14 @@ from ..gridlaw import grid_law_1d
 from ..sampling import sample, sample_grid
 from ..schedules import Schedule
 from ..statistics import bootstrap_rates, compare_error_models, loglog_slope
-from ..training import FittedGrid, TrainConfig, fit_grid, teacher_map
+from ..training import (
+    OBJECTIVES,
+    FittedGrid,
+    TrainConfig,
+    fit_grid,
+    objective_from_spec,
+    teacher_map,
+)
 from .driver import Study, StudyConfig
 
 __all__ = ["EstimationConfig", "EstimationStudy", "DEFAULT_DATA", "DEFAULT_TRAIN", "METHODS"]
@@ -71,7 +78,9 @@ DEFAULT_DATA = {
 DEFAULT_TRAIN = dict(
     method="cd", teacher="euler", batch_size=256, width=64, depth=2, learning_rate=1e-3
 )
-# fitting methods: label -> (TrainConfig.method, teacher or None)
+# fitting methods through TrainConfig: label -> (TrainConfig.method, teacher or None); every
+# other label of mcm_prob.training.OBJECTIVES (or a table naming one) is fitted as that objective
+# with the loop, network and optimiser settings of `train`
 METHODS = {
     "cd-euler": ("cd", "euler"),
     "cd-heun": ("cd", "heun"),
@@ -110,6 +119,24 @@ def _method_label(cfg: TrainConfig) -> str:
     return "ct" if cfg.method == "ct" else f"cd-{cfg.teacher}"
 
 
+def _method_spec(name: str, v):
+    """A `methods` entry: a label of METHODS (the TrainConfig route) or of
+    mcm_prob.training.OBJECTIVES, or a table {objective = label, label = ..., arguments}."""
+    if isinstance(v, str) and v in METHODS:
+        return v
+    try:
+        objective_from_spec(v)
+    except ValueError as err:
+        raise ValueError(
+            f"config key `{name}`: {err}; the labels are {sorted(set(METHODS) | set(OBJECTIVES))}"
+        ) from None
+    return dict(v) if isinstance(v, Mapping) else v
+
+
+def _method_label_of(spec) -> str:
+    return spec if isinstance(spec, str) else objective_from_spec(spec)[0]
+
+
 def _train_size(name: str, v) -> float:
     if isinstance(v, float) and v == math.inf:
         return math.inf
@@ -124,13 +151,20 @@ class EstimationConfig(StudyConfig):
     - `train`: the training settings, the keys of `mcm_prob.TrainConfig` (table
       ``[estimation.train]``; `step`, `T`, `delta`, `iterations`, `train_size` are set by the
       study). Defaults: `DEFAULT_TRAIN`, the other keys as in `TrainConfig`.
-    - `methods`: fitting methods side by side (labels of `METHODS`); empty: the one in `train`.
+    - `methods`: fitting methods side by side: labels of `METHODS` (CD and CT through
+      `train`) or of `mcm_prob.training.OBJECTIVES` (sCM, MeanFlow, shortcut, flow map
+      matching, ...), or tables ``{objective = label, label = ..., arguments}``; every method
+      gets the same network, optimiser, iterations and batch (`train`). Continuous-time
+      objectives are trained once per seed and stored at step = 0 (the `step` axis then
+      starts at 0); empty: the one in `train`.
     - `budgets`: training iterations at which every model is evaluated (snapshots of one run).
     - `train_sizes`: training-set sizes n (integers; ``inf`` = fresh draws every iteration).
     - `steps` (each dividing the largest), `seeds`: the (Delta, seed) grid.
     - `delta_smooth`, `delta_nonsmooth`: early-stopping time of entries without their own.
     - `eval_samples`: draws per (t, s) pair; `sample_size`, `sampler_steps`, `sampler_tau`:
-      the multi-step sampler quality check (largest budget); `n_boot`, `error_models`,
+      the multi-step sampler quality check (largest budget); `sampler_ks`: step counts K at
+      which the check is repeated (constant step over the horizon; e.g. [1, 2, 4]: does
+      sampling with more steps help or hurt each method?); `n_boot`, `error_models`,
       `chains`, `warmup`, `draws`, `ci`, `seed`: the analysis.
     """
 
@@ -146,6 +180,7 @@ class EstimationConfig(StudyConfig):
     eval_samples: int = 2048
     sample_size: int = 2000
     sampler_steps: int = 4
+    sampler_ks: tuple = ()
     sampler_tau: float = 0.0
     n_boot: int = 2000
     error_models: tuple = tuple(ERROR_MODELS)
@@ -159,12 +194,9 @@ class EstimationConfig(StudyConfig):
         super().__post_init__()
         train = _train_config(self.train)
         object.__setattr__(self, "train", train)
-        methods = distinct(
-            "methods",
-            self.methods or (_method_label(train),),
-            lambda n, v: one_of(n, v, tuple(METHODS)),
-        )
-        object.__setattr__(self, "methods", methods)
+        methods = tuple(_method_spec(f"methods[{i}]", v) for i, v in enumerate(self.methods))
+        object.__setattr__(self, "methods", methods or (_method_label(train),))
+        distinct("methods", self.labels, lambda n, v: v)
         budgets = distinct("budgets", self.budgets, lambda n, v: integer(n, v, ge=1))
         object.__setattr__(self, "budgets", tuple(sorted(budgets)))
         if len(budgets) > 1 and train.lr_schedule != "constant":
@@ -187,6 +219,8 @@ class EstimationConfig(StudyConfig):
         object.__setattr__(self, "error_models", models)
         for name in ("eval_samples", "sampler_steps", "warmup"):
             integer(name, getattr(self, name), ge=1)
+        ks = distinct("sampler_ks", self.sampler_ks, lambda n, v: integer(n, v, ge=1), min_len=0)
+        object.__setattr__(self, "sampler_ks", tuple(sorted(ks)))
         integer("chains", self.chains, ge=2)
         integer("draws", self.draws, ge=100)
         integer("sample_size", self.sample_size, ge=10)
@@ -210,7 +244,43 @@ class EstimationConfig(StudyConfig):
                     f"= {top:g} (entry {label!r}) is beyond the {self.path.name} path's time range "
                     f"[0, {self.path.t_max:g}]; use a largest step <= (t_max - delta) / 8"
                 )
-            self.train_config(label, base, self.methods[0], self.train_sizes[0])
+            self.train_config(label, base, "cd-euler", self.train_sizes[0])
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The fitting methods' labels (the `fit_method` coordinate)."""
+        return tuple(_method_label_of(m) for m in self.methods)
+
+    def objective(self, m: int):
+        """The objective of method m, or None for the TrainConfig route (CD, CT)."""
+        spec = self.methods[m]
+        if isinstance(spec, str) and spec in METHODS:
+            return None
+        return objective_from_spec(spec)[1]
+
+    def continuous(self, m: int) -> bool:
+        """Whether method m is a continuous-time objective (trained once, at Delta = 0)."""
+        obj = self.objective(m)
+        return obj is not None and not obj.has_step
+
+    @property
+    def step_axis(self) -> tuple[float, ...]:
+        """The `step` coordinate: the steps, preceded by 0 (continuous-time objectives) when a
+        method has no step."""
+        zero = any(self.continuous(m) for m in range(len(self.methods)))
+        return ((0.0,) if zero else ()) + tuple(self.steps)
+
+    def fixed_point(self, m: int, step: float):
+        """(teacher, teacher_step) of method m's fixed point at `step`, or None (exact flow)."""
+        obj = self.objective(m)
+        if obj is None:
+            kind, teacher = METHODS[self.methods[m]]
+            return None if kind == "ct" else (teacher, step)
+        return obj.fixed_point(step)
+
+    def settings(self, label: str, train_size: float):
+        """The loop, network and optimiser settings of an objective method (from `train`)."""
+        return self.train_config(label, max(self.steps), "cd-euler", train_size).fit_config()
 
     @property
     def horizon(self) -> float:
@@ -307,6 +377,38 @@ _VARIABLES = {
     ),
     "final_loss": (_Q, "mean training loss over the last 10% of iterations", None),
     "cell_wall_time": (_PROGRAM, "wall time of the cell (training and evaluation)", "s"),
+    "seconds_per_iteration": (
+        _PROGRAM,
+        "training wall time per iteration of one model, compilation excluded (chunks after "
+        "the first, divided by the models trained together)",
+        "s",
+    ),
+}
+# the sampler check repeated at K = sampler_ks steps (only when sampler_ks is set)
+_K = _Q + ("sampler_k",)
+_BY_K = {
+    "kl_estimate_k": (
+        _K,
+        "k-NN estimate of KL(sampler law || p_delta) with K steps, learned net",
+        "nats",
+    ),
+    "kl_stderr_k": (_K, "standard error of kl_estimate_k", "nats"),
+    "kl_grid_k": (
+        _K,
+        "exact KL(sampler law || p_delta) with K steps, 1-d grid law (NaN: entry not 1-d)",
+        "nats",
+    ),
+    "energy_distance_k": (_K, "energy distance to exact samples of p_delta, K steps", "data units"),
+    "kl_estimate_k_exact_flow": (
+        ("entry", "sampler_k"),
+        "k-NN KL estimate, exact-flow sampler with K steps",
+        "nats",
+    ),
+    "kl_grid_k_exact_flow": (
+        ("entry", "sampler_k"),
+        "exact KL of the exact-flow sampler with K steps (1-d grid law)",
+        "nats",
+    ),
 }
 
 
@@ -317,21 +419,20 @@ def _select(grid: FittedGrid, i: int, n_steps: int) -> FittedGrid:
     return FittedGrid(models, grid.steps[rows], grid.seeds)
 
 
-def _sampler_schedule(cfg: EstimationConfig, label: str) -> Schedule:
+def _sampler_schedule(cfg: EstimationConfig, label: str, steps: int | None = None) -> Schedule:
+    """Constant step over the horizon with `steps` (default `sampler_steps`) steps."""
+    steps = cfg.sampler_steps if steps is None else steps
     return Schedule.constant(
-        delta=cfg.entry_delta(label),
-        h=cfg.horizon / cfg.sampler_steps,
-        steps=cfg.sampler_steps,
-        tau=cfg.sampler_tau,
+        delta=cfg.entry_delta(label), h=cfg.horizon / steps, steps=steps, tau=cfg.sampler_tau
     )
 
 
-def _grid_kl(f, data, cfg: EstimationConfig, label: str) -> float:
+def _grid_kl(f, data, cfg: EstimationConfig, label: str, steps: int | None = None) -> float:
     """Exact KL of the sampler law with f (None: the exact flow) from the 1-d grid law; NaN for
     entries that are not 1-d."""
     if data.dim != 1:
         return np.nan
-    sched = _sampler_schedule(cfg, label)
+    sched = _sampler_schedule(cfg, label, steps)
     return grid_law_1d(data, schedule=sched, f=f, n_grid=2001, path=cfg.path).kl
 
 
@@ -352,14 +453,14 @@ def _quality(x: np.ndarray, ref: np.ndarray, data, cfg: EstimationConfig, label:
     return metrics.kl_knn(x, target.log_prob), metrics.energy_distance(x, ref)
 
 
-def _sample_quality(f, data, cfg: EstimationConfig, label: str, key):
+def _sample_quality(f, data, cfg: EstimationConfig, label: str, key, steps=None):
     """k-NN KL and energy distance of `sample_size` draws of the sampler with f."""
     x = sample(
         f,
         jax.random.split(key)[0],
         cfg.sample_size,
         dim=data.dim,
-        schedule=_sampler_schedule(cfg, label),
+        schedule=_sampler_schedule(cfg, label, steps),
         path=cfg.path,
     ).samples
     ref = _reference_draws(data, cfg, label, key)
@@ -380,12 +481,14 @@ class EstimationStudy(Study):
             "fit_method": len(cfg.methods),
             "train_size": len(cfg.train_sizes),
             "budget": len(cfg.budgets),
-            "step": len(cfg.steps),
+            "step": len(cfg.step_axis),
             "seed": len(cfg.seeds),
             "pair": len(cfg.pairs(labels[0])),
+            "sampler_k": len(cfg.sampler_ks),
         }
         data_vars = {}
-        for name, (dims, long_name, units) in _VARIABLES.items():
+        variables = _VARIABLES | (_BY_K if cfg.sampler_ks else {})
+        for name, (dims, long_name, units) in variables.items():
             attrs = {"long_name": long_name} | ({} if units is None else {"units": units})
             data_vars[name] = (dims, np.full([sizes[d] for d in dims], np.nan), attrs)
         data_vars["failed"] = (
@@ -406,8 +509,8 @@ class EstimationStudy(Study):
             | {
                 "fit_method": (
                     "fit_method",
-                    list(cfg.methods),
-                    {"long_name": "fitting method (CD-teacher or CT)"},
+                    list(cfg.labels),
+                    {"long_name": "fitting method (objective label)"},
                 ),
                 "train_size": (
                     "train_size",
@@ -424,8 +527,11 @@ class EstimationStudy(Study):
                 ),
                 "step": (
                     "step",
-                    np.array(cfg.steps),
-                    {"long_name": "discretization step Delta", "units": cfg.time_units},
+                    np.array(cfg.step_axis),
+                    {
+                        "long_name": "discretization step Delta (0: continuous-time objectives)",
+                        "units": cfg.time_units,
+                    },
                 ),
                 "seed": ("seed", np.array(cfg.seeds), {"long_name": "training seed"}),
                 "pair": ("pair", np.arange(sizes["pair"]), {"long_name": "(t, s) evaluation pair"}),
@@ -441,6 +547,16 @@ class EstimationStudy(Study):
                 ),
             },
             attrs=specs,
+        ).assign_coords(
+            {
+                "sampler_k": (
+                    "sampler_k",
+                    np.array(cfg.sampler_ks, int),
+                    {"long_name": "sampler steps K"},
+                )
+            }
+            if cfg.sampler_ks
+            else {}
         )
 
     def cells(self, cfg: EstimationConfig) -> list[dict[str, int]]:
@@ -462,31 +578,63 @@ class EstimationStudy(Study):
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
             ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label)
             ds["energy_distance_exact_flow"][r] = en.value
+            for k_index, n_steps in enumerate(cfg.sampler_ks):
+                q = dict(entry=r, sampler_k=k_index)
+                kl, _ = _sample_quality(
+                    flow, data, cfg, label, jax.random.fold_in(key, 999), n_steps
+                )
+                ds["kl_estimate_k_exact_flow"][q] = kl[0]
+                ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps)
         return {"label": label, "data": data, "key": key, "reference": reference}
 
     def run_cell(self, cfg, ds, cell, cache, *, progress):
         """One (entry, fit_method, train_size): the whole (step x seed) grid trained as one
-        program, with weight snapshots at every budget, then evaluated."""
+        program (a continuous-time objective: one row at step 0), with weight snapshots at
+        every budget, then evaluated."""
         r, m, n = (int(cell[d]) for d in _PROGRAM)
         if r not in cache:
             cache[r] = self._prepare(cfg, ds, r)
         ctx = cache[r]
         label, data, key, reference = ctx["label"], ctx["data"], ctx["key"], ctx["reference"]
         start = time.perf_counter()
-        method, steps, pairs = cfg.methods[m], list(cfg.steps), cfg.pairs(label)
-        tcfg = cfg.train_config(label, steps[-1], method, cfg.train_sizes[n])
-        tcfg = dataclasses.replace(tcfg, progress=progress)
-        _, history = fit_grid(
-            data, tcfg, steps=steps, seeds=list(cfg.seeds), checkpoints=cfg.budgets
-        )
+        pairs = cfg.pairs(label)
+        objective = cfg.objective(m)
+        if objective is None:  # CD and CT through TrainConfig, exactly as before
+            tcfg = cfg.train_config(label, cfg.steps[-1], cfg.methods[m], cfg.train_sizes[n])
+            steps = list(cfg.steps)
+            _, history = fit_grid(
+                data,
+                dataclasses.replace(tcfg, progress=progress),
+                steps=steps,
+                seeds=list(cfg.seeds),
+                checkpoints=cfg.budgets,
+            )
+        else:
+            settings = dataclasses.replace(
+                cfg.settings(label, cfg.train_sizes[n]), progress=progress
+            )
+            steps = list(cfg.steps) if objective.has_step else [0.0]
+            _, history = fit_grid(
+                data,
+                objective,
+                steps=steps if objective.has_step else None,
+                seeds=list(cfg.seeds),
+                checkpoints=cfg.budgets,
+                settings=settings,
+            )
+        rows = [cfg.step_axis.index(v) for v in steps]  # where these steps sit on the axis
         failed = history["failed_at"] >= 0  # (step, seed)
         at = dict(entry=r, fit_method=m, train_size=n)
+        on_axis = at | {"step": rows}
+        fixed = [cfg.fixed_point(m, step) for step in steps]
         learned = None
-        if METHODS[method][1] is not None:
+        if all(fp is not None for fp in fixed):
             teacher, learned = [], []
-            for step in steps:
+            for teacher_name, teacher_step in fixed:
                 teach = [
-                    teacher_map(data, x, t, s, step=step, teacher=tcfg.teacher, path=cfg.path)
+                    teacher_map(
+                        data, x, t, s, step=teacher_step, teacher=teacher_name, path=cfg.path
+                    )
                     for (x, _), (t, s) in zip(reference, pairs, strict=True)
                 ]
                 teacher.append(
@@ -499,7 +647,7 @@ class EstimationStudy(Study):
                     )
                 )
                 learned.append([(x, y) for (x, _), y in zip(reference, teach, strict=True)])
-            te = dict(entry=r, fit_method=m)
+            te = dict(entry=r, fit_method=m, step=rows)
             ds["teacher_error"][te] = np.stack([e.per_pair for e in teacher])
             ds["teacher_error_mean"][te] = np.stack([e.mean for e in teacher])
         # every budget's snapshot: one (budget x step, seed) grid evaluated in one call per pair
@@ -514,8 +662,8 @@ class EstimationStudy(Study):
         )
 
         def store(name, per_pair):  # per_pair: (budget, step, seed, pair)
-            ds[name][at] = np.where(failed[None, :, :, None], np.nan, per_pair)
-            ds[name + "_mean"][at] = np.where(failed[None], np.nan, per_pair.mean(-1))
+            ds[name][on_axis] = np.where(failed[None, :, :, None], np.nan, per_pair)
+            ds[name + "_mean"][on_axis] = np.where(failed[None], np.nan, per_pair.mean(-1))
 
         def budget_step(err):  # (budget x step, seed, pair) -> (budget, step, seed, pair)
             return err.per_pair.reshape(nb, ns, *err.per_pair.shape[1:])
@@ -534,30 +682,40 @@ class EstimationStudy(Study):
                 for i in range(ns)
             ]
             store("learning_error", np.stack(per_step, 1))
-        tail = max(1, tcfg.iterations // 10)
-        ds["final_loss"][at] = np.nanmean(history["loss"][..., -tail:], axis=-1)
-        ds["failed"][at] = failed
+        iterations = max(cfg.budgets)
+        tail = max(1, iterations // 10)
+        ds["final_loss"][on_axis] = np.nanmean(history["loss"][..., -tail:], axis=-1)
+        ds["failed"][on_axis] = failed
+        ds["seconds_per_iteration"][at] = history["seconds_per_iteration"]
         final = history["checkpoints"][cfg.budgets[-1]]
         seed_keys = _seed_keys(key, len(cfg.seeds))
-        draws = sample_grid(
-            final,
-            jnp.stack([jax.random.split(k)[0] for k in seed_keys]),
-            cfg.sample_size,
-            dim=data.dim,
-            schedule=_sampler_schedule(cfg, label),
-            skip=failed,
-            path=cfg.path,
-        )
-        draws = np.asarray(draws, np.float64)
         refs = [_reference_draws(data, cfg, label, k) for k in seed_keys]
-        for i, j in np.ndindex(ns, len(cfg.seeds)):
-            if failed[i, j]:
-                continue
-            kl, en = _quality(draws[i, j], refs[j], data, cfg, label)
-            q = at | {"step": i, "seed": j}
-            ds["kl_estimate"][q], ds["kl_stderr"][q] = kl
-            ds["kl_grid"][q] = _grid_kl(final[i, j], data, cfg, label)
-            ds["energy_distance"][q], ds["energy_stderr"][q] = en
+        for k_index, n_steps in enumerate((None, *cfg.sampler_ks)):
+            draws = sample_grid(
+                final,
+                jnp.stack([jax.random.split(k)[0] for k in seed_keys]),
+                cfg.sample_size,
+                dim=data.dim,
+                schedule=_sampler_schedule(cfg, label, n_steps),
+                skip=failed,
+                path=cfg.path,
+            )
+            draws = np.asarray(draws, np.float64)
+            for i, j in np.ndindex(ns, len(cfg.seeds)):
+                if failed[i, j]:
+                    continue
+                kl, en = _quality(draws[i, j], refs[j], data, cfg, label)
+                grid_kl = _grid_kl(final[i, j], data, cfg, label, n_steps)
+                q = at | {"step": rows[i], "seed": j}
+                if n_steps is None:
+                    ds["kl_estimate"][q], ds["kl_stderr"][q] = kl
+                    ds["kl_grid"][q] = grid_kl
+                    ds["energy_distance"][q], ds["energy_stderr"][q] = en
+                else:
+                    q = q | {"sampler_k": k_index - 1}
+                    ds["kl_estimate_k"][q], ds["kl_stderr_k"][q] = kl
+                    ds["kl_grid_k"][q] = grid_kl
+                    ds["energy_distance_k"][q] = en.value
         ds["cell_wall_time"][at] = time.perf_counter() - start
 
     def finalize(self, cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
@@ -590,15 +748,118 @@ _GROUPS = ("entry", "fit_method", "train_size", "budget")
 
 def _smallest_step_error(ds: xr.Dataset) -> xr.DataArray:
     """Learning error at the smallest step (consistency error for methods without a teacher)."""
-    has_teacher = xr.DataArray(
-        [METHODS[m][1] is not None for m in ds["fit_method"].values], dims="fit_method"
-    )
-    err = xr.where(has_teacher, ds["learning_error_mean"], ds["consistency_error_mean"])
+    learning = ds["learning_error_mean"]
+    has_teacher = learning.notnull().any([d for d in learning.dims if d != "fit_method"])
+    err = xr.where(has_teacher, learning, ds["consistency_error_mean"])
     return err.isel(step=0).drop_vars(["regime", "dim", "delta", "step"])
 
 
 def _analyse(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
-    """The analysis groups of a finished study (see the module docstring)."""
+    """The analysis groups of a finished study (see the module docstring): the error models
+    over the methods with a step (on the positive steps), and `/objectives` over all."""
+    discrete = [m for m in range(len(cfg.methods)) if not cfg.continuous(m)]
+    compare = len(cfg.methods) > 1 or cfg.sampler_ks
+    out = {"/objectives": _objectives(cfg, ds)} if compare else {}
+    if not discrete:
+        return out
+    steps = [i for i, v in enumerate(cfg.step_axis) if v > 0]
+    return _analyse_steps(cfg, ds.isel(fit_method=discrete, step=steps)) | out
+
+
+def _mean_se(x: xr.DataArray, dim: str = "seed"):
+    n = x.notnull().sum(dim)
+    return x.mean(dim), x.std(dim, ddof=1) / np.sqrt(n.where(n > 1))
+
+
+def _objectives(cfg: EstimationConfig, ds: xr.Dataset) -> xr.Dataset:
+    """The comparison of every method at its own smallest step (continuous ones at 0): the
+    consistency error per budget (mean and standard error over seeds) and which method has
+    the lowest; the per-iteration cost; with `sampler_ks`, the sampler quality per K and
+    whether more steps help (the KL at the largest K is lower than at K = 1 by more than two
+    standard errors), hurt (higher by as much) or neither."""
+    labels = list(cfg.labels)
+    own = [
+        0 if cfg.continuous(m) else cfg.step_axis.index(min(cfg.steps)) for m in range(len(labels))
+    ]
+    pick = xr.DataArray(own, dims="fit_method")
+    err = ds["consistency_error_mean"].drop_vars(["regime", "dim", "delta"]).isel(step=pick)
+    mean, se = _mean_se(err)
+    lowest = mean.fillna(np.inf).argmin("fit_method")
+    best = xr.DataArray(
+        np.array(labels, object)[lowest.values], dims=lowest.dims, coords=lowest.coords
+    ).astype(str)
+    out = {
+        "consistency_error": mean.assign_attrs(
+            long_name="consistency error at the method's smallest step, mean over seeds",
+            units=_SQ,
+        ),
+        "consistency_error_se": se.assign_attrs(
+            long_name="its standard error over seeds", units=_SQ
+        ),
+        "lowest_error": best.assign_attrs(
+            long_name="method with the lowest mean consistency error"
+        ),
+        "step_used": xr.DataArray(
+            [cfg.step_axis[i] for i in own],
+            dims="fit_method",
+            attrs={
+                "long_name": "the step each method is compared at (0: continuous)",
+                "units": cfg.time_units,
+            },
+        ),
+        "seconds_per_iteration": ds["seconds_per_iteration"]
+        .drop_vars(["regime", "dim", "delta"])
+        .assign_attrs(ds["seconds_per_iteration"].attrs),
+    }
+    if cfg.sampler_ks:
+        kl = ds["kl_estimate_k"].drop_vars(["regime", "dim", "delta"]).isel(step=pick)
+        kl_mean, kl_se = _mean_se(kl)
+        grid = ds["kl_grid_k"].drop_vars(["regime", "dim", "delta"]).isel(step=pick).mean("seed")
+        first, last = kl_mean.isel(sampler_k=0), kl_mean.isel(sampler_k=-1)
+        gap = 2 * np.sqrt(kl_se.isel(sampler_k=0) ** 2 + kl_se.isel(sampler_k=-1) ** 2)
+        verdict = xr.where(
+            last < first - gap, "help", xr.where(last > first + gap, "hurt", "unclear")
+        )
+        verdict = verdict.where(np.isfinite(first) & np.isfinite(last), "no data")
+        out |= {
+            "kl_estimate": kl_mean.assign_attrs(
+                long_name="k-NN KL of the K-step sampler, mean over seeds", units="nats"
+            ),
+            "kl_estimate_se": kl_se.assign_attrs(
+                long_name="its standard error over seeds", units="nats"
+            ),
+            "kl_grid": grid.assign_attrs(
+                long_name="exact KL of the K-step sampler (1-d grid law), mean over seeds",
+                units="nats",
+            ),
+            "kl_estimate_exact_flow": ds["kl_estimate_k_exact_flow"]
+            .drop_vars(["regime", "dim", "delta"])
+            .assign_attrs(
+                long_name="k-NN KL of the exact-flow K-step sampler (estimator floor)", units="nats"
+            ),
+            "kl_grid_exact_flow": ds["kl_grid_k_exact_flow"]
+            .drop_vars(["regime", "dim", "delta"])
+            .assign_attrs(
+                long_name="exact KL of the exact-flow K-step sampler (1-d grid law)", units="nats"
+            ),
+            "more_steps": verdict.astype(str).assign_attrs(
+                long_name=f"K = {cfg.sampler_ks[-1]} against K = {cfg.sampler_ks[0]}: 'help' "
+                "(KL lower by > 2 standard errors), 'hurt' (higher by > 2), 'unclear'",
+            ),
+        }
+    res = xr.Dataset(out)
+    for d in ("entry", "fit_method", "train_size", "budget", "sampler_k"):
+        if d in res.coords and d in ds.coords:
+            res[d].attrs = ds[d].attrs
+    res.attrs["rule"] = (
+        "each method at its own smallest step (continuous-time objectives at step 0), equal "
+        "network, batch and iterations; KL at the largest budget"
+    )
+    return res
+
+
+def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+    """Bootstrap and error models of the consistency error against the step."""
     err = ds["consistency_error_mean"].drop_vars(["regime", "dim", "delta"])
     ok = ~err.isnull().any([d for d in err.dims if d != "seed"])
     if int(ok.sum()) < 2:
@@ -732,11 +993,14 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
     out["teacher_order"] = loglog_slope(teacher, "step").assign_attrs(
         long_name="teacher's order: least-squares log-log slope of its error against step"
     )
-    theory = [TEACHER_ORDER.get(METHODS[m][1], np.nan) for m in ds["fit_method"].values]
+    teachers = [cfg.fixed_point(cfg.labels.index(m), 1.0) for m in ds["fit_method"].values]
+    theory = [TEACHER_ORDER.get(fp[0], np.nan) if fp else np.nan for fp in teachers]
     out["teacher_order_theory"] = (
         "fit_method",
         np.array(theory, float),
-        {"long_name": "theoretical order in squared distance (2 Euler, 4 Heun)"},
+        {
+            "long_name": "theoretical order in squared distance of the fixed point's teacher (2 Euler, 4 Heun)"
+        },
     )
     summary = xr.Dataset(
         out,
@@ -860,6 +1124,8 @@ def _report(tree: xr.DataTree) -> str:
                 lines.append(
                     f"  {', '.join(str(v) for v in idx.values())}: alpha {_interval(c, 'alpha')}  (mean error {errs})"
                 )
+    if "objectives" in tree.children:
+        lines += _objectives_report(tree["objectives"].to_dataset())
     lines.append("")
     last = res.isel(budget=-1)
     lines.append(
@@ -901,6 +1167,72 @@ def _report(tree: xr.DataTree) -> str:
             f"{e:<12} {str(r['regime'].values):<10} {int(r['dim']):>4} {float(r['delta']):>6g}  {what}"
         )
     return "\n".join(lines)
+
+
+def _objectives_report(obj: xr.Dataset) -> list[str]:
+    """The comparison of methods: error per budget, the lowest, cost, and sampling with K steps."""
+    lines = ["", f"objectives compared ({obj.attrs['rule']})"]
+    for e in obj["entry"].values:
+        for n in obj["train_size"].values:
+            o = obj.sel(entry=e, train_size=n)
+            lines.append(f"{e} (n={n:g}): consistency error, mean +- se over seeds")
+            lines.append(
+                f"  {'method':<18} {'step':>6} {'s/iter':>9} "
+                + " ".join(f"{'budget ' + str(int(b)):>19}" for b in o["budget"].values)
+            )
+            for m in o["fit_method"].values:
+                c = o.sel(fit_method=m)
+                cells = " ".join(
+                    f"{_fmt(c['consistency_error'].sel(budget=b)):>9} +- {_fmt(c['consistency_error_se'].sel(budget=b), 2):<6}"
+                    for b in o["budget"].values
+                )
+                lines.append(
+                    f"  {m:<18} {float(c['step_used']):>6g} {_fmt(c['seconds_per_iteration']):>9} {cells}"
+                )
+            lines.append(
+                "  lowest error: "
+                + ", ".join(
+                    f"budget {int(b)}: {o['lowest_error'].sel(budget=b).item()}"
+                    for b in o["budget"].values
+                )
+            )
+            if "kl_estimate" not in o:
+                continue
+            last = o.isel(budget=-1)
+            ks = [int(k) for k in o["sampler_k"].values]
+            lines.append(
+                f"  sampler with K steps at budget {int(last['budget'])}: k-NN KL (exact KL of the grid law where 1-d)"
+            )
+            lines.append(
+                f"  {'method':<18} " + " ".join(f"{'K=' + str(k):>17}" for k in ks) + "  more steps"
+            )
+            for m in o["fit_method"].values:
+                c = last.sel(fit_method=m)
+                cells = " ".join(
+                    f"{_fmt(c['kl_estimate'].sel(sampler_k=k)):>8}"
+                    + (
+                        f" ({_fmt(c['kl_grid'].sel(sampler_k=k))})"
+                        if np.isfinite(c["kl_grid"].sel(sampler_k=k))
+                        else " " * 8
+                    )
+                    for k in ks
+                )
+                lines.append(f"  {m:<18} {cells}  {c['more_steps'].item()}")
+            flow = obj.sel(entry=e)
+            lines.append(
+                f"  {'exact flow':<18} "
+                + " ".join(
+                    f"{_fmt(flow['kl_estimate_exact_flow'].sel(sampler_k=k)):>8}"
+                    + (
+                        f" ({_fmt(flow['kl_grid_exact_flow'].sel(sampler_k=k))})"
+                        if np.isfinite(flow["kl_grid_exact_flow"].sel(sampler_k=k))
+                        else " " * 8
+                    )
+                    for k in ks
+                )
+                + "  (the estimator's floor)"
+            )
+    return lines
 
 
 def _plot(tree: xr.DataTree):

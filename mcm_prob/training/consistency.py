@@ -223,7 +223,7 @@ class CD(AbstractObjective):
         return _grid_loss(self, model, target, key, ctx, self.teacher)
 
     def fixed_point(self, step):
-        return None if self.teacher == "exact" else (self.teacher, step)
+        return (self.teacher, step)
 
 
 class CT(AbstractObjective):

@@ -252,13 +252,17 @@ def _train(
     def evaluation(st):
         return _first(eqx.combine(st.ema if cfg.ema_decay > 0 else st.params[0], static), n_models)
 
+    timed = []  # (seconds, iterations) of the chunks after the first (compiled by then)
     with tqdm(total=cfg.iterations, desc=desc, disable=not cfg.progress, leave=False) as bar:
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             its = jnp.arange(lo, hi, dtype=jnp.int32)
+            tick = time.perf_counter()
             state, chunk_loss = _run_chunk(
                 state, data, static, obj_static, run_cfg, steps_arr, train_keys, pools, its
             )
             chunk_loss = np.asarray(chunk_loss)
+            if lo > 0 and hi - lo == bounds[1] - bounds[0]:  # same length: no new compilation
+                timed.append((time.perf_counter() - tick, hi - lo))
             losses.append(chunk_loss)
             if hi in checkpoints:
                 snapshots[int(hi)] = evaluation(state)
@@ -267,6 +271,10 @@ def _train(
             if np.any(np.isfinite(last)):
                 bar.set_postfix(loss=f"{np.nanmean(last):.3g}")
     objectives = _first(eqx.combine(state.params[1], obj_static), n_models)
+    per_iteration = np.nan
+    if timed:  # steady state, per model (the models run together, padding included)
+        seconds, count = np.sum(timed, axis=0)
+        per_iteration = seconds / count / len(steps)
     return (
         evaluation(state),
         np.concatenate(losses, axis=1)[:n_models],
@@ -274,6 +282,7 @@ def _train(
         time.perf_counter() - start,
         snapshots,
         objectives,
+        per_iteration,
     )
 
 
@@ -337,7 +346,7 @@ def fit(data: DataDistribution, objective, key: jax.Array, *, step=None, setting
         step = config.step
     (step,) = _steps(objective, settings, step)
     key = prng_key("key", key)
-    models, losses, failed_at, wall, _, objectives = _train(
+    models, losses, failed_at, wall, _, objectives, _ = _train(
         data, objective, settings, np.array([step]), jnp.stack([key]), desc=f"fit step={step}"
     )
     history = {"loss": losses[0], "wall_time": wall}
@@ -441,7 +450,9 @@ def fit_grid(
     **Returns:** `(grid, history)` with `history["loss"]` of shape (n_steps, n_seeds, iterations),
     `history["failed_at"]` (n_steps, n_seeds: the iteration at which a model's loss became
     non-finite and its training stopped, or -1), `history["wall_time"]` and
-    `history["objective"]` (the trained objectives, leading axis over models).
+    `history["objective"]` (the trained objectives, leading axis over models) and
+    `history["seconds_per_iteration"]` (steady-state training time per iteration and model:
+    chunks after the first of the same length, so no compilation; NaN with one chunk).
 
     `checkpoints`: iterations (1..iterations) after which the evaluation weights are also
     kept, as `history["checkpoints"][iteration]` (a `FittedGrid`). With a constant learning
@@ -461,7 +472,7 @@ def fit_grid(
     ns, nk = len(steps), len(seeds)
     flat_steps = np.repeat(np.array(steps), nk)
     keys = jax.vmap(jax.random.key)(jnp.tile(jnp.asarray(seeds, jnp.uint32), ns))
-    models, losses, failed_at, wall, snaps, objectives = _train(
+    models, losses, failed_at, wall, snaps, objectives, per_iteration = _train(
         data,
         objective,
         settings,
@@ -483,5 +494,6 @@ def fit_grid(
         "wall_time": wall,
         "checkpoints": {k: grid(m) for k, m in snaps.items()},
         "objective": objectives,
+        "seconds_per_iteration": per_iteration,
     }
     return grid(models), history
