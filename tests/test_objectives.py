@@ -267,3 +267,52 @@ def test_a_user_objective_trains_through_the_interface():
         for k in (20, 300)
     ]
     assert np.all(err[1] < 0.5 * err[0]), err
+
+
+def test_estimation_study_over_objectives(tmp_path, undescribed):
+    """The estimation study with a discrete CD, a continuous sCT and a shortcut (a table with
+    its own label): the step axis starts at 0, where only the continuous method has values;
+    the shortcut's teacher error is that of Euler steps of Delta/2 (order about 2 in squared
+    distance, theory 2); the error models cover the discrete methods; /objectives compares all
+    three, with the exact grid-law KL of the K-step samplers (1-d entry) and the exact flow's
+    K-step sampler exact to 1e-3 nats; the report shows the comparison."""
+    from mcm_prob import studies
+    from mcm_prob.results import load_tree
+
+    cfg = studies.EstimationConfig(
+        data={"g1": {"family": "gaussian", "mean": [0.5], "cov": [[0.6]]}},
+        methods=("cd-euler", "sct", {"objective": "shortcut", "label": "sc"}),
+        train=dict(width=8, batch_size=32),
+        budgets=(20, 40),
+        steps=(0.1, 0.2, 0.4),
+        seeds=(0, 1),
+        sampler_ks=(1, 2),
+        error_models=("power_law",),
+        eval_samples=64,
+        sample_size=64,
+        n_boot=100,
+        chains=2,
+        warmup=50,
+        draws=100,
+    )
+    tree = studies.run_estimation(cfg, tmp_path / "obj.nc", progress=False)
+    assert undescribed(load_tree(tmp_path / "obj.nc")) == []
+    res = tree["results"].to_dataset()
+    np.testing.assert_array_equal(res["step"].values, [0.0, 0.1, 0.2, 0.4])
+    err = res["consistency_error_mean"].isel(entry=0, train_size=0)
+    assert np.all(np.isfinite(err.sel(fit_method="sct", step=0.0)))
+    assert np.all(np.isnan(err.sel(fit_method="sct").isel(step=slice(1, None))))
+    assert np.all(np.isnan(err.sel(fit_method="cd-euler", step=0.0)))
+    assert np.all(np.isfinite(err.sel(fit_method=["cd-euler", "sc"]).isel(step=slice(1, None))))
+    summary = tree["summary"].to_dataset()
+    assert list(summary["fit_method"].values) == ["cd-euler", "sc"]
+    order = float(summary["teacher_order"].sel(fit_method="sc").isel(entry=0))
+    assert 1.6 < order < 2.4
+    assert float(summary["teacher_order_theory"].sel(fit_method="sc")) == 2.0
+    obj = tree["objectives"].to_dataset()
+    assert set(obj["lowest_error"].values.ravel()) <= {"cd-euler", "sct", "sc"}
+    assert np.all(np.isfinite(obj["kl_grid"])) and np.all(np.isfinite(obj["seconds_per_iteration"]))
+    assert np.all(np.abs(obj["kl_grid_exact_flow"]) < 1e-3)
+    assert set(obj["more_steps"].values.ravel()) <= {"help", "hurt", "unclear"}
+    text = studies.STUDIES["estimation"].report(tree)
+    assert "objectives compared" in text and "sc " in text
