@@ -1246,7 +1246,10 @@ def _plot(tree: xr.DataTree):
         ax.text(0.5, 0.5, old, ha="center", va="center", wrap=True, fontsize=8)
         ax.axis("off")
         return fig
-    res = tree["results"].to_dataset().isel(fit_method=0, train_size=-1)
+    res_all = res = tree["results"].to_dataset()
+    if "summary" in tree.children:  # the error models' methods (those with a step)
+        res = res.sel(fit_method=tree["summary"]["fit_method"].values)
+    res = res.sel(step=res["step"] > 0).isel(fit_method=0, train_size=-1)
     steps = res["step"].values
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (ax_err, ax_rate), (ax_res, ax_budget) = axes
@@ -1315,7 +1318,7 @@ def _plot(tree: xr.DataTree):
             observed = np.log(r["consistency_error_mean"]).mean("seed")
             ax_res.semilogx(steps, observed - fitted.values, "o-", color=color, label=e)
     ax_res.axhline(0, color="k", lw=0.8)
-    small = _smallest_step_error(tree["results"].to_dataset()).isel(fit_method=0)
+    small = _smallest_step_error(res_all.sel(step=res_all["step"] > 0)).isel(fit_method=0)
     for k, e in enumerate(res["entry"].values):
         s_e = small.sel(entry=e)
         if s_e.sizes["budget"] > 1:
