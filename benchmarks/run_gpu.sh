@@ -21,4 +21,8 @@ job)  # the main job only, one GPU, cold then warm cache (the README's GPU figur
 h100)  # the Done-when pair on an H100: PyTorch at 64 and 256 models, then the main job cold
   timeout 170 python3 benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --variants torch-vmap torch-compile 2>$OUT/torch.err | tee $OUT/torch.json
   python3 benchmarks/profile_main_job.py 2>$OUT/pcold.err | tee $OUT/cold.json ;;
+objectives)  # cost per iteration of every objective, 1 and 256 models, one GPU
+  export CUDA_VISIBLE_DEVICES=0
+  python3 benchmarks/bench_objectives.py --models 1 --iterations 2000 --json $OUT/obj1.json 2>$OUT/obj1.err | tee $OUT/obj1.txt
+  python3 benchmarks/bench_objectives.py --models 256 --iterations 2000 --json $OUT/obj256.json 2>$OUT/obj256.err | tee $OUT/obj256.txt ;;
 esac

@@ -127,8 +127,10 @@ def _method_spec(name: str, v):
     try:
         objective_from_spec(v)
     except ValueError as err:
+        labels = sorted(set(METHODS) | set(OBJECTIVES))
         raise ValueError(
-            f"config key `{name}`: {err}; the labels are {sorted(set(METHODS) | set(OBJECTIVES))}"
+            f"`{name}` must be one of {labels} or a table {{objective = label, label = ..., "
+            f"arguments}}, got {v!r} ({err})"
         ) from None
     return dict(v) if isinstance(v, Mapping) else v
 
