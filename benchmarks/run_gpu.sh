@@ -26,3 +26,9 @@ objectives)  # cost per iteration of every objective, 1 and 256 models, one GPU
   python3 benchmarks/bench_objectives.py --models 1 --iterations 2000 --json $OUT/obj1.json 2>$OUT/obj1.err | tee $OUT/obj1.txt
   python3 benchmarks/bench_objectives.py --models 256 --iterations 2000 --json $OUT/obj256.json 2>$OUT/obj256.err | tee $OUT/obj256.txt ;;
 esac
+# analysis/objectives.py small default on one GPU (both paths): files under $OUT
+if [ "$1" = analysis ]; then
+  export CUDA_VISIBLE_DEVICES=0
+  cd analysis && python3 objectives.py > $OUT/objectives.log 2>$OUT/objectives.err
+  cp objectives_*.nc objectives_*_report.txt objectives_*.png $OUT/ 2>/dev/null; tail -5 $OUT/objectives.log
+fi

@@ -356,7 +356,8 @@ _VARIABLES = {
     "kl_grid": (
         _Q,
         "exact KL(sampler law || p_delta) of the learned net, 1-d grid law "
-        "(NaN: entry not 1-d; a net mixes coordinates, so product entries have no grid law)",
+        "(NaN: entry not 1-d, a net mixes coordinates, so product entries have no grid law; "
+        "or not finite on the grid: the net's law has mass where p_delta underflows)",
         "nats",
     ),
     "energy_distance": (_Q, "energy distance to exact samples of p_delta", "data units"),
@@ -397,7 +398,7 @@ _BY_K = {
     "kl_stderr_k": (_K, "standard error of kl_estimate_k", "nats"),
     "kl_grid_k": (
         _K,
-        "exact KL(sampler law || p_delta) with K steps, 1-d grid law (NaN: entry not 1-d)",
+        "exact KL(sampler law || p_delta) with K steps, 1-d grid law (NaN: entry not 1-d, or not finite on the grid)",
         "nats",
     ),
     "energy_distance_k": (_K, "energy distance to exact samples of p_delta, K steps", "data units"),
@@ -435,7 +436,10 @@ def _grid_kl(f, data, cfg: EstimationConfig, label: str, steps: int | None = Non
     if data.dim != 1:
         return np.nan
     sched = _sampler_schedule(cfg, label, steps)
-    return grid_law_1d(data, schedule=sched, f=f, n_grid=2001, path=cfg.path).kl
+    try:
+        return grid_law_1d(data, schedule=sched, f=f, n_grid=2001, path=cfg.path).kl
+    except FloatingPointError:  # a learned map put mass where p_delta underflows on the grid
+        return np.nan
 
 
 def _seed_keys(key, n_seeds: int) -> list:
