@@ -28,7 +28,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 
-from .networks import ConsistencyNet
+from .networks import NETWORK_FORMS, AbstractSkipNet, network
 from .results import write_atomic
 from .training import TrainConfig, TrainedModel
 
@@ -63,12 +63,18 @@ def save_model(path: str | os.PathLike, model, config: TrainConfig | None = None
         config = config if config is not None else model.config
         spec = json.loads(model.data_spec) if model.data_spec is not None else None
         model = model.net
-    if not isinstance(model, ConsistencyNet):
+    if not isinstance(model, AbstractSkipNet):
         raise TypeError(
-            f"`model` must be a ConsistencyNet or TrainedModel, got {type(model).__name__}"
+            "`model` must be a ConsistencyNet, DisplacementNet or TrainedModel, got "
+            f"{type(model).__name__}"
         )
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be the model's TrainConfig, got {type(config).__name__}")
+    if type(model) is not NETWORK_FORMS[config.network]:
+        raise ValueError(
+            f"`model` is a {type(model).__name__} but `config.network` = {config.network!r} "
+            f"says {NETWORK_FORMS[config.network].__name__}"
+        )
     if data is not None:
         spec = _data_spec(data)
     mlp = model.mlp
@@ -120,13 +126,14 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     if isinstance(stored_path, dict) and stored_path.get("path") == "custom":
         raise ValueError(
             f"{path}: the model was trained on a user path ({stored_path.get('repr')}), which "
-            "a file cannot rebuild; rebuild the network with ConsistencyNet(..., path=your_path) "
+            "a file cannot rebuild; rebuild the network with ConsistencyNet(..., path=your_path) (or DisplacementNet) "
             "and equinox.tree_deserialise_leaves"
         )
     try:
         net_args = header["network"]
         config = TrainConfig(**header["train_config"])
-        skeleton = ConsistencyNet(
+        skeleton = network(
+            config.network,
             int(net_args["dim"]),
             width=int(net_args["width"]),
             depth=int(net_args["depth"]),

@@ -316,3 +316,17 @@ def test_estimation_study_over_objectives(tmp_path, undescribed):
     assert set(obj["more_steps"].values.ravel()) <= {"help", "hurt", "unclear"}
     text = studies.STUDIES["estimation"].report(tree)
     assert "objectives compared" in text and "sc " in text
+
+
+def test_a_displacement_net_saves_and_loads(tmp_path):
+    """TrainConfig(network="displacement") fits a DisplacementNet, which save_model writes and
+    load_model rebuilds with identical outputs; a net that disagrees with its config is refused."""
+    cfg = mp.TrainConfig(network="displacement", iterations=5, width=8, depth=1, progress=False)
+    model, _ = mp.fit(DATA, cfg, jax.random.key(0))
+    assert isinstance(model, mp.DisplacementNet)
+    mp.save_model(tmp_path / "d.eqx", model, cfg)
+    loaded = mp.load_model(tmp_path / "d.eqx")
+    x = jnp.array([[0.1, 0.2], [-0.5, 1.0]])
+    np.testing.assert_array_equal(loaded(x, 2.0, 0.5), model(x, 2.0, 0.5))
+    with pytest.raises(ValueError, match="says ConsistencyNet"):
+        mp.save_model(tmp_path / "e.eqx", model, mp.TrainConfig())

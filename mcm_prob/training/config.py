@@ -20,6 +20,18 @@ from .consistency import CD, CT, DISTANCES, TEACHERS, TIME_SAMPLINGS
 __all__ = ["TrainConfig", "FitConfig", "NetworkConfig", "OptimizerConfig"]
 
 _SCHEDULES = ("constant", "cosine")
+
+
+def _grid_size(T: float, delta: float, step: float) -> int:
+    n = math.floor((T - delta) / step + 1e-9)
+    if n < 1:
+        raise ValueError(
+            f"`step` = {step} is larger than T - delta = {T - delta}: the grid has no "
+            "interval; use 0 < step <= T - delta"
+        )
+    return n
+
+
 _DTYPES = ("float32", "float64")
 
 
@@ -136,17 +148,7 @@ class FitConfig:
 
     def grid_size(self, step: float) -> int:
         """N = floor((T - delta) / Delta): the number of grid intervals (>= 1 required)."""
-        n = math.floor((self.T - self.delta) / step + 1e-9)
-        if n < 1:
-            raise ValueError(
-                f"`step` = {step} is larger than T - delta = {self.T - self.delta}: the grid has "
-                "no interval; use 0 < step <= T - delta"
-            )
-        return n
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        return out | {"path": describe_path(self.path)}
+        return _grid_size(self.T, self.delta, step)
 
 
 _CHOICES = {
@@ -260,13 +262,7 @@ class TrainConfig:
 
     def grid_size(self, step: float | None = None) -> int:
         """N = floor((T - delta) / Delta): the number of grid intervals (>= 1 required)."""
-        n = math.floor((self.T - self.delta) / (self.step if step is None else step) + 1e-9)
-        if n < 1:
-            raise ValueError(
-                f"`step` = {self.step if step is None else step} is larger than T - delta = "
-                f"{self.T - self.delta}: the grid has no interval; use 0 < step <= T - delta"
-            )
-        return n
+        return _grid_size(self.T, self.delta, self.step if step is None else step)
 
     def objective(self) -> CD | CT:
         """The `CD` or `CT` objective these settings describe."""
