@@ -316,6 +316,9 @@ def test_estimation_study_over_objectives(tmp_path, undescribed):
     assert set(obj["more_steps"].values.ravel()) <= {"help", "hurt", "unclear"}
     text = studies.STUDIES["estimation"].report(tree)
     assert "objectives compared" in text and "sc " in text
+    fig = studies.STUDIES["estimation"].plot(tree)
+    labels = fig.axes[4].get_legend_handles_labels()[1]
+    assert labels == ["cd-euler", "sct", "sc"]  # the objectives row: one curve per method
 
 
 def test_a_displacement_net_saves_and_loads(tmp_path):

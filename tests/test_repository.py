@@ -52,7 +52,14 @@ def test_every_subpackage_is_in_the_wheel():
 
 @pytest.mark.parametrize(
     "script",
-    ["smooth_steps", "nonsmooth_steps", "baselines_nfe", "error_injection", "estimation_error", "objectives"],
+    [
+        "smooth_steps",
+        "nonsmooth_steps",
+        "baselines_nfe",
+        "error_injection",
+        "estimation_error",
+        "objectives",
+    ],
 )
 def test_analysis_script_settings_are_valid_configs(script):
     """Each claim script's small default and --full setting are valid study configs."""

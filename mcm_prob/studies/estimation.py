@@ -1241,6 +1241,46 @@ def _objectives_report(obj: xr.Dataset) -> list[str]:
     return lines
 
 
+def _plot_objectives(obj: xr.Dataset, ax_budget, ax_k) -> None:
+    """Every method's consistency error against budget, and its sampler's KL against K (the
+    first entry, the largest training set): which objective wins, and whether steps help."""
+    o = obj.isel(entry=0, train_size=-1)
+    entry = str(obj["entry"].values[0])
+    for k, m in enumerate(o["fit_method"].values):
+        c = o.sel(fit_method=m)
+        ax_budget.errorbar(
+            o["budget"],
+            c["consistency_error"],
+            yerr=c["consistency_error_se"],
+            fmt="o-",
+            color=f"C{k}",
+            label=str(m),
+            capsize=2,
+        )
+        if "kl_estimate" in o:
+            last = c.isel(budget=-1)
+            exact = np.all(np.isfinite(last["kl_grid"]))
+            ax_k.plot(
+                o["sampler_k"],
+                last["kl_grid"] if exact else last["kl_estimate"],
+                "o-" if exact else "s--",
+                color=f"C{k}",
+                label=str(m) + ("" if exact else " (k-NN)"),
+            )
+    ax_budget.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training budget (iterations)",
+        ylabel="consistency error",
+        title=f"{entry}: objectives (lowest wins)",
+    )
+    ax_k.set(
+        xlabel="sampler steps K",
+        ylabel="KL(sampler law || p_delta)",
+        title=f"{entry}: more steps help or hurt (exact grid KL; k-NN where not 1-d)",
+    )
+
+
 def _plot(tree: xr.DataTree):
     """Error vs step with each model's fitted curve (band: preferred model), the local rate,
     the power law's residuals, and the smallest-step error against budget and n."""
@@ -1257,8 +1297,11 @@ def _plot(tree: xr.DataTree):
         res = res.sel(fit_method=tree["summary"]["fit_method"].values)
     res = res.sel(step=res["step"] > 0).isel(fit_method=0, train_size=-1)
     steps = res["step"].values
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    (ax_err, ax_rate), (ax_res, ax_budget) = axes
+    compare = "objectives" in tree.children
+    fig, axes = plt.subplots(3 if compare else 2, 2, figsize=(11, 12 if compare else 8))
+    (ax_err, ax_rate), (ax_res, ax_budget) = axes[:2]
+    if compare:
+        _plot_objectives(tree["objectives"].to_dataset(), *axes[2])
     done = "summary" in tree.children
     models = list(tree["error_models"].children) if done else []
     styles = {"power_law": ":", "two_term": "-", "smooth": "--"}
