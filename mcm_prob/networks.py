@@ -99,6 +99,36 @@ class AbstractSkipNet(AbstractFlowMap):
     implement `coefficients(t, s)` and `velocity_coefficients(t, s)` (the $\alpha, \beta$ of
     $u = \alpha x + \beta N_\theta$)."""
 
+    mlp: eqx.nn.MLP
+    path: AbstractPath
+    dim: int = eqx.field(static=True)
+    n_freq: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        width: int = 128,
+        depth: int = 3,
+        n_freq: int = 4,
+        key: Array,
+        dtype=jnp.float32,
+        path: AbstractPath = OU,
+    ):
+        self.path = as_path(path)
+        dim, width = integer("dim", dim), integer("width", width)
+        depth, n_freq = integer("depth", depth, ge=0), integer("n_freq", n_freq, ge=0)
+        self.dim, self.n_freq = dim, n_freq
+        self.mlp = eqx.nn.MLP(
+            dim + 2 * (1 + 2 * n_freq),
+            dim,
+            width_size=width,
+            depth=depth,
+            activation=jax.nn.silu,
+            key=key,
+            dtype=dtype,
+        )
+
     @abc.abstractmethod
     def coefficients(self, t: Array, s: Array) -> tuple[Array, Array]:
         """(c_skip, c_out) at scalar times t, s, with (1, 0) at s = t."""
@@ -141,27 +171,6 @@ class AbstractSkipNet(AbstractFlowMap):
         return out.reshape(x.shape)
 
 
-def _mlp(dim, width, depth, n_freq, key, dtype) -> eqx.nn.MLP:
-    return eqx.nn.MLP(
-        dim + 2 * (1 + 2 * n_freq),
-        dim,
-        width_size=width,
-        depth=depth,
-        activation=jax.nn.silu,
-        key=key,
-        dtype=dtype,
-    )
-
-
-def _sizes(dim, width, depth, n_freq):
-    return (
-        integer("dim", dim),
-        integer("width", width),
-        integer("depth", depth, ge=0),
-        integer("n_freq", n_freq, ge=0),
-    )
-
-
 class ConsistencyNet(AbstractSkipNet):
     r"""Boundary form $f_\theta(x, t, s)$ for $0 \le s \le t$ (the module docstring), x of
     shape (..., dim), scalar t and s.
@@ -170,27 +179,6 @@ class ConsistencyNet(AbstractSkipNet):
     `n_freq` (Fourier features per time), `key`, `dtype` (parameter dtype, default float32),
     `path` (the Gaussian path whose times t, s the net takes; default OU).
     """
-
-    mlp: eqx.nn.MLP
-    path: AbstractPath
-    dim: int = eqx.field(static=True)
-    n_freq: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        width: int = 128,
-        depth: int = 3,
-        n_freq: int = 4,
-        key: Array,
-        dtype=jnp.float32,
-        path: AbstractPath = OU,
-    ):
-        self.path = as_path(path)
-        dim, width, depth, n_freq = _sizes(dim, width, depth, n_freq)
-        self.dim, self.n_freq = dim, n_freq
-        self.mlp = _mlp(dim, width, depth, n_freq, key, dtype)
 
     def denoiser(self, x: Array, t: Array, s: Array) -> Array:
         """The raw network (the $x_0$-prediction) for a single x of shape (dim,)."""
@@ -212,27 +200,6 @@ class ConsistencyNet(AbstractSkipNet):
 class DisplacementNet(AbstractSkipNet):
     r"""Displacement form $f_\theta(x, t, s) = x + (s - t)\,u_\theta(x, t, s)$ (MeanFlow, flow
     map matching), same arguments as `ConsistencyNet`; `average_velocity` is $u_\theta$."""
-
-    mlp: eqx.nn.MLP
-    path: AbstractPath
-    dim: int = eqx.field(static=True)
-    n_freq: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        width: int = 128,
-        depth: int = 3,
-        n_freq: int = 4,
-        key: Array,
-        dtype=jnp.float32,
-        path: AbstractPath = OU,
-    ):
-        self.path = as_path(path)
-        dim, width, depth, n_freq = _sizes(dim, width, depth, n_freq)
-        self.dim, self.n_freq = dim, n_freq
-        self.mlp = _mlp(dim, width, depth, n_freq, key, dtype)
 
     def coefficients(self, t, s):
         return jnp.ones_like(t), s - t

@@ -278,22 +278,15 @@ def test_estimation_study_over_objectives(tmp_path, undescribed):
     K-step sampler exact to 1e-3 nats; the report shows the comparison."""
     from mcm_prob import studies
     from mcm_prob.results import load_tree
+    from tests.test_studies import TINY_ESTIMATION
 
     cfg = studies.EstimationConfig(
-        data={"g1": {"family": "gaussian", "mean": [0.5], "cov": [[0.6]]}},
-        methods=("cd-euler", "sct", {"objective": "shortcut", "label": "sc"}),
-        train=dict(width=8, batch_size=32),
-        budgets=(20, 40),
-        steps=(0.1, 0.2, 0.4),
-        seeds=(0, 1),
-        sampler_ks=(1, 2),
-        error_models=("power_law",),
-        eval_samples=64,
-        sample_size=64,
-        n_boot=100,
-        chains=2,
-        warmup=50,
-        draws=100,
+        **TINY_ESTIMATION
+        | {
+            "data": {"g1": {"family": "gaussian", "mean": [0.5], "cov": [[0.6]]}},
+            "methods": ("cd-euler", "sct", {"objective": "shortcut", "label": "sc"}),
+            "sampler_ks": (1, 2),
+        }
     )
     tree = studies.run_estimation(cfg, tmp_path / "obj.nc", progress=False)
     assert undescribed(load_tree(tmp_path / "obj.nc")) == []

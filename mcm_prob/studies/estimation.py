@@ -1175,6 +1175,16 @@ def _report(tree: xr.DataTree) -> str:
     return "\n".join(lines)
 
 
+def _kl_cells(knn: xr.DataArray, grid: xr.DataArray, ks) -> str:
+    """Per K: the k-NN KL, with the exact grid-law KL in parentheses where it is finite."""
+    cells = []
+    for k in ks:
+        g = grid.sel(sampler_k=k)
+        exact = f" ({_fmt(g)})" if np.isfinite(g) else " " * 8
+        cells.append(f"{_fmt(knn.sel(sampler_k=k)):>8}{exact}")
+    return " ".join(cells)
+
+
 def _objectives_report(obj: xr.Dataset) -> list[str]:
     """The comparison of methods: error per budget, the lowest, cost, and sampling with K steps."""
     lines = ["", f"objectives compared ({obj.attrs['rule']})"]
@@ -1214,28 +1224,12 @@ def _objectives_report(obj: xr.Dataset) -> list[str]:
             )
             for m in o["fit_method"].values:
                 c = last.sel(fit_method=m)
-                cells = " ".join(
-                    f"{_fmt(c['kl_estimate'].sel(sampler_k=k)):>8}"
-                    + (
-                        f" ({_fmt(c['kl_grid'].sel(sampler_k=k))})"
-                        if np.isfinite(c["kl_grid"].sel(sampler_k=k))
-                        else " " * 8
-                    )
-                    for k in ks
-                )
+                cells = _kl_cells(c["kl_estimate"], c["kl_grid"], ks)
                 lines.append(f"  {m:<18} {cells}  {c['more_steps'].item()}")
             flow = obj.sel(entry=e)
             lines.append(
                 f"  {'exact flow':<18} "
-                + " ".join(
-                    f"{_fmt(flow['kl_estimate_exact_flow'].sel(sampler_k=k)):>8}"
-                    + (
-                        f" ({_fmt(flow['kl_grid_exact_flow'].sel(sampler_k=k))})"
-                        if np.isfinite(flow["kl_grid_exact_flow"].sel(sampler_k=k))
-                        else " " * 8
-                    )
-                    for k in ks
-                )
+                + _kl_cells(flow["kl_estimate_exact_flow"], flow["kl_grid_exact_flow"], ks)
                 + "  (the estimator's floor)"
             )
     return lines
