@@ -62,10 +62,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import arviz_base
 import arviz_stats  # registers the .azstats accessors
@@ -75,10 +75,10 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import xarray as xr
-from numpyro.infer import MCMC, NUTS
+from numpyro.infer.hmc import hmc
+from numpyro.infer.util import initialize_model
 
 from ._checks import error_array, integer, number, one_of
-from .devices import cpu_cores
 
 __all__ = [
     "ERROR_MODELS",
@@ -180,7 +180,10 @@ def _smooth_curve(th, x, xnew):
 
     v = np.linalg.svd(op(x))[2][: x.size - 2].T  # (S, S - 2)
     w = op(xnew) @ v  # (n, S - 2)
-    return th["c"][..., None] + th["beta"][..., None] * xnew + th["h_raw"] @ w.T
+    # a product and a sum, not a matmul: its round-off is then the same in every batch shape
+    # (a batched dot does not promise that, and NUTS amplifies round-off)
+    h = (th["h_raw"][..., None, :] * w).sum(-1)
+    return th["c"][..., None] + th["beta"][..., None] * xnew + h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +256,8 @@ def _dims(groups, tail):
     return ("chain", "draw", *groups, *tail)
 
 
-def _options(
-    chains=4, warmup=500, draws=1000, seed=0, min_ess=400, target_accept=0.9, progress=False
-) -> dict:
-    """The NUTS settings of `fit_error_model`, validated by name (progress is passed through)."""
+def _options(chains=4, warmup=500, draws=1000, seed=0, min_ess=400, target_accept=0.9) -> dict:
+    """The NUTS settings of `fit_error_model`, validated by name."""
     return {
         "chains": integer("chains", chains, ge=2),  # r_hat needs several chains
         "warmup": integer("warmup", warmup),
@@ -277,18 +278,27 @@ def fit_error_model(
     seed: int = 0,
     min_ess: int = 400,
     target_accept: float = 0.9,
-    progress: bool = False,
 ) -> xr.DataTree:
     """Fit one error model (``"power_law"``, ``"two_term"`` or ``"smooth"``) with NUTS.
 
-    `errors`: positive errors with dims (..., step, seed), other dims index groups.
+    `errors`: positive errors with dims (..., step, seed), other dims index groups. Every
+    group is its own posterior: `chains` NUTS chains per group, all groups' chains in one
+    compiled program (vectorised lanes), each group's random numbers from `seed` and the
+    group's coordinates, so a group fitted alone gives the draws it gets among others.
     **Returns:** a DataTree in ArviZ's layout (see the module docstring); ``checks`` holds per
-    group `r_hat_max`, `ess_bulk_min`, `ppc_p_value`, `ppc_rejected`, `usable` and `reason`.
+    group `r_hat_max`, `ess_bulk_min`, `divergences`, `ppc_p_value`, `ppc_rejected`, `usable`
+    and `reason`.
     """
+    options = _options(chains, warmup, draws, seed, min_ess, target_accept)
+    lowered, args, finish = _lower(errors, model, options)
+    return finish(*lowered.compile()(*args))
+
+
+def _lower(errors, model: str, options: dict):
+    """Validate, build and lower one model's NUTS run; returns (lowered, its arguments,
+    finish), with ``finish(*lowered.compile()(*args))`` the fitted tree. NumPyro's tracing
+    (not thread-safe) happens here; compiling and running may be threaded."""
     one_of("model", model, tuple(ERROR_MODELS))
-    chains, warmup, draws, seed, min_ess, target_accept = _options(
-        chains, warmup, draws, seed, min_ess, target_accept
-    ).values()
     if not jax.config.jax_enable_x64:
         raise ValueError(
             'error models run in float64: call jax.config.update("jax_enable_x64", True) first'
@@ -296,33 +306,109 @@ def fit_error_model(
     da = error_array(errors, min_values=3)  # (*groups, step, seed)
     spec = ERROR_MODELS[model]
     groups = list(da.dims[:-2])
-    gshape = tuple(da.sizes[d] for d in groups)
-    g = int(np.prod(gshape, dtype=int))
+    g = int(np.prod([da.sizes[d] for d in groups], dtype=int))
     log_steps = np.log(np.asarray(da["step"].values, float))
     x = log_steps - log_steps.mean()
-    n_step, n_seed = x.size, da.sizes["seed"]
-    y = np.log(np.asarray(da.values, float)).reshape(g, n_step, n_seed)
-
-    def program(y=None):
-        return _program(spec, x, g, n_seed, y)
-
-    mcmc = MCMC(
-        NUTS(program, target_accept_prob=target_accept),
-        num_warmup=warmup,
-        num_samples=draws,
-        num_chains=chains,
-        chain_method="vectorized",
-        progress_bar=progress,
-    )
+    y = np.log(np.asarray(da.values, float)).reshape(g, x.size, da.sizes["seed"])
+    run = _sampler(spec, x, da.sizes["seed"], *(options[k] for k in _RUN_OPTIONS))
     # NUTS on these small models is latency-bound: the host CPU beats an accelerator
-    with jax.default_device(jax.devices("cpu")[0]):
-        mcmc.run(
-            jax.random.key(seed),
-            y=jnp.asarray(np.swapaxes(y, -1, -2)),
-            extra_fields=("diverging", "num_steps", "accept_prob", "energy"),
+    args = jax.device_put(
+        (jnp.asarray(np.swapaxes(y, -1, -2)), _group_keys(da, groups, options["seed"])),
+        jax.devices("cpu")[0],
+    )
+    lowered = run.lower(*args)
+
+    def finish(samples, extra):
+        return _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options)
+
+    return lowered, args, finish
+
+
+_RUN_OPTIONS = ("chains", "warmup", "draws", "target_accept")
+
+
+def _group_keys(da: xr.DataArray, groups: list[str], seed: int) -> jax.Array:
+    """One key per group, from `seed` and the group's own coordinates (the values, at that
+    group, of every coordinate whose dims are group dims, scalar coordinates included): a group
+    fitted alone (selected from a larger array) gets the key it gets in the batch."""
+    names = sorted(n for n, c in da.coords.items() if set(c.dims) <= set(groups))
+    keys = []
+    for idx in np.ndindex(*(da.sizes[d] for d in groups)):
+        at = dict(zip(groups, idx, strict=True))
+        ident = {
+            n: da.coords[n].isel({d: i for d, i in at.items() if d in da.coords[n].dims})
+            for n in names
+        }
+        text = json.dumps({n: str(v.values.item()) for n, v in ident.items()}, sort_keys=True)
+        keys.append(jax.random.fold_in(jax.random.key(seed), zlib.crc32(text.encode())))
+    return jnp.stack(keys)
+
+
+def _sampler(spec: ErrorModel, x, n_seed, chains, warmup, draws, target_accept):
+    """The compiled NUTS run of every (group, chain) lane: ``run(y, keys)`` with y (G, J, S)
+    log errors and one key per group returns the constrained draws {site: (G, chains, draws,
+    ...)} (site shapes without the program's group axis) and the sampler statistics (G, chains,
+    draws). Each lane is NumPyro's NUTS on the one-group program, with its own initialisation
+    (`init_to_uniform`), step-size and diagonal mass-matrix adaptation: groups are independent
+    posteriors, not one joint one. The lanes are one flat vmapped axis padded to a multiple of
+    `_LANES` (repeating the last lane), so that a group's arithmetic does not depend on how
+    many others run beside it: XLA's CPU code handles a partly filled vector of lanes
+    differently (other round-off), and NUTS amplifies round-off into different draws."""
+
+    def model(y=None):
+        return _program(spec, x, 1, n_seed, y)
+
+    def lane(y, key):  # y (1, J, S): one chain of one group
+        k_model, k_run = jax.random.split(key)
+        info = initialize_model(k_model, model, dynamic_args=True, model_kwargs={"y": y})
+        init_kernel, sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
+        state = init_kernel(
+            info.param_info,
+            warmup,
+            target_accept_prob=target_accept,
+            model_kwargs={"y": y},
+            rng_key=k_run,
         )
-    th = {k: np.asarray(v, np.float64) for k, v in mcmc.get_samples().items()}
+
+        def step(st, _):
+            st = sample_kernel(st, model_kwargs={"y": y})
+            return st, (st.z, st.diverging, st.num_steps, st.accept_prob, st.energy)
+
+        _, trace = jax.lax.scan(step, state, length=warmup + draws)
+        z, *stats = jax.tree_util.tree_map(lambda a: a[warmup:], trace)
+        return jax.vmap(info.postprocess_fn(y=y))(z), stats
+
+    @jax.jit
+    def run(y, keys):
+        g = y.shape[0]
+        lane_keys = jax.vmap(lambda k: jax.random.split(k, chains))(keys).reshape(-1)
+        lane_y = jnp.repeat(y, chains, axis=0)[:, None]  # (G x chains, 1, J, S)
+        pad = -lane_keys.shape[0] % _LANES
+        lane_keys = jnp.concatenate([lane_keys, jnp.repeat(lane_keys[-1:], pad)])
+        lane_y = jnp.concatenate([lane_y, jnp.repeat(lane_y[-1:], pad, axis=0)])
+        samples, stats = jax.vmap(lane)(lane_y, lane_keys)
+        unflat = lambda a: a[: g * chains].reshape(g, chains, *a.shape[1:])  # noqa: E731
+        samples = {k: unflat(v)[:, :, :, 0] for k, v in samples.items()}  # drop the group axis
+        return samples, dict(zip(_STATS, map(unflat, stats), strict=True))
+
+    return run
+
+
+_LANES = 8  # float64 lanes of a 512-bit vector
+_STATS = ("diverging", "num_steps", "accept_prob", "energy")
+
+
+def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
+    """The ArviZ-layout tree of a fit from its draws (see `fit_error_model`)."""
+    chains, warmup, draws, seed, min_ess, target_accept = options.values()
+    gshape = tuple(da.sizes[d] for d in groups)
+    g, n_step, n_seed = y.shape
     n = chains * draws
+    # (G, chains, draws, ...) -> (N, G, ...), N = chains x draws, chain-major
+    th = {
+        k: np.moveaxis(np.asarray(v, np.float64).reshape(g, n, *v.shape[3:]), 0, 1)
+        for k, v in samples.items()
+    }
 
     # pointwise (per seed) log likelihood, replicated data and the seed effects' conditional
     # means E[u_j | y_j, theta] = tau^2 / (sigma^2 + S tau^2) sum_i (y_ij - m_i)
@@ -392,19 +478,22 @@ def fit_error_model(
         post[name] = (_dims(groups, tail), shaped(arr, arr.shape[2:]), {"long_name": long_name})
     post = post.assign_coords(chain=np.arange(chains), draw=np.arange(draws))
 
-    extra = mcmc.get_extra_fields(group_by_chain=True)
     stats = {
         "diverging": ("diverging", bool, "divergent transition"),
         "n_steps": ("num_steps", None, "leapfrog steps of the NUTS trajectory"),
         "acceptance_rate": ("accept_prob", float, "mean acceptance probability of the trajectory"),
         "energy": ("energy", float, "Hamiltonian energy"),
     }
-    sample_stats = xr.Dataset(
+    sample_stats = xr.Dataset(  # per group: each group has its own chains
         {
-            name: (("chain", "draw"), np.asarray(extra[field], dtype), {"long_name": long_name})
+            name: (
+                _dims(groups, ()),
+                np.moveaxis(np.asarray(extra[field], dtype), 0, -1).reshape(chains, draws, *gshape),
+                {"long_name": long_name},
+            )
             for name, (field, dtype, long_name) in stats.items()
         },
-        coords={"chain": np.arange(chains), "draw": np.arange(draws)},
+        coords={d: da[d] for d in groups} | {"chain": np.arange(chains), "draw": np.arange(draws)},
     )
     obs_dims = _dims(groups, ("step", "seed"))
     obs_coords = coords | {"chain": np.arange(chains), "draw": np.arange(draws)}
@@ -423,8 +512,8 @@ def fit_error_model(
     )
     observed[_OBS].attrs["long_name"] = "log of the observed error"
 
-    divergences = int(sample_stats["diverging"].sum())
     gdims = tuple(groups)
+    divergent = sample_stats["diverging"].sum(("chain", "draw"))
     r_hat_max = xr.concat(
         [v.max([d for d in v.dims if d not in gdims]) for v in ds_rhat.values()], "v"
     ).max("v")
@@ -445,8 +534,8 @@ def fit_error_model(
             why.append(f"r_hat {float(r_hat_max.values[idx]):.3f} > {R_HAT_MAX}")
         if not float(ess_min.values[idx]) >= min_ess:
             why.append(f"bulk ESS {float(ess_min.values[idx]):.0f} < {min_ess}")
-        if divergences:
-            why.append(f"{divergences} divergent transitions")
+        if int(divergent.values[idx]):
+            why.append(f"{int(divergent.values[idx])} divergent transitions")
         reasons[idx], usable[idx] = "; ".join(why) or "ok", not why
     checks = xr.Dataset(
         {
@@ -469,6 +558,11 @@ def fit_error_model(
                 gdims,
                 ess_min.values,
                 {"long_name": "smallest bulk ESS of the group's parameters"},
+            ),
+            "divergences": (
+                gdims,
+                divergent.values,
+                {"long_name": "divergent transitions in the group's chains"},
             ),
             "usable": (
                 gdims,
@@ -503,8 +597,8 @@ def fit_error_model(
         "error_model": model,
         "formula": spec.formula
         + " (+ seed effect tau z + Student-t noise; x = log step - mean log step)",
-        "sampler": f"NUTS (NumPyro {numpyro.__version__}), {chains} chains x {draws} draws after {warmup} warm-up, target_accept {target_accept}, seed {seed}",
-        "divergences": divergences,
+        "sampler": f"NUTS (NumPyro {numpyro.__version__}), per group {chains} chains x {draws} draws after {warmup} warm-up (own step size and diagonal mass matrix), target_accept {target_accept}, seed {seed} (group keys: seed and the group's coordinates)",
+        "divergences": int(divergent.sum()),
         "ppc_rule": f"rejected when P(D(y_rep) >= D(y)) < {PPC_ALPHA}, D = sum over steps of the squared mean residual over seeds",
         "usable_rule": f"not rejected, r_hat <= {R_HAT_MAX}, bulk ESS >= {min_ess}, no divergences",
         "mean_log_step": float(log_steps.mean()),
@@ -551,47 +645,30 @@ def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
     return xr.Dataset({_OBS: pit.transpose(*obs.dims), "pareto_k": k})
 
 
-def _worker_init(cache_dir: str | None) -> None:
-    """A fitting process: CPU only (never the parent's accelerator), float64, the parent's
-    persistent compilation cache."""
-    jax.config.update("jax_platforms", "cpu")  # read at import from the environment: too late
-    jax.config.update("jax_enable_x64", True)
-    if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def fit_error_models(
     errors: xr.DataArray, models=tuple(ERROR_MODELS), *, workers: int | None = None, **kwargs
 ) -> dict[str, xr.DataTree]:
     """`fit_error_model` for each of `models` (same `kwargs`), as ``{model: tree}``.
 
-    NUTS on these small models is latency-bound and keeps about 1.3 cores busy, and NumPyro's
-    effect handlers are process-global (not thread-safe), so with `workers` > 1 the models are
-    fitted in that many spawned worker processes on the CPU. None = one per model, at most one
-    per two cores: on 2 cores parallel fits gain nothing (measured: the three default models
-    took 57 s in 3 processes against 54 s one after the other), on a 16-core host they run
-    side by side. The results are those of fitting the models one after the other (same
-    programs, same seeds).
+    Each model's run is traced in turn (NumPyro's tracing is not thread-safe), then compiled
+    and run side by side in `workers` threads (None: one per model), each keeping about one
+    core busy; the results are those of `fit_error_model` (same programs,
+    same keys). Bad settings or input are refused before anything is compiled.
     """
     models = tuple(one_of("models", m, tuple(ERROR_MODELS)) for m in models)
     if len(set(models)) != len(models) or not models:
         raise ValueError(f"`models` must be distinct names from {list(ERROR_MODELS)}, got {models}")
-    if workers is None:
-        workers = min(len(models), max(1, cpu_cores() // 2))
-    workers = integer("workers", workers, ge=1)
-    _options(**kwargs)  # refuse bad settings and input before starting processes
+    workers = integer("workers", len(models) if workers is None else workers, ge=1)
+    options = _options(**kwargs)
     error_array(errors, min_values=3)
-    if workers == 1 or len(models) == 1:
-        return {m: fit_error_model(errors, m, **kwargs) for m in models}
-    with ProcessPoolExecutor(
-        min(workers, len(models)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init,
-        initargs=(jax.config.jax_compilation_cache_dir,),
-    ) as pool:
-        futures = {m: pool.submit(fit_error_model, errors, m, **kwargs) for m in models}
-        return {m: f.result() for m, f in futures.items()}
+    runs = {m: _lower(errors, m, options) for m in models}
+    with ThreadPoolExecutor(min(workers, len(models))) as pool:
+        futures = {
+            m: pool.submit(lambda low, args: low.compile()(*args), lowered, args)
+            for m, (lowered, args, _) in runs.items()
+        }
+        draws = {m: f.result() for m, f in futures.items()}
+    return {m: runs[m][2](*draws[m]) for m in models}
 
 
 def compare_error_models(

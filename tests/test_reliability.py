@@ -336,11 +336,11 @@ def test_sigkill_series_resumes_to_the_uninterrupted_result(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_error_model_settings_refused_before_worker_processes_start(monkeypatch):
-    """Defect class: validation after heavy work (bad NUTS settings surfaced inside workers)."""
+def test_error_model_settings_refused_before_any_model_is_traced(monkeypatch):
+    """Defect class: validation after heavy work (bad NUTS settings surfaced after tracing)."""
     import mcm_prob.error_models as em
 
-    monkeypatch.setattr(em, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("workers started"))
+    monkeypatch.setattr(em, "_lower", lambda *a, **k: pytest.fail("a model was traced"))
     errors = xr.DataArray(
         np.random.default_rng(0).uniform(0.1, 1.0, (3, 4)),
         dims=("step", "seed"),
