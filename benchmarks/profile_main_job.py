@@ -4,7 +4,9 @@ Runs `mcm-prob run estimation` (the default main job, or `--quick`) in this proc
 study's building blocks wrapped in timers, then prints one JSON line: total wall time, the time
 per phase (training, reference flows, teacher maps, consistency errors, sampler checks, grid
 laws, bootstrap, Bayesian error models, saving) and what is left (compilation outside the
-wrapped calls, xarray bookkeeping, start-up). Phases are exclusive: a wrapped call inside
+wrapped calls, xarray bookkeeping, start-up), and the XLA compilations (count and seconds;
+persistent-cache hits are counted too, they are fast) and tracing seconds per phase
+(`jax.monitoring` duration events). Phases are exclusive: a wrapped call inside
 another is counted once, in the innermost phase. JAX work is synchronised (results are pulled
 to the host) at the end of every wrapped call, so asynchronous dispatch does not move time
 between phases.
@@ -39,6 +41,26 @@ from mcm_prob.studies import driver, estimation  # noqa: E402
 
 _TIMES: collections.Counter = collections.Counter()
 _STACK: list[str] = []
+# XLA compilations (backend compiles, persistent-cache hits included) and tracing, per phase
+_COMPILES: collections.Counter = collections.Counter()
+_COMPILE_S: collections.Counter = collections.Counter()
+_TRACE_S: collections.Counter = collections.Counter()
+_EVENTS = {
+    "/jax/core/compile/backend_compile_duration": (_COMPILES, _COMPILE_S),
+    "/jax/core/compile/jaxpr_trace_duration": (None, _TRACE_S),
+}
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event in _EVENTS:
+        count, total = _EVENTS[event]
+        phase = _STACK[-1] if _STACK else "other"
+        if count is not None:
+            count[phase] += 1
+        total[phase] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 def _timed(phase: str, fn):
@@ -90,6 +112,7 @@ def main():
         tree = driver.run_study(study, cfg, Path(tmp) / "main.nc", progress=False)
         total = time.perf_counter() - start
     phases = {k: round(v, 2) for k, v in _TIMES.most_common()}
+    compiles = {k: _COMPILES[k] for k in [*phases, "other"] if _COMPILES[k]}
     print(
         json.dumps(
             {
@@ -100,6 +123,10 @@ def main():
                 "wall_s": round(total, 2),
                 "phases_s": phases,
                 "other_s": round(total - sum(_TIMES.values()), 2),
+                "xla_compilations": sum(_COMPILES.values()),
+                "xla_compilations_per_phase": compiles,
+                "xla_compile_s_per_phase": {k: round(v, 2) for k, v in _COMPILE_S.items()},
+                "tracing_s_per_phase": {k: round(v, 2) for k, v in _TRACE_S.items()},
                 "compilation_cache": tree.attrs.get("compilation_cache"),
             }
         )

@@ -61,6 +61,7 @@ through a curved error: high at both ends, low in the middle).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
 import zlib
@@ -310,7 +311,7 @@ def _lower(errors, model: str, options: dict):
     log_steps = np.log(np.asarray(da["step"].values, float))
     x = log_steps - log_steps.mean()
     y = np.log(np.asarray(da.values, float)).reshape(g, x.size, da.sizes["seed"])
-    run = _sampler(spec, x, da.sizes["seed"], *(options[k] for k in _RUN_OPTIONS))
+    run = _sampler(model, tuple(x), da.sizes["seed"], *(options[k] for k in _RUN_OPTIONS))
     # NUTS on these small models is latency-bound: the host CPU beats an accelerator
     args = jax.device_put(
         (jnp.asarray(np.swapaxes(y, -1, -2)), _group_keys(da, groups, options["seed"])),
@@ -344,8 +345,9 @@ def _group_keys(da: xr.DataArray, groups: list[str], seed: int) -> jax.Array:
     return jnp.stack(keys)
 
 
-def _sampler(spec: ErrorModel, x, n_seed, chains, warmup, draws, target_accept):
-    """The compiled NUTS run of every (group, chain) lane: ``run(y, keys)`` with y (G, J, S)
+@functools.lru_cache(maxsize=32)
+def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
+    """The jitted NUTS run of every (group, chain) lane: ``run(y, keys)`` with y (G, J, S)
     log errors and one key per group returns the constrained draws {site: (G, chains, draws,
     ...)} (site shapes without the program's group axis) and the sampler statistics (G, chains,
     draws). Each lane is NumPyro's NUTS on the one-group program, with its own initialisation
@@ -353,7 +355,10 @@ def _sampler(spec: ErrorModel, x, n_seed, chains, warmup, draws, target_accept):
     posteriors, not one joint one. The lanes are one flat vmapped axis padded to a multiple of
     `_LANES` (repeating the last lane), so that a group's arithmetic does not depend on how
     many others run beside it: XLA's CPU code handles a partly filled vector of lanes
-    differently (other round-off), and NUTS amplifies round-off into different draws."""
+    differently (other round-off), and NUTS amplifies round-off into different draws.
+    Cached by its settings: fits of the same model and shapes in one process share the
+    traced and compiled program (tracing the vmapped NUTS loop costs seconds)."""
+    spec, x = ERROR_MODELS[name], np.asarray(x)
 
     def model(y=None):
         return _program(spec, x, 1, n_seed, y)
