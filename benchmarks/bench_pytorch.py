@@ -17,15 +17,24 @@ PyTorch variants, all on the same arithmetic:
 * ``torch-cudagraphs``: `torch.compile(mode="reduce-overhead")`, which captures CUDA graphs (CUDA
   only).
 
+**Matched precision.** Both libraries run the float32 matrix products the same way, once per
+`--precision`: ``float32`` (full float32 products: JAX
+``jax.default_matmul_precision("float32")``, PyTorch ``set_float32_matmul_precision("highest")``
+with TF32 off) and ``tf32`` (TensorFloat-32 products on GPUs that have them: JAX
+``"tensorfloat32"``, PyTorch ``"high"`` with TF32 on). JAX's own default on a GPU is TF32-like
+and PyTorch's is full float32, so a comparison at the two defaults compares different
+arithmetic. Each side's FLOP/s is a fraction of its own 4096^2 matmul at the same precision.
+On a CPU both settings are full float32.
+
 On a CPU, JAX gets one XLA device per core (`mcm_prob.devices`; the grid is sharded over them)
 and PyTorch its default intra-op threads over the same cores. Every side is timed after warm-up
 iterations that compile it (best of `--repeats`); JAX runs the
 `iterations` inside one `lax.scan`, PyTorch as a Python loop of steps (its idiom). A large
-matrix product (4096^2 float32, TF32 off) is timed in the same process by each library; the
+matrix product (4096^2 float32) is timed in the same process by each library at the same precision; the
 FLOP/s of each side is reported as a fraction of its own library's.
 
     python benchmarks/bench_pytorch.py --models 1 4 16 64 --iterations 200
-    python benchmarks/bench_pytorch.py --models 1 4 16 64 256 1024 --iterations 500   # GPU
+    python benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --precision float32 tf32  # GPU
 
 Prints one JSON line per (models, side); results are recorded in benchmarks/README.md.
 PyTorch is an optional extra (``pip install -e ".[torch]"``), never a test dependency.
@@ -75,13 +84,20 @@ def jax_side(n_models: int, iterations: int, repeats: int) -> float:
 
 
 def jax_matmul_flops() -> float:
+    """FLOP/s of a 4096^2 float32 matmul at the current default matmul precision."""
     a = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
-    f = jax.jit(lambda a: jnp.matmul(a, a, precision="highest"))
-    return 2 * 4096**3 / timed(lambda: f(a).block_until_ready(), 3)
+    f = jax.jit(jnp.matmul)
+    return 2 * 4096**3 / timed(lambda: f(a, a).block_until_ready(), 3)
+
+
+# --precision -> (JAX default_matmul_precision, torch float32 matmul precision, TF32 allowed)
+PRECISIONS = {"float32": ("float32", "highest", False), "tf32": ("tensorfloat32", "high", True)}
 
 
 # ------------------------------------------------------------------ PyTorch
-def torch_sides(n_models: int, iterations: int, repeats: int, variants) -> dict[str, float]:
+def torch_sides(
+    n_models: int, iterations: int, repeats: int, variants, precision: str
+) -> dict[str, float]:
     import copy
 
     import torch
@@ -89,8 +105,10 @@ def torch_sides(n_models: int, iterations: int, repeats: int, variants) -> dict[
     from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    _, torch_precision, tf32 = PRECISIONS[precision]
+    torch.set_float32_matmul_precision(torch_precision)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     f32 = dict(device=dev, dtype=torch.float32)
     mean, chol = (torch.tensor(a, **f32) for a in (MEAN, np.linalg.cholesky(COV)))
     lam, vecs = (torch.tensor(a, **f32) for a in np.linalg.eigh(COV))
@@ -227,20 +245,32 @@ def main():
     parser.add_argument(
         "--loop-max", type=int, default=64, help="skip torch-loop above this many models"
     )
+    parser.add_argument(
+        "--precision", nargs="+", choices=list(PRECISIONS), default=["float32", "tf32"]
+    )
     args = parser.parse_args()
+    for precision in args.precision:
+        with jax.default_matmul_precision(PRECISIONS[precision][0]):
+            compare(args, precision)
+
+
+def compare(args, precision: str) -> None:
+    """Every side at `precision` (JAX's default matmul precision is set by the caller)."""
     jax_peak = jax_matmul_flops()
-    print(json.dumps({"jax_matmul_tflops": round(jax_peak / 1e12, 3), "jax": jax.__version__}))
+    head = {"precision": precision, "jax": jax.__version__}
+    print(json.dumps(head | {"jax_matmul_tflops": round(jax_peak / 1e12, 3)}))
     for m in args.models:
         work = m * args.iterations
         sec = jax_side(m, args.iterations, args.repeats)
         rows = {"fit_grid": sec}
         variants = [v for v in args.variants if v != "torch-loop" or m <= args.loop_max]
-        extra = torch_sides(m, args.iterations, args.repeats, variants)
+        extra = torch_sides(m, args.iterations, args.repeats, variants, precision)
         torch_peak = extra.pop("matmul_flops")
         info = {k: extra.pop(k) for k in ("torch", "device")}
         rows |= extra
         for side, value in rows.items():
-            line = {"models": m, "side": side, "device": str(jax.devices()[0])} | info
+            line = {"precision": precision, "models": m, "side": side}
+            line |= {"device": str(jax.devices()[0])} | info
             if isinstance(value, str):
                 line["error"] = value
             else:
@@ -253,7 +283,7 @@ def main():
                     "fraction_of_matmul": round(rate * FLOP_PER_MODEL_IT / peak, 4),
                 }
             print(json.dumps(line), flush=True)
-    print(json.dumps({"torch_matmul_tflops": round(torch_peak / 1e12, 3)}))
+    print(json.dumps(head | {"torch_matmul_tflops": round(torch_peak / 1e12, 3)}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ the figures are steady-state model-iterations per second.
 
     python benchmarks/bench_training.py --models 16 --iterations 2000
     python benchmarks/bench_training.py --grid            # the 5 Delta x 8 seed grid, wall time
+    python benchmarks/bench_training.py --models 64 --precision float32 tf32   # both, on a GPU
+
+Both sides run at the same matmul precision (`--precision`: ``default`` is JAX's own, TF32-like
+on a GPU; ``float32`` full float32 products; ``tf32`` TensorFloat-32), set with
+`jax.default_matmul_precision` around each measurement.
 
 Prints one line per measurement; results are recorded in benchmarks/README.md.
 """
@@ -28,6 +33,8 @@ import mcm_prob as mp
 MEAN = np.array([1.0, -0.5])
 COV = np.array([[1.0, 0.3], [0.3, 0.5]])
 WIDTH, DEPTH, BATCH, LR, T, DELTA, N_FREQ = 128, 3, 256, 1e-3, 4.0, 0.01, 4
+# --precision -> jax.default_matmul_precision (None: JAX's default)
+PRECISIONS = {"default": None, "float32": "float32", "tf32": "tensorfloat32"}
 
 
 def config(iterations: int) -> mp.TrainConfig:
@@ -172,12 +179,16 @@ def main():
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--grid", action="store_true", help="time the 5 x 8 grid instead")
+    parser.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["default"])
     args = parser.parse_args()
-    if args.grid:
-        print(json.dumps(grid_wall_time(args.iterations)))
-        return
-    for m in args.models:
-        print(json.dumps(throughput(m, args.iterations, args.repeats)), flush=True)
+    for precision in args.precision:
+        with jax.default_matmul_precision(PRECISIONS[precision]):
+            if args.grid:
+                print(json.dumps(grid_wall_time(args.iterations) | {"precision": precision}))
+                continue
+            for m in args.models:
+                row = throughput(m, args.iterations, args.repeats) | {"precision": precision}
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

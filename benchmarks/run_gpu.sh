@@ -25,6 +25,12 @@ objectives)  # cost per iteration of every objective, 1 and 256 models, one GPU
   export CUDA_VISIBLE_DEVICES=0
   python3 benchmarks/bench_objectives.py --models 1 --iterations 2000 --json $OUT/obj1.json 2>$OUT/obj1.err | tee $OUT/obj1.txt
   python3 benchmarks/bench_objectives.py --models 256 --iterations 2000 --json $OUT/obj256.json 2>$OUT/obj256.err | tee $OUT/obj256.txt ;;
+precision)  # the main job cold then warm; PyTorch and fit_grid at matched precision (both settings)
+  export CUDA_VISIBLE_DEVICES=0
+  python3 benchmarks/profile_main_job.py 2>$OUT/pcold.err | tee $OUT/cold.json
+  python3 benchmarks/profile_main_job.py 2>$OUT/pwarm.err | tee $OUT/warm.json
+  timeout 300 python3 benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --variants torch-vmap torch-compile --precision float32 tf32 2>$OUT/torch.err | tee $OUT/torch.json
+  timeout 120 python3 benchmarks/bench_training.py --models 64 256 --iterations 2000 --precision default float32 tf32 2>$OUT/train.err | tee $OUT/train.json ;;
 esac
 # analysis/objectives.py small default on one GPU (both paths): files under $OUT
 if [ "$1" = analysis ]; then

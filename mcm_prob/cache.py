@@ -10,6 +10,14 @@ file's provenance (attribute ``compilation_cache``).
 * Otherwise ``$MCM_PROB_COMPILATION_CACHE`` or, by default, ``$XDG_CACHE_HOME/mcm_prob/jax``
   (``~/.cache/mcm_prob/jax``); every compilation is cached (minimum compile time 0 s).
 * ``MCM_PROB_COMPILATION_CACHE=off`` leaves the cache off.
+
+**Several processes, one cache.** JAX writes an entry with a plain write and reads it without
+a lock unless the cache has a size limit; a process that reads an entry another one is still
+writing gets a truncated executable and aborts (seen: two test workers, "Fatal Python error:
+Aborted" in `compilation_cache.get_executable_and_time`). A cache this module turns on
+therefore gets a size limit (`MAX_SIZE`, least recently used entries evicted, unless
+``jax_compilation_cache_max_size`` was set), under which JAX holds a file lock (`filelock`)
+around every read and write.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import jax
 __all__ = ["enable_compilation_cache", "compilation_cache_dir"]
 
 OFF = ("off", "0", "false", "no")
+MAX_SIZE = 4 * 2**30  # bytes
 
 
 def compilation_cache_dir() -> str | None:
@@ -50,6 +59,8 @@ def enable_compilation_cache() -> str | None:
             f"cannot create the compilation cache directory {path} ({err}); set "
             "MCM_PROB_COMPILATION_CACHE to a writable directory or to 'off'"
         ) from err
+    if jax.config.jax_compilation_cache_max_size == -1:  # unlimited: JAX would not lock
+        jax.config.update("jax_compilation_cache_max_size", MAX_SIZE)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return str(path)

@@ -295,10 +295,11 @@ def fit_error_model(
     return finish(*lowered.compile()(*args))
 
 
-def _lower(errors, model: str, options: dict):
+def _lower(errors, model: str, options: dict, device=None):
     """Validate, build and lower one model's NUTS run; returns (lowered, its arguments,
-    finish), with ``finish(*lowered.compile()(*args))`` the fitted tree. NumPyro's tracing
-    (not thread-safe) happens here; compiling and running may be threaded."""
+    finish), with ``finish(*lowered.compile()(*args))`` the fitted tree, run on `device` (a CPU
+    device; default the first). NumPyro's tracing (not thread-safe) happens here; compiling
+    and running may be threaded."""
     one_of("model", model, tuple(ERROR_MODELS))
     if not jax.config.jax_enable_x64:
         raise ValueError(
@@ -312,14 +313,27 @@ def _lower(errors, model: str, options: dict):
     x = log_steps - log_steps.mean()
     y = np.log(np.asarray(da.values, float)).reshape(g, x.size, da.sizes["seed"])
     run = _sampler(model, tuple(x), da.sizes["seed"], *(options[k] for k in _RUN_OPTIONS))
+    # lanes: (group, chain) pairs, padded to a multiple of _LANES by repeating the last one
+    chains = options["chains"]
+    keys = jax.vmap(lambda k: jax.random.split(k, chains))(
+        _group_keys(da, groups, options["seed"])
+    ).reshape(-1)
+    lane_y = np.repeat(np.swapaxes(y, -1, -2), chains, axis=0)[:, None]  # (G x chains, 1, J, S)
+    pad = -keys.shape[0] % _LANES
+    keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad)])
+    lane_y = np.concatenate([lane_y, np.repeat(lane_y[-1:], pad, axis=0)])
     # NUTS on these small models is latency-bound: the host CPU beats an accelerator
     args = jax.device_put(
-        (jnp.asarray(np.swapaxes(y, -1, -2)), _group_keys(da, groups, options["seed"])),
-        jax.devices("cpu")[0],
+        (jnp.asarray(lane_y), keys), jax.devices("cpu")[0] if device is None else device
     )
     lowered = run.lower(*args)
 
     def finish(samples, extra):
+        def unflat(a):  # (L, ...) -> (G, chains, ...)
+            return np.asarray(a)[: g * chains].reshape(g, chains, *a.shape[1:])
+
+        samples = {k: unflat(v)[:, :, :, 0] for k, v in samples.items()}  # no group axis
+        extra = {k: unflat(v) for k, v in extra.items()}
         return _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options)
 
     return lowered, args, finish
@@ -347,13 +361,13 @@ def _group_keys(da: xr.DataArray, groups: list[str], seed: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
-    """The jitted NUTS run of every (group, chain) lane: ``run(y, keys)`` with y (G, J, S)
-    log errors and one key per group returns the constrained draws {site: (G, chains, draws,
-    ...)} (site shapes without the program's group axis) and the sampler statistics (G, chains,
-    draws). Each lane is NumPyro's NUTS on the one-group program, with its own initialisation
+    """The jitted NUTS run of every (group, chain) lane: ``run(lane_y, lane_keys)`` with the
+    lanes' log errors (L, 1, J, S) and keys (L,) returns the constrained draws {site: (L,
+    draws, ...)} (site shapes with the program's group axis of 1) and the sampler statistics
+    (L, draws). Each lane is NumPyro's NUTS on the one-group program, with its own initialisation
     (`init_to_uniform`), step-size and diagonal mass-matrix adaptation: groups are independent
-    posteriors, not one joint one. The lanes are one flat vmapped axis padded to a multiple of
-    `_LANES` (repeating the last lane), so that a group's arithmetic does not depend on how
+    posteriors, not one joint one. The lanes are one flat vmapped axis padded (by the caller)
+    to a multiple of `_LANES`, so that fits of different group counts share one program and a group's arithmetic does not depend on how
     many others run beside it: XLA's CPU code handles a partly filled vector of lanes
     differently (other round-off), and NUTS amplifies round-off into different draws.
     Cached by its settings: fits of the same model and shapes in one process share the
@@ -384,17 +398,9 @@ def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
         return jax.vmap(info.postprocess_fn(y=y))(z), stats
 
     @jax.jit
-    def run(y, keys):
-        g = y.shape[0]
-        lane_keys = jax.vmap(lambda k: jax.random.split(k, chains))(keys).reshape(-1)
-        lane_y = jnp.repeat(y, chains, axis=0)[:, None]  # (G x chains, 1, J, S)
-        pad = -lane_keys.shape[0] % _LANES
-        lane_keys = jnp.concatenate([lane_keys, jnp.repeat(lane_keys[-1:], pad)])
-        lane_y = jnp.concatenate([lane_y, jnp.repeat(lane_y[-1:], pad, axis=0)])
+    def run(lane_y, lane_keys):  # (L, 1, J, S), (L,): L a multiple of _LANES
         samples, stats = jax.vmap(lane)(lane_y, lane_keys)
-        unflat = lambda a: a[: g * chains].reshape(g, chains, *a.shape[1:])  # noqa: E731
-        samples = {k: unflat(v)[:, :, :, 0] for k, v in samples.items()}  # drop the group axis
-        return samples, dict(zip(_STATS, map(unflat, stats), strict=True))
+        return samples, dict(zip(_STATS, stats, strict=True))
 
     return run
 
@@ -656,8 +662,9 @@ def fit_error_models(
     """`fit_error_model` for each of `models` (same `kwargs`), as ``{model: tree}``.
 
     Each model's run is traced in turn (NumPyro's tracing is not thread-safe), then compiled
-    and run side by side in `workers` threads (None: one per model), each keeping about one
-    core busy; the results are those of `fit_error_model` (same programs,
+    and run side by side in `workers` threads (None: one per model), each on its own XLA CPU
+    device where there are several (`mcm_prob.devices.use_every_cpu_core`; programs on one
+    device run one after the other); the results are those of `fit_error_model` (same programs,
     same keys). Bad settings or input are refused before anything is compiled.
     """
     models = tuple(one_of("models", m, tuple(ERROR_MODELS)) for m in models)
@@ -666,7 +673,8 @@ def fit_error_models(
     workers = integer("workers", len(models) if workers is None else workers, ge=1)
     options = _options(**kwargs)
     error_array(errors, min_values=3)
-    runs = {m: _lower(errors, m, options) for m in models}
+    cpus = jax.devices("cpu")  # one program runs at a time on a device: spread them out
+    runs = {m: _lower(errors, m, options, cpus[i % len(cpus)]) for i, m in enumerate(models)}
     with ThreadPoolExecutor(min(workers, len(models))) as pool:
         futures = {
             m: pool.submit(lambda low, args: low.compile()(*args), lowered, args)

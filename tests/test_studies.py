@@ -552,7 +552,9 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
 
 
 def test_persistent_compilation_cache_on_by_default(tmp_path):
-    """`mcm-prob run` fills the cache under $XDG_CACHE_HOME and records it; `off` opts out."""
+    """`mcm-prob run` fills the cache under $XDG_CACHE_HOME and records it; `off` opts out.
+    The cache has a size limit, so JAX locks its entries (the lock file is there): two
+    processes sharing it no longer read each other's half-written entries."""
     cfg = tmp_path / "c.toml"
     cfg.write_text("[error_injection]\nsteps = [2]\neps = [0.01, 0.1]\nfit_points = 2\n")
     cmd = [sys.executable, "-m", "mcm_prob.cli", "run", "error_injection", "--config", str(cfg)]
@@ -565,5 +567,6 @@ def test_persistent_compilation_cache_on_by_default(tmp_path):
         assert done.returncode == 0, done.stderr.decode()[-2000:]
     cache = tmp_path / "xdg" / "mcm_prob" / "jax"
     assert cache.is_dir() and any(cache.iterdir())
+    assert (cache / ".lockfile").exists()
     assert load_tree(tmp_path / "on.nc").attrs["compilation_cache"] == str(cache)
     assert load_tree(tmp_path / "off.nc").attrs["compilation_cache"] == "off"
