@@ -42,7 +42,14 @@ $p_g = P(D(y^{rep}, \theta) \ge D(y, \theta) \mid y)$. **Rule:** the model is re
 group when $p_g < 0.05$ (posterior predictive p-values are conservative, so a correct model is
 rejected less than 5% of the time). A model's numbers for a group are *usable* only when it is
 not rejected, every parameter of the group has $\hat R \le 1.01$ and bulk ESS $\ge$ `min_ess`,
-and the sampler reported no divergences.
+and the group's chains had no divergent transitions.
+
+**Sampling.** Each group is its own posterior: `chains` NUTS chains per group (NumPyro's NUTS,
+its own step size and diagonal mass matrix), all groups' chains as vectorised lanes of one
+compiled program per model and shape; a group's random numbers come from `seed` and the
+group's coordinates, so a group fitted alone gets exactly the draws it gets among the others
+(tested). Divergences are counted per group (``checks.divergences``; ``sample_stats`` has the
+group dims).
 
 `fit_error_model` returns an `xarray.DataTree` in ArviZ's layout (``posterior``,
 ``posterior_predictive``, ``log_likelihood``, ``sample_stats``, ``observed_data``; dims

@@ -13,7 +13,7 @@ unit: a seed's runs share its random numbers, so seeds are resampled jointly acr
   (`best_step`) and that error (`error_min`), and the per-value mean errors.
 * `loglog_slope`: the deterministic least-squares slope of log values on log ALONG (e.g. the
   teacher's discretization order).
-* `fit_error_model` (`fit_error_models`: several, in parallel processes), `compare_error_models`: the NumPyro error models with posterior predictive
+* `fit_error_model` (every group its own posterior, all groups in one compiled NUTS program; `fit_error_models`: several, in threads), `compare_error_models`: the NumPyro error models with posterior predictive
   checks and PSIS-LOO (`mcm_prob.error_models`).
 """
 
