@@ -352,16 +352,18 @@ _RUN_OPTIONS = ("chains", "warmup", "draws", "target_accept")
 def _group_keys(da: xr.DataArray, groups: list[str], seed: int) -> jax.Array:
     """One key per group, from `seed` and the group's own coordinates (the values, at that
     group, of every coordinate whose dims are group dims, scalar coordinates included): a group
-    fitted alone (selected from a larger array) gets the key it gets in the batch."""
+    fitted alone (selected from a larger array) gets the key it gets in the batch. A group dim
+    without a coordinate contributes the group's position along it."""
     names = sorted(n for n, c in da.coords.items() if set(c.dims) <= set(groups))
+    bare = [d for d in groups if d not in da.coords]
     keys = []
     for idx in np.ndindex(*(da.sizes[d] for d in groups)):
         at = dict(zip(groups, idx, strict=True))
         ident = {
-            n: da.coords[n].isel({d: i for d, i in at.items() if d in da.coords[n].dims})
+            n: str(da.coords[n].isel({d: at[d] for d in da.coords[n].dims}).values.item())
             for n in names
-        }
-        text = json.dumps({n: str(v.values.item()) for n, v in ident.items()}, sort_keys=True)
+        } | {f"position along {d}": str(at[d]) for d in bare}
+        text = json.dumps(ident, sort_keys=True)
         keys.append(jax.random.fold_in(jax.random.key(seed), zlib.crc32(text.encode())))
     return jnp.stack(keys)
 
@@ -374,9 +376,10 @@ def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
     (L, draws). Each lane is NumPyro's NUTS on the one-group program, with its own initialisation
     (`init_to_uniform`), step-size and diagonal mass-matrix adaptation: groups are independent
     posteriors, not one joint one. The lanes are one flat vmapped axis padded (by the caller)
-    to a multiple of `_LANES`, so that fits of different group counts share one program and a group's arithmetic does not depend on how
-    many others run beside it: XLA's CPU code handles a partly filled vector of lanes
-    differently (other round-off), and NUTS amplifies round-off into different draws.
+    to a multiple of `_LANES`, so that fits of different group counts share one program and a
+    group's arithmetic does not depend on how many others run beside it: XLA's CPU code
+    handles a partly filled vector of lanes differently (other round-off), and NUTS amplifies
+    round-off into different draws.
     Cached by its settings: fits of the same model and shapes in one process share the
     traced and compiled program (tracing the vmapped NUTS loop costs seconds)."""
     spec, x = ERROR_MODELS[name], np.asarray(x)

@@ -234,6 +234,11 @@ def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
                 np.testing.assert_array_equal(
                     one[name].values, fit["posterior"][name].sel(pick).values
                 )
+    # groups are independent: two groups with equal data along a dim without a coordinate
+    # (keys from the position) get different random numbers, hence different draws
+    twice = xr.concat([data.isel(entry=0, drop=True)] * 2, "copy")
+    sigma = fit_error_model(twice, "power_law", **kw)["posterior"]["sigma"]
+    assert not np.array_equal(sigma.isel(copy=0).values, sigma.isel(copy=1).values)
     with pytest.raises(ValueError, match="`models` must be one of"):
         fit_error_models(data, ("power_law", "cubic"), workers=2)
     with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
