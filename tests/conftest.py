@@ -1,6 +1,13 @@
-"""Test configuration: float64 everywhere (ground truth), fixed keys."""
+"""Test configuration: float64 everywhere (ground truth), fixed keys, and the persistent
+compilation cache off (workers, notebooks and CLI subprocesses inherit it) except in the
+test of the cache itself: XLA aborted twice while loading a cached executable that two
+workers shared (see `mcm_prob.cache`, "Known fault")."""
 
-import jax
+import os
+
+os.environ["MCM_PROB_COMPILATION_CACHE"] = "off"
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
