@@ -14,10 +14,11 @@ scaling)  # strong scaling of a 1024-model grid and of the main job over 1, 2, 4
   done
   CUDA_VISIBLE_DEVICES=0,1,2,3 python3 benchmarks/profile_main_job.py 2>$OUT/p4.err | tee $OUT/main4.json
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --variants torch-vmap torch-compile 2>$OUT/torch.err | tee $OUT/torch.json ;;
-job)  # the main job only, one GPU, cold then warm cache (the README's GPU figure)
+job)  # the main job only, one GPU, cold then warm cache (the README's GPU figure); NUTS per device
   export CUDA_VISIBLE_DEVICES=0
   python3 benchmarks/profile_main_job.py 2>$OUT/pcold.err | tee $OUT/cold.json
-  python3 benchmarks/profile_main_job.py 2>$OUT/pwarm.err | tee $OUT/warm.json ;;
+  python3 benchmarks/profile_main_job.py 2>$OUT/pwarm.err | tee $OUT/warm.json
+  timeout 200 python3 benchmarks/bench_error_models.py --devices cpu gpu 2>$OUT/em.err | tee $OUT/em.json ;;
 h100)  # the Done-when pair on an H100: PyTorch at 64 and 256 models, then the main job cold
   timeout 170 python3 benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --variants torch-vmap torch-compile 2>$OUT/torch.err | tee $OUT/torch.json
   python3 benchmarks/profile_main_job.py 2>$OUT/pcold.err | tee $OUT/cold.json ;;

@@ -26,16 +26,25 @@ with the cache off (``tests/conftest.py``) except where the cache itself is test
 aborts in `compilation_cache.get_executable_and_time`, set
 ``MCM_PROB_COMPILATION_CACHE=off`` (or delete the cache directory) and rerun with
 ``--resume``.
+
+**Traced programs.** The cache keeps compiled executables, but a program is still traced in
+every new process before the cache is consulted; for NumPyro's vectorised NUTS that costs
+seconds per error model. `lower_cached` keeps such a program's traced form too (a serialised
+`jax.export.Exported`, in ``exported/`` inside the cache directory), keyed by a fingerprint of
+what the program depends on, the argument shapes and the JAX version; a later process
+deserialises it (milliseconds) instead of tracing. Same program, same results (tested).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import jax
 
-__all__ = ["enable_compilation_cache", "compilation_cache_dir"]
+__all__ = ["enable_compilation_cache", "compilation_cache_dir", "lower_cached"]
 
 OFF = ("off", "0", "false", "no")
 MAX_SIZE = 4 * 2**30  # bytes
@@ -72,3 +81,25 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return str(path)
+
+
+def lower_cached(fn, args: tuple, *, name: str, fingerprint: str) -> jax.stages.Lowered:
+    """``fn.lower(*args)`` for a jitted `fn`, its traced form kept in the cache directory
+    (module docstring); without a cache, or when the stored form cannot be read, `fn` is
+    traced as usual. `fingerprint` must change whenever the program would (the source and
+    library versions it is built from): a stale fingerprint runs a stale program."""
+    directory = compilation_cache_dir()
+    if directory is None:
+        return fn.lower(*args)
+    shapes = [(a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args)]
+    digest = hashlib.sha256(f"{fingerprint}|{shapes}|jax {jax.__version__}".encode()).hexdigest()
+    path = Path(directory) / "exported" / f"{name}-{digest[:32]}.jaxexport"
+    try:
+        exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    except Exception:  # absent, unreadable or from another format: trace and store
+        exported = jax.export.export(fn)(*args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(exported.serialize())
+        os.replace(tmp.name, path)  # atomic: readers see the old file or the whole new one
+    return jax.jit(exported.call).lower(*args)

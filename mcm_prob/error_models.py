@@ -69,11 +69,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import arviz_base
 import arviz_stats  # registers the .azstats accessors
@@ -84,9 +86,10 @@ import numpyro
 import numpyro.distributions as dist
 import xarray as xr
 from numpyro.infer.hmc import hmc
-from numpyro.infer.util import initialize_model
+from numpyro.infer.util import initialize_model, potential_energy
 
 from ._checks import error_array, integer, number, one_of
+from .cache import lower_cached
 
 __all__ = [
     "ERROR_MODELS",
@@ -333,7 +336,9 @@ def _lower(errors, model: str, options: dict, device=None):
     args = jax.device_put(
         (jnp.asarray(lane_y), keys), jax.devices("cpu")[0] if device is None else device
     )
-    lowered = run.lower(*args)
+    lowered = lower_cached(
+        run, args, name=f"nuts_{model}", fingerprint=_fingerprint(model, x, options)
+    )
 
     def finish(samples, extra):
         def unflat(a):  # (L, ...) -> (G, chains, ...)
@@ -347,6 +352,18 @@ def _lower(errors, model: str, options: dict, device=None):
 
 
 _RUN_OPTIONS = ("chains", "warmup", "draws", "target_accept")
+
+
+@functools.cache
+def _source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _fingerprint(model: str, x: np.ndarray, options: dict) -> str:
+    """What a model's NUTS program is built from: this module's source, NumPyro's version,
+    the model, the steps and the run options (see `mcm_prob.cache.lower_cached`)."""
+    run = [options[k] for k in _RUN_OPTIONS]
+    return f"{_source_hash()}|numpyro {numpyro.__version__}|{model}|{x.tolist()}|{run}"
 
 
 def _group_keys(da: xr.DataArray, groups: list[str], seed: int) -> jax.Array:
@@ -387,10 +404,16 @@ def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
     def model(y=None):
         return _program(spec, x, 1, n_seed, y)
 
+    @jax.jit
+    def potential(params, y):  # traced once: NUTS's nested loops call it many times
+        return potential_energy(model, (), {"y": y}, params)
+
     def lane(y, key):  # y (1, J, S): one chain of one group
         k_model, k_run = jax.random.split(key)
         info = initialize_model(k_model, model, dynamic_args=True, model_kwargs={"y": y})
-        init_kernel, sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
+        init_kernel, sample_kernel = hmc(
+            potential_fn_gen=lambda y: functools.partial(potential, y=y), algo="NUTS"
+        )
         state = init_kernel(
             info.param_info,
             warmup,
@@ -666,16 +689,22 @@ def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
     return xr.Dataset({_OBS: pit.transpose(*obs.dims), "pareto_k": k})
 
 
+# the built-in models by their NUTS run time on the main job (13 s, 4.3 s, 4.0 s on 2 cores:
+# benchmarks/bench_error_models.py): the slowest is traced and started first
+_SLOWEST_FIRST = ("two_term", "smooth", "power_law")
+
+
 def fit_error_models(
     errors: xr.DataArray, models=tuple(ERROR_MODELS), *, workers: int | None = None, **kwargs
 ) -> dict[str, xr.DataTree]:
     """`fit_error_model` for each of `models` (same `kwargs`), as ``{model: tree}``.
 
-    Each model's run is traced in turn (NumPyro's tracing is not thread-safe), then compiled
-    and run side by side in `workers` threads (None: one per model), each on its own XLA CPU
-    device where there are several (`mcm_prob.devices.use_every_cpu_core`; programs on one
-    device run one after the other); the results are those of `fit_error_model` (same programs,
-    same keys). Bad settings or input are refused before anything is compiled.
+    Each model's run is traced in turn (NumPyro's tracing is not thread-safe), the slowest to
+    run first, and handed to one of `workers` threads (None: one per model) to be compiled
+    and run while the next is traced; each runs on its own XLA CPU device where there are
+    several (`mcm_prob.devices.use_every_cpu_core`; programs on one device run one after the
+    other). The results are those of `fit_error_model` (same programs, same keys). Bad
+    settings or input are refused before anything is traced.
     """
     models = tuple(one_of("models", m, tuple(ERROR_MODELS)) for m in models)
     if len(set(models)) != len(models) or not models:
@@ -684,14 +713,15 @@ def fit_error_models(
     options = _options(**kwargs)
     error_array(errors, min_values=3)
     cpus = jax.devices("cpu")  # one program runs at a time on a device: spread them out
-    runs = {m: _lower(errors, m, options, cpus[i % len(cpus)]) for i, m in enumerate(models)}
+    order = sorted(models, key=_SLOWEST_FIRST.index)
+    runs = {}
     with ThreadPoolExecutor(min(workers, len(models))) as pool:
-        futures = {
-            m: pool.submit(lambda low, args: low.compile()(*args), lowered, args)
-            for m, (lowered, args, _) in runs.items()
-        }
-        draws = {m: f.result() for m, f in futures.items()}
-    return {m: runs[m][2](*draws[m]) for m in models}
+        for i, m in enumerate(order):  # the slowest alone on the first device
+            device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
+            lowered, args, finish = _lower(errors, m, options, device)
+            runs[m] = pool.submit(lambda low, a: low.compile()(*a), lowered, args), finish
+        draws = {m: future.result() for m, (future, _) in runs.items()}
+    return {m: runs[m][1](*draws[m]) for m in models}
 
 
 def compare_error_models(

@@ -8,6 +8,9 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 from scipy import stats
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
+from scipy.special import digamma, gammaln
 
 import mcm_prob as mp
 from mcm_prob.accuracy import kl_of_steps, smallest_steps, steps_to_accuracy
@@ -123,6 +126,65 @@ def test_mmd2_closed_form(key):
     est = mp.metrics.mmd2(x, y, bandwidth=ell)
     assert abs(est.value - exact) < 5 * est.stderr
     assert mp.metrics.mmd2(x, y).stderr > 0  # median heuristic path
+
+
+def _kl_knn_numpy(x, logp, k=5):
+    """The k-NN KL estimate on scipy's k-d tree (the reference the JAX program must equal)."""
+    n, d = x.shape
+    eps = cKDTree(x).query(x, k + 1)[0][:, k]
+    terms = -d * np.log(eps) - logp(x)
+    const = -(digamma(n) - digamma(k) + 0.5 * d * np.log(np.pi) - gammaln(0.5 * d + 1))
+    return const + terms.mean(), terms.std(ddof=1) / np.sqrt(n)
+
+
+def _energy_numpy(x, y):
+    """The energy-distance U-statistic and its jackknife SE on scipy's cdist matrices."""
+    kxx, kyy, kxy = -cdist(x, x), -cdist(y, y), -cdist(x, y)
+    n, m = kxy.shape
+    rxx, ryy = kxx.sum(1) - np.diag(kxx), kyy.sum(1) - np.diag(kyy)
+    sxx, syy, sxy = rxx.sum(), ryy.sum(), kxy.sum()
+    value = sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
+    loo_x = (sxx - 2 * rxx) / ((n - 1) * (n - 2)) + syy / (m * (m - 1))
+    loo_x -= 2 * (sxy - kxy.sum(1)) / ((n - 1) * m)
+    loo_y = sxx / (n * (n - 1)) + (syy - 2 * ryy) / ((m - 1) * (m - 2))
+    loo_y -= 2 * (sxy - kxy.sum(0)) / (n * (m - 1))
+    var = (n - 1) / n * np.sum((loo_x - loo_x.mean()) ** 2)
+    var += (m - 1) / m * np.sum((loo_y - loo_y.mean()) ** 2)
+    return value, np.sqrt(var)
+
+
+@pytest.mark.parametrize("d, n", [(1, 600), (3, 513), (8, 257), (64, 40)])
+def test_grid_estimators_equal_scipy(d, n):
+    """kl_knn and energy_distance over a (2, 3) grid of sample sets (one compiled program
+    each; n not a multiple of the row block) equal the scipy k-d tree / cdist computations of
+    each set to 1e-12, and a single set gives floats equal to its grid entry."""
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((2, 3, n, d))
+    y = 0.3 + rng.standard_normal((3, n + 7, d))  # broadcast over the first axis
+    logp = lambda z: -0.5 * np.sum(np.asarray(z) ** 2, -1)  # noqa: E731
+    kl, en = mp.metrics.kl_knn(x, logp), mp.metrics.energy_distance(x, y)
+    assert kl.value.shape == kl.stderr.shape == en.value.shape == (2, 3)
+    for i, j in np.ndindex(2, 3):
+        np.testing.assert_allclose(
+            (kl.value[i, j], kl.stderr[i, j]), _kl_knn_numpy(x[i, j], logp), rtol=0, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            (en.value[i, j], en.stderr[i, j]), _energy_numpy(x[i, j], y[j]), rtol=0, atol=1e-12
+        )
+    one = mp.metrics.kl_knn(x[1, 2], logp)
+    assert isinstance(one.value, float) and one.value == pytest.approx(kl.value[1, 2], abs=1e-12)
+
+
+def test_kl_knn_counts_tied_neighbours():
+    """On a lattice every point has 4 neighbours at distance 1 and 4 at sqrt 2: the k-th
+    neighbour counts ties with their multiplicity, as the k-d tree does (k = 4, 5, 8)."""
+    g = np.arange(12.0)
+    x = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2) + 0.25
+    logp = lambda z: np.zeros(np.shape(z)[:-1])  # noqa: E731
+    for k in (4, 5, 8):
+        assert mp.metrics.kl_knn(x, logp, k=k).value == pytest.approx(
+            _kl_knn_numpy(x, logp, k)[0], abs=1e-12
+        )
 
 
 def test_bad_estimator_arguments():

@@ -1,0 +1,86 @@
+"""Where the error models' time goes, and on which device they run fastest.
+
+Fits each error model of `mcm_prob.error_models` to a synthetic error array of the main job's
+shape (3 entries x 3 budgets x 5 steps x 8 seeds, a power law with noise) with the main job's
+NUTS settings, on each device kind given, and prints one JSON line per (model, device):
+tracing (`_lower`, NumPyro and JAX tracing), compilation and run seconds, then the same again
+(a second, warm call of the compiled program).
+
+    python benchmarks/bench_error_models.py                 # CPU only
+    python benchmarks/bench_error_models.py --devices cpu gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from mcm_prob import error_models as em  # noqa: E402
+from mcm_prob.cache import enable_compilation_cache  # noqa: E402
+
+
+def synthetic_errors(entries: int = 3, budgets: int = 3, seed: int = 0) -> xr.DataArray:
+    """err = c * step^0.8 * exp(noise) on the main job's grid."""
+    rng = np.random.default_rng(seed)
+    steps = np.array([0.02, 0.04, 0.08, 0.16, 0.32])
+    base = 0.5 * steps**0.8
+    vals = base[None, None, :, None] * np.exp(0.1 * rng.standard_normal((entries, budgets, 5, 8)))
+    return xr.DataArray(
+        vals,
+        dims=("entry", "budget", "step", "seed"),
+        coords={
+            "entry": [f"e{i}" for i in range(entries)],
+            "budget": [1500, 3000, 6000][:budgets],
+            "step": steps,
+            "seed": np.arange(8),
+        },
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", nargs="+", default=["cpu"])
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--draws", type=int, default=600)
+    args = parser.parse_args()
+    enable_compilation_cache()  # as the study does
+    errors = synthetic_errors()
+    options = em._options(chains=args.chains, warmup=args.warmup, draws=args.draws, seed=0)
+    for kind in args.devices:
+        device = jax.devices(kind)[0]
+        for model in em.ERROR_MODELS:
+            t0 = time.perf_counter()
+            lowered, call_args, _ = em._lower(errors, model, options, device)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            jax.block_until_ready(compiled(*call_args))
+            t3 = time.perf_counter()
+            jax.block_until_ready(compiled(*call_args))
+            t4 = time.perf_counter()
+            print(
+                json.dumps(
+                    {
+                        "model": model,
+                        "device": str(device),
+                        "trace_s": round(t1 - t0, 2),
+                        "compile_s": round(t2 - t1, 2),
+                        "run_s": round(t3 - t2, 2),
+                        "run_again_s": round(t4 - t3, 2),
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
