@@ -690,7 +690,7 @@ def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
 
 
 # the built-in models by their NUTS run time on the main job (13 s, 4.3 s, 4.0 s on 2 cores:
-# benchmarks/bench_error_models.py): the slowest is traced and started first
+# benchmarks/bench_error_models.py): the slowest gets a device of its own
 _SLOWEST_FIRST = ("two_term", "smooth", "power_law")
 
 
@@ -699,9 +699,9 @@ def fit_error_models(
 ) -> dict[str, xr.DataTree]:
     """`fit_error_model` for each of `models` (same `kwargs`), as ``{model: tree}``.
 
-    Each model's run is traced in turn (NumPyro's tracing is not thread-safe), the slowest to
-    run first, and handed to one of `workers` threads (None: one per model) to be compiled
-    and run while the next is traced; each runs on its own XLA CPU device where there are
+    Each model's run is traced in turn (NumPyro's tracing is not thread-safe), then compiled
+    and run side by side in `workers` threads (None: one per model); the slowest runs alone
+    on the first XLA CPU device, the others on the next ones where there are
     several (`mcm_prob.devices.use_every_cpu_core`; programs on one device run one after the
     other). The results are those of `fit_error_model` (same programs, same keys). Bad
     settings or input are refused before anything is traced.
@@ -715,13 +715,19 @@ def fit_error_models(
     cpus = jax.devices("cpu")  # one program runs at a time on a device: spread them out
     order = sorted(models, key=_SLOWEST_FIRST.index)
     runs = {}
+    for i, m in enumerate(order):  # the slowest alone on the first device
+        device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
+        runs[m] = _lower(errors, m, options, device)
+    # every model traced before any compiles: with tracing overlapping XLA compiling in
+    # another thread, a test worker crashed twice (segmentation fault in a later compilation;
+    # the overlap is the suspected cause, not a proven one)
     with ThreadPoolExecutor(min(workers, len(models))) as pool:
-        for i, m in enumerate(order):  # the slowest alone on the first device
-            device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
-            lowered, args, finish = _lower(errors, m, options, device)
-            runs[m] = pool.submit(lambda low, a: low.compile()(*a), lowered, args), finish
-        draws = {m: future.result() for m, (future, _) in runs.items()}
-    return {m: runs[m][1](*draws[m]) for m in models}
+        futures = {
+            m: pool.submit(lambda low, a: low.compile()(*a), lowered, args)
+            for m, (lowered, args, _) in runs.items()
+        }
+        draws = {m: f.result() for m, f in futures.items()}
+    return {m: runs[m][2](*draws[m]) for m in models}
 
 
 def compare_error_models(
