@@ -91,15 +91,27 @@ def lower_cached(fn, args: tuple, *, name: str, fingerprint: str) -> jax.stages.
     directory = compilation_cache_dir()
     if directory is None:
         return fn.lower(*args)
-    shapes = [(a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args)]
-    digest = hashlib.sha256(f"{fingerprint}|{shapes}|jax {jax.__version__}".encode()).hexdigest()
+    leaves = jax.tree_util.tree_leaves(args)
+    shapes = [(a.shape, str(a.dtype)) for a in leaves]
+    # the platform the arguments live on, not the default backend: on a GPU host the NUTS
+    # programs run on a CPU device and must be exported for it
+    platforms = tuple(sorted({d.platform for a in leaves for d in _devices(a)})) or (
+        jax.default_backend(),
+    )
+    key = f"{fingerprint}|{shapes}|{platforms}|jax {jax.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     path = Path(directory) / "exported" / f"{name}-{digest[:32]}.jaxexport"
     try:
         exported = jax.export.deserialize(bytearray(path.read_bytes()))
     except Exception:  # absent, unreadable or from another format: trace and store
-        exported = jax.export.export(fn)(*args)
+        exported = jax.export.export(fn, platforms=platforms)(*args)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
             tmp.write(exported.serialize())
         os.replace(tmp.name, path)  # atomic: readers see the old file or the whole new one
     return jax.jit(exported.call).lower(*args)
+
+
+def _devices(leaf) -> set:
+    """The devices a committed array lives on (none for numpy arrays and scalars)."""
+    return leaf.devices() if isinstance(leaf, jax.Array) else set()

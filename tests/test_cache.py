@@ -32,7 +32,8 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_lower_cached_stores_reads_and_recovers(cache_dir, monkeypatch):
-    """First call traces and stores one file; a second call reads it without tracing (export
+    """First call traces and stores one file, exported for the platform the arguments live
+    on (on a GPU host the NUTS programs run on a CPU device, not the default backend); a second call reads it without tracing (export
     is made to fail); a corrupted file is traced again and replaced. Every result equals the
     plain jitted program's, bit for bit."""
     args = (np.array([1.0, 3.0, 7.5]), jax.random.split(jax.random.key(0), 3))
@@ -44,8 +45,13 @@ def test_lower_cached_stores_reads_and_recovers(cache_dir, monkeypatch):
         for k in expected:
             np.testing.assert_array_equal(out[k], expected[k])
 
-    run()
+    export, asked = jax.export.export, []
+    with monkeypatch.context() as m:  # exported for the arguments' platform, named explicitly
+        m.setattr(jax.export, "export", lambda *a, **k: asked.append(k) or export(*a, **k))
+        run()
+    assert asked == [{"platforms": ("cpu",)}]
     (stored,) = cache_dir.iterdir()
+    assert jax.export.deserialize(bytearray(stored.read_bytes())).platforms == ("cpu",)
     with monkeypatch.context() as m:
         m.setattr(jax.export, "export", lambda *a, **k: pytest.fail("traced again"))
         run()
