@@ -95,8 +95,8 @@ def lower_cached(fn, args: tuple, *, name: str, fingerprint: str) -> jax.stages.
     shapes = [(a.shape, str(a.dtype)) for a in leaves]
     # the platform the arguments live on, not the default backend: on a GPU host the NUTS
     # programs run on a CPU device and must be exported for it
-    platforms = tuple(sorted({d.platform for a in leaves for d in _devices(a)})) or (
-        jax.default_backend(),
+    platforms = tuple(sorted({_platform(d) for a in leaves for d in _devices(a)})) or (
+        jax.export.default_export_platform(),
     )
     key = f"{fingerprint}|{shapes}|{platforms}|jax {jax.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()
@@ -115,3 +115,10 @@ def lower_cached(fn, args: tuple, *, name: str, fingerprint: str) -> jax.stages.
 def _devices(leaf) -> set:
     """The devices a committed array lives on (none for numpy arrays and scalars)."""
     return leaf.devices() if isinstance(leaf, jax.Array) else set()
+
+
+def _platform(device) -> str:
+    """A device's platform as `jax.export` names it (``cuda``/``rocm``, not ``gpu``)."""
+    if device.platform != "gpu":
+        return device.platform
+    return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"

@@ -19,7 +19,7 @@ pointwise log likelihood (and PSIS-LOO) is per seed curve. Mean curves $m_g$:
   discretization term $A\Delta^p$ ($p > 0$; $a$ its log at the largest step) plus a learning
   term $B\Delta^{-q}$ ($q \ge 0$: it may grow as the step shrinks, $q = 0$ is a floor; $b$ its
   log at the smallest step);
-* ``"smooth"``: $m(x) = c + \beta x + h(x)$, $h \sim GP(0, \eta^2 e^{-(x - x')^2 / 2\ell^2})$
+* ``"gp"``: $m(x) = c + \beta x + h(x)$, $h \sim GP(0, \eta^2 e^{-(x - x')^2 / 2\ell^2})$
   with fixed $\eta = 1$ (log-error units) and $\ell = r/3$ ($r$ the range of $x$), minus
   its least-squares line through the studied steps (so $c + \beta x$ is the line and $h$ the
   curvature); represented by its values at the studied steps (non-centred); between them the
@@ -97,6 +97,8 @@ __all__ = [
     "fit_error_model",
     "fit_error_models",
     "compare_error_models",
+    "curve_quantiles",
+    "model_name",
     "PPC_ALPHA",
     "R_HAT_MAX",
 ]
@@ -163,7 +165,7 @@ def _kernel(xa, xb, span):
     return GP_AMPLITUDE**2 * np.exp(-0.5 * d**2 / (span / 3) ** 2)
 
 
-def _smooth_prior(g, x):
+def _gp_prior(g, x):
     return {
         "c": numpyro.sample("c", dist.Normal(0.0, 10.0).expand([g]).to_event(1)),
         "beta": numpyro.sample("beta", dist.Normal(0.0, 5.0).expand([g]).to_event(1)),
@@ -171,7 +173,7 @@ def _smooth_prior(g, x):
     }
 
 
-def _smooth_curve(th, x, xnew):
+def _gp_curve(th, x, xnew):
     """c + beta xnew + W h_raw. With K the kernel matrix at x and L its Cholesky factor,
     h = L z (z ~ N(0, I_S)) are the GP values at x; the curve is their conditional mean at
     xnew minus their least-squares line, i.e. linear in z through A = (K(xnew, x) K^-1 -
@@ -223,13 +225,34 @@ ERROR_MODELS = {
             _two_curve,
         ),
         ErrorModel(
-            "smooth",
+            "gp",
             "log e = c + beta x + h(x), h ~ GP(0, eta^2 exp(-(x - x')^2 / (2 ell^2)))",
-            _smooth_prior,
-            _smooth_curve,
+            _gp_prior,
+            _gp_curve,
         ),
     )
 }
+
+
+# names of earlier versions (files written before the GP model was renamed hold
+# ``error_models/smooth``): accepted as arguments, mapped to today's name
+ALIASES = {"smooth": "gp"}
+
+
+def model_name(name: str, value) -> str:
+    """The built-in error model `value` names (an old name in `ALIASES` is mapped); `name` is
+    the argument's name for the error message."""
+    if isinstance(value, str) and value in ALIASES:
+        return ALIASES[value]
+    return one_of(name, value, tuple(ERROR_MODELS))
+
+
+def curve_quantiles(curve: xr.Dataset) -> xr.Dataset:
+    """A fit's ``curve`` group with today's variable names (``q05``, ``q50``, ``q95``; files
+    of earlier versions call them ``low``, ``median``, ``high``, and ``median`` is shadowed by
+    `xarray.Dataset.median`)."""
+    old = {"low": "q05", "median": "q50", "high": "q95"}
+    return curve.rename({k: v for k, v in old.items() if k in curve.data_vars})
 
 
 def _seed_law(mean, sigma, tau, nu):
@@ -289,20 +312,28 @@ def fit_error_model(
     seed: int = 0,
     min_ess: int = 400,
     target_accept: float = 0.9,
+    refits: int = 0,
 ) -> xr.DataTree:
-    """Fit one error model (``"power_law"``, ``"two_term"`` or ``"smooth"``) with NUTS.
+    """Fit one error model (``"power_law"``, ``"two_term"`` or ``"gp"``) with NUTS.
 
     `errors`: positive errors with dims (..., step, seed), other dims index groups. Every
     group is its own posterior: `chains` NUTS chains per group, all groups' chains in one
     compiled program (vectorised lanes), each group's random numbers from `seed` and the
-    group's coordinates, so a group fitted alone gives the draws it gets among others.
+    group's coordinates, so a group fitted alone gives the draws it gets among others at the
+    same settings. **Refits:** when some group has not converged (r_hat above `R_HAT_MAX` or
+    bulk ESS below `min_ess` on any parameter or reported quantity, or a divergent
+    transition), the model is fitted again with twice the warm-up and draws, at most
+    `refits` times (at most 2^refits x `warmup` and x `draws`; default 0: no refit, the
+    cost is what was asked for; the estimation study refits once); the tree's attrs
+    ``refits`` and ``refit_history`` say what was done, and the fit returned is the last.
     **Returns:** a DataTree in ArviZ's layout (see the module docstring); ``checks`` holds per
     group `r_hat_max`, `ess_bulk_min`, `divergences`, `ppc_p_value`, `ppc_rejected`, `usable`
     and `reason`.
     """
-    options = _options(chains, warmup, draws, seed, min_ess, target_accept)
-    lowered, args, finish = _lower(errors, model, options)
-    return finish(*lowered.compile()(*args))
+    model = model_name("model", model)
+    kwargs = dict(chains=chains, warmup=warmup, draws=draws, seed=seed, min_ess=min_ess)
+    kwargs |= dict(target_accept=target_accept)
+    return fit_error_models(errors, (model,), refits=refits, **kwargs)[model]
 
 
 def _lower(errors, model: str, options: dict, device=None):
@@ -310,7 +341,7 @@ def _lower(errors, model: str, options: dict, device=None):
     finish), with ``finish(*lowered.compile()(*args))`` the fitted tree, run on `device` (a CPU
     device; default the first). NumPyro's tracing (not thread-safe) happens here; compiling
     and running may be threaded."""
-    one_of("model", model, tuple(ERROR_MODELS))
+    model = model_name("model", model)
     if not jax.config.jax_enable_x64:
         raise ValueError(
             'error models run in float64: call jax.config.update("jax_enable_x64", True) first'
@@ -480,7 +511,7 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
 
     # derived quantities on the typical-seed curve
     grid = np.linspace(x[0], x[-1], _GRID)
-    rate, small, large, dstar, emin, band = [], [], [], [], [], []
+    rate, small, large, dstar, emin, band, log_band = [], [], [], [], [], [], []
     eps = 1e-4 * (x[-1] - x[0])
     for k in range(g):
         tk = {name: v[:, k] for name, v in th.items()}
@@ -493,6 +524,7 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
         dstar.append(np.exp(grid[arg] + log_steps.mean()))
         emin.append(np.exp(m_grid[np.arange(n), arg]))
         band.append(np.quantile(np.exp(m_grid[:, ::4]), [0.05, 0.5, 0.95], axis=0))
+        log_band.append(m_grid[:, ::4])
 
     def shaped(arr, tail=()):  # (N, G, *tail) -> (chains, draws, *gshape, *tail)
         return np.asarray(arr).reshape(chains, draws, *gshape, *tail)
@@ -516,11 +548,20 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
     }
     coords = {d: da[d] for d in (*groups, "step", "seed")}
     post = xr.Dataset(posterior, coords=coords)
-    ds_rhat = post.azstats.rhat()  # of the parameters (the derived quantities come after)
-    ds_ess = post.azstats.ess(method="bulk")
     for name, (arr, tail, long_name) in derived.items():
         post[name] = (_dims(groups, tail), shaped(arr, arr.shape[2:]), {"long_name": long_name})
     post = post.assign_coords(chain=np.arange(chains), draw=np.arange(draws))
+    # convergence judged on the parameters and on everything reported from them: the
+    # derived quantities and the curve band (log m on the band's grid). Not judged: seed
+    # effects (per-seed nuisance values, never reported) and delta_star, an argmin on a grid
+    # that is often the same grid point in a whole chain (r_hat then undefined): it is the
+    # minimiser of the judged curve, and error_min, its value, is judged
+    judged = post.drop_vars(["seed_effect", "delta_star"])
+    judged["log_curve"] = (
+        _dims(groups, ("step_grid",)),
+        shaped(np.stack(log_band, 1), (len(grid[::4]),)),
+    )
+    r_hat_max, ess_min, worst = _convergence(judged, tuple(groups))
 
     stats = {
         "diverging": ("diverging", bool, "divergent transition"),
@@ -558,12 +599,6 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
 
     gdims = tuple(groups)
     divergent = sample_stats["diverging"].sum(("chain", "draw"))
-    r_hat_max = xr.concat(
-        [v.max([d for d in v.dims if d not in gdims]) for v in ds_rhat.values()], "v"
-    ).max("v")
-    ess_min = xr.concat(
-        [v.min([d for d in v.dims if d not in gdims]) for v in ds_ess.values()], "v"
-    ).min("v")
     p_da = xr.DataArray(p_value.reshape(gshape), dims=gdims, coords={d: da[d] for d in groups})
     rejected = p_da < PPC_ALPHA
     reasons = np.empty(gshape, object)
@@ -574,10 +609,10 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
             why.append(
                 f"posterior predictive check rejects it (p = {float(p_da.values[idx]):.3f} < {PPC_ALPHA})"
             )
-        if not float(r_hat_max.values[idx]) <= R_HAT_MAX:
-            why.append(f"r_hat {float(r_hat_max.values[idx]):.3f} > {R_HAT_MAX}")
+        if not float(r_hat_max.values[idx]) <= R_HAT_MAX:  # 4 digits: 1.0105 is not 1.01
+            why.append(f"r_hat {float(r_hat_max.values[idx]):.4f} > {R_HAT_MAX} ({worst[0][idx]})")
         if not float(ess_min.values[idx]) >= min_ess:
-            why.append(f"bulk ESS {float(ess_min.values[idx]):.0f} < {min_ess}")
+            why.append(f"bulk ESS {float(ess_min.values[idx]):.0f} < {min_ess} ({worst[1][idx]})")
         if int(divergent.values[idx]):
             why.append(f"{int(divergent.values[idx])} divergent transitions")
         reasons[idx], usable[idx] = "; ".join(why) or "ok", not why
@@ -596,12 +631,17 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
             "r_hat_max": (
                 gdims,
                 r_hat_max.values,
-                {"long_name": "largest rank-normalised split r_hat of the group's parameters"},
+                {
+                    "long_name": "largest rank-normalised split r_hat of the group's parameters "
+                    "and reported quantities (rates, error_min, curve band)"
+                },
             ),
             "ess_bulk_min": (
                 gdims,
                 ess_min.values,
-                {"long_name": "smallest bulk ESS of the group's parameters"},
+                {
+                    "long_name": "smallest bulk ESS of the group's parameters and reported quantities"
+                },
             ),
             "divergences": (
                 gdims,
@@ -631,7 +671,7 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
                 {"long_name": f"{label} of exp(m) (typical-seed error)"},
             )
             for i, (q, label) in enumerate(
-                (("low", "5% quantile"), ("median", "median"), ("high", "95% quantile"))
+                (("q05", "5% quantile"), ("q50", "median"), ("q95", "95% quantile"))
             )
         },
         coords={d: da[d] for d in groups}
@@ -646,6 +686,7 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
         "ppc_rule": f"rejected when P(D(y_rep) >= D(y)) < {PPC_ALPHA}, D = sum over steps of the squared mean residual over seeds",
         "usable_rule": f"not rejected, r_hat <= {R_HAT_MAX}, bulk ESS >= {min_ess}, no divergences",
         "mean_log_step": float(log_steps.mean()),
+        "min_ess": min_ess,
         "arviz": f"arviz-base {arviz_base.__version__}, arviz-stats {arviz_stats.__version__}",
     }
     tree = xr.DataTree.from_dict(
@@ -662,6 +703,33 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
     )
     tree["loo_pit"] = _loo_pit(tree)
     return tree
+
+
+def _convergence(post: xr.Dataset, groups: tuple) -> tuple:
+    """Per group: the largest rank-normalised split r_hat and the smallest bulk ESS over every
+    variable and element of `post` (arviz-stats), and for each the name of the variable that
+    attains it. A quantity that is the same in every draw (a minimiser on the boundary of
+    the step range) has converged: r_hat 1, ESS the number of draws."""
+    n = post.sizes["chain"] * post.sizes["draw"]
+    constant = post.std(("chain", "draw")) == 0
+    r_hat = post.azstats.rhat().where(~constant, 1.0)
+    ess = post.azstats.ess(method="bulk").where(~constant, float(n))
+
+    def reduce(ds, op):
+        per_var = xr.concat(
+            [getattr(v, op)([d for d in v.dims if d not in groups]) for v in ds.values()],
+            "var",
+        ).assign_coords(var=list(ds.data_vars))
+        pick = per_var.fillna(np.inf if op == "max" else -np.inf)  # nan r_hat is the worst
+        pick = pick.argmax("var") if op == "max" else pick.argmin("var")
+        worst = np.asarray(per_var["var"].values)[pick.values]
+        value = per_var.isel(var=pick).drop_vars("var")
+        if op == "max":  # a nan r_hat (no spread within chains) must not pass as converged
+            value = value.fillna(np.inf)
+        return value, worst
+
+    (r_max, r_worst), (e_min, e_worst) = reduce(r_hat, "max"), reduce(ess, "min")
+    return r_max, e_min.fillna(0.0), (r_worst, e_worst)
 
 
 def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
@@ -691,43 +759,86 @@ def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
 
 # the built-in models by their NUTS run time on the main job (13 s, 4.3 s, 4.0 s on 2 cores:
 # benchmarks/bench_error_models.py): the slowest gets a device of its own
-_SLOWEST_FIRST = ("two_term", "smooth", "power_law")
+_SLOWEST_FIRST = ("two_term", "gp", "power_law")
 
 
 def fit_error_models(
-    errors: xr.DataArray, models=tuple(ERROR_MODELS), *, workers: int | None = None, **kwargs
+    errors: xr.DataArray,
+    models=tuple(ERROR_MODELS),
+    *,
+    workers: int | None = None,
+    refits: int = 0,
+    **kwargs,
 ) -> dict[str, xr.DataTree]:
-    """`fit_error_model` for each of `models` (same `kwargs`), as ``{model: tree}``.
+    """`fit_error_model` for each of `models` (same `kwargs` and `refits`), as
+    ``{model: tree}``.
 
     Each model's run is traced in turn (NumPyro's tracing is not thread-safe), then compiled
     and run side by side in `workers` threads (None: one per model); the slowest runs alone
     on the first XLA CPU device, the others on the next ones where there are
     several (`mcm_prob.devices.use_every_cpu_core`; programs on one device run one after the
-    other). The results are those of `fit_error_model` (same programs, same keys). Bad
-    settings or input are refused before anything is traced.
+    other). Models that need a refit are refitted together in the next round. The results
+    are those of `fit_error_model` (same programs, same keys). Bad settings or input are
+    refused before anything is traced.
     """
-    models = tuple(one_of("models", m, tuple(ERROR_MODELS)) for m in models)
+    models = tuple(model_name("models", m) for m in models)
     if len(set(models)) != len(models) or not models:
         raise ValueError(f"`models` must be distinct names from {list(ERROR_MODELS)}, got {models}")
     workers = integer("workers", len(models) if workers is None else workers, ge=1)
+    refits = integer("refits", refits, ge=0, lt=5)
     options = _options(**kwargs)
     error_array(errors, min_values=3)
+    pending = {m: options for m in models}
+    fits, history = {}, {m: [] for m in models}
+    for _ in range(refits + 1):
+        fits |= _fit_round(errors, pending, workers)
+        for m, opts in pending.items():
+            history[m].append(f"{opts['draws']} draws after {opts['warmup']} warm-up")
+        pending = {
+            m: opts | {"warmup": 2 * opts["warmup"], "draws": 2 * opts["draws"]}
+            for m, opts in pending.items()
+            if _unconverged(fits[m])
+        }
+        if not pending:
+            break
+    for m in models:
+        fits[m].attrs["refits"] = len(history[m]) - 1
+        fits[m].attrs["refit_history"] = (
+            f"fitted with {history[m][0]}"
+            + "".join(f"; not converged in some group, refitted with {h}" for h in history[m][1:])
+            + ("; still not converged at the cap" if m in pending else "")
+        )
+    return {m: fits[m] for m in models}
+
+
+def _unconverged(tree: xr.DataTree) -> bool:
+    """Some group has r_hat or ESS outside the rule or a divergence (what more draws and
+    warm-up can cure; a rejected predictive check is not)."""
+    checks = tree["checks"].to_dataset()
+    min_ess = int(tree.attrs["min_ess"])
+    ok = (checks["r_hat_max"] <= R_HAT_MAX) & (checks["ess_bulk_min"] >= min_ess)
+    return not bool((ok & (checks["divergences"] == 0)).all())
+
+
+def _fit_round(errors, options: dict, workers: int) -> dict:
+    """One NUTS run per model with its options ``{model: options}``: traced in turn, then
+    compiled and run in threads on spread-out CPU devices (see `fit_error_models`)."""
     cpus = jax.devices("cpu")  # one program runs at a time on a device: spread them out
-    order = sorted(models, key=_SLOWEST_FIRST.index)
+    order = sorted(options, key=_SLOWEST_FIRST.index)
     runs = {}
     for i, m in enumerate(order):  # the slowest alone on the first device
         device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
-        runs[m] = _lower(errors, m, options, device)
+        runs[m] = _lower(errors, m, options[m], device)
     # every model traced before any compiles: with tracing overlapping XLA compiling in
     # another thread, a test worker crashed twice (segmentation fault in a later compilation;
     # the overlap is the suspected cause, not a proven one)
-    with ThreadPoolExecutor(min(workers, len(models))) as pool:
+    with ThreadPoolExecutor(min(workers, len(runs))) as pool:
         futures = {
             m: pool.submit(lambda low, a: low.compile()(*a), lowered, args)
             for m, (lowered, args, _) in runs.items()
         }
         draws = {m: f.result() for m, f in futures.items()}
-    return {m: runs[m][2](*draws[m]) for m in models}
+    return {m: runs[m][2](*draws[m]) for m in options}
 
 
 def compare_error_models(
@@ -750,7 +861,7 @@ def compare_error_models(
     if isinstance(errors, Mapping):
         fits = dict(errors)
     else:
-        names = [one_of("models", m, tuple(ERROR_MODELS)) for m in names]
+        names = [model_name("models", m) for m in names]
         fits = {m: fit_error_model(errors, m, **fit_kwargs) for m in names}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

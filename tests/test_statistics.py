@@ -171,20 +171,20 @@ def test_error_model_file_is_arviz_native(tmp_path):
 
     data = synthetic([2.0, 1.0], rng=np.random.default_rng(3))
     groups = {}
-    for m in ("power_law", "smooth"):
+    for m in ("power_law", "gp"):
         for node in fit_error_model(data, m, chains=2, warmup=200, draws=200).subtree:
             groups[f"/error_models/{m}" + ("" if node.path == "/" else node.path)] = (
                 node.to_dataset()
             )
     save_tree(xr.DataTree.from_dict(groups), tmp_path / "f.nc")
     tree = xr.open_datatree(tmp_path / "f.nc", engine="h5netcdf")
-    pl, sm = tree["error_models/power_law"], tree["error_models/smooth"]
+    pl, sm = tree["error_models/power_law"], tree["error_models/gp"]
     assert tree["error_models/power_law/sample_stats"]["diverging"].dtype == bool
     assert tree["error_models/power_law/checks"]["usable"].dtype == bool
     loo = arviz_stats.loo(pl)
     assert loo.n_data_points == 2 * 8 and np.isfinite(loo.elpd)  # one point per seed curve
-    table = arviz_stats.compare({"power_law": pl, "smooth": sm})
-    assert set(table.index) == {"power_law", "smooth"}
+    table = arviz_stats.compare({"power_law": pl, "gp": sm})
+    assert set(table.index) == {"power_law", "gp"}
     summary = arviz_stats.summary(pl, var_names=["alpha"])
     assert len(summary) == 2
     assert float(arviz_stats.rhat(pl, var_names=["alpha"])["alpha"].max()) < 1.05
@@ -221,8 +221,8 @@ def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
     data = synthetic([2.0, 1.0], rng=np.random.default_rng(5))
     kw = dict(chains=2, warmup=100, draws=100, seed=4)
     together = fit_error_models(data, workers=2, **kw)
-    assert list(together) == ["power_law", "two_term", "smooth"]
-    assert together["smooth"].attrs["error_model"] == "smooth"
+    assert list(together) == ["power_law", "two_term", "gp"]
+    assert together["gp"].attrs["error_model"] == "gp"
     for m, fit in together.items():
         assert fit["sample_stats"]["diverging"].dims == ("chain", "draw", "entry")
         alone = fit_error_model(data, m, **kw)
@@ -243,3 +243,56 @@ def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
         fit_error_models(data, ("power_law", "cubic"), workers=2)
     with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
         fit_error_models(data, workers=0)
+
+
+def test_refits_until_reported_quantities_converge():
+    """Too few draws for the rule: the model is refitted with twice the warm-up and draws
+    (the history says so), and where a group is usable every quantity reported from it has
+    r_hat <= 1.01 and bulk ESS >= min_ess by arviz-stats on the returned posterior, not only
+    the parameters. With refits=0 the first fit is returned as it is."""
+    import arviz_stats
+
+    from mcm_prob.error_models import R_HAT_MAX
+
+    data = synthetic([2.0, 1.0], rng=np.random.default_rng(7))
+    kw = dict(chains=4, warmup=50, draws=25, seed=3, min_ess=100)
+    first = fit_error_model(data, "power_law", refits=0, **kw)
+    assert first.attrs["refits"] == 0 and first["posterior"].sizes["draw"] == 25
+    assert not first["checks"]["usable"].values.any()
+    assert "r_hat" in str(first["checks"]["reason"].values[0])
+    fit = fit_error_model(data, "power_law", refits=4, **kw)
+    n = fit.attrs["refits"]
+    assert n >= 1 and fit["posterior"].sizes["draw"] == 25 * 2**n
+    history = fit.attrs["refit_history"]
+    assert history.startswith("fitted with 25 draws after 50 warm-up")
+    assert f"refitted with {25 * 2**n} draws after {50 * 2**n} warm-up" in history
+    usable = fit["checks"]["usable"].values
+    assert usable.any()
+    post = fit["posterior"].to_dataset()
+    reported = ["local_rate", "rate_small", "rate_large", "error_min", "alpha", "c"]
+    r_hat = arviz_stats.rhat(post, var_names=reported)
+    ess = arviz_stats.ess(post, var_names=reported, method="bulk")
+    for name in reported:
+        other = [d for d in r_hat[name].dims if d != "entry"]
+        assert (r_hat[name].max(other).values[usable] <= R_HAT_MAX).all(), name
+        assert (ess[name].min(other).values[usable] >= 100).all(), name
+    # the stored r_hat_max covers the reported quantities: never below any of theirs
+    worst = max(float(r_hat[v].max()) for v in reported)
+    assert float(fit["checks"]["r_hat_max"].max()) >= worst - 1e-12
+
+
+def test_old_names_are_read():
+    """Files of earlier versions: the GP model was called `smooth` and the curve band's
+    variables `low`, `median` (shadowed by `Dataset.median`), `high`."""
+    from mcm_prob.error_models import curve_quantiles, model_name
+
+    assert model_name("models", "smooth") == "gp" and model_name("models", "gp") == "gp"
+    with pytest.raises(ValueError, match="`models` must be one of"):
+        model_name("models", "cubic")
+    old = xr.Dataset(
+        {k: ("step_grid", np.arange(3.0) + i) for i, k in enumerate(("low", "median", "high"))}
+    )
+    new = curve_quantiles(old)
+    assert list(new.data_vars) == ["q05", "q50", "q95"]
+    np.testing.assert_array_equal(new["q50"], old["median"])
+    xr.testing.assert_identical(curve_quantiles(new), new)

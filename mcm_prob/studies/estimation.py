@@ -43,8 +43,15 @@ import numpy as np
 import xarray as xr
 
 from .. import metrics
-from .._checks import distinct, integer, number, one_of, seeds
-from ..error_models import ERROR_MODELS, PPC_ALPHA, fit_error_models
+from .._checks import distinct, integer, number, seeds
+from ..error_models import (
+    ALIASES,
+    ERROR_MODELS,
+    PPC_ALPHA,
+    curve_quantiles,
+    fit_error_models,
+    model_name,
+)
 from ..flow import ExactFlow
 from ..gridlaw import grid_law_1d
 from ..sampling import sample, sample_grid
@@ -167,7 +174,9 @@ class EstimationConfig(StudyConfig):
       the multi-step sampler quality check (largest budget); `sampler_ks`: step counts K at
       which the check is repeated (constant step over the horizon; e.g. [1, 2, 4]: does
       sampling with more steps help or hurt each method?); `n_boot`, `error_models`,
-      `chains`, `warmup`, `draws`, `ci`, `seed`: the analysis.
+      `chains`, `warmup`, `draws`, `refits`, `ci`, `seed`: the analysis (an error model
+      that has not converged in some group is refitted with twice the warm-up and draws, at
+      most `refits` times; see `fit_error_model`).
     """
 
     data: Mapping = dataclasses.field(default_factory=lambda: DEFAULT_DATA)
@@ -189,6 +198,7 @@ class EstimationConfig(StudyConfig):
     chains: int = 4
     warmup: int = 300
     draws: int = 600
+    refits: int = 1
     ci: float = 0.9
     seed: int = 0
 
@@ -215,9 +225,7 @@ class EstimationConfig(StudyConfig):
             raise ValueError(
                 f"config key `seeds` needs at least 2 seeds (a rate needs them), got {self.seeds}"
             )
-        models = distinct(
-            "error_models", self.error_models, lambda n, v: one_of(n, v, tuple(ERROR_MODELS))
-        )
+        models = distinct("error_models", self.error_models, model_name)
         object.__setattr__(self, "error_models", models)
         for name in ("eval_samples", "sampler_steps", "warmup"):
             integer(name, getattr(self, name), ge=1)
@@ -225,6 +233,7 @@ class EstimationConfig(StudyConfig):
         object.__setattr__(self, "sampler_ks", tuple(sorted(ks)))
         integer("chains", self.chains, ge=2)
         integer("draws", self.draws, ge=100)
+        integer("refits", self.refits, ge=0, lt=5)
         integer("sample_size", self.sample_size, ge=10)
         integer("n_boot", self.n_boot, ge=100)
         integer("seed", self.seed, ge=0, lt=2**32)
@@ -481,7 +490,7 @@ class EstimationStudy(Study):
     config_type = EstimationConfig
     quick = QUICK
     nested = ("train",)
-    analysis_keys = ("n_boot", "error_models", "chains", "warmup", "draws", "ci")
+    analysis_keys = ("n_boot", "error_models", "chains", "warmup", "draws", "refits", "ci")
 
     def schema(self, cfg: EstimationConfig) -> xr.Dataset:
         labels = list(cfg.entries)
@@ -742,6 +751,8 @@ class EstimationStudy(Study):
         return _plot(tree)
 
 
+NONE = "none"  # /summary's preferred model where no model is usable
+
 _QUANTITIES = {
     "rate_small": "local rate over the two smallest steps",
     "rate_large": "local rate over the two largest steps",
@@ -883,7 +894,13 @@ def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Datase
     boot = bootstrap_rates(err, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
     boot.attrs["seeds_used"] = used
     fits = fit_error_models(
-        err, cfg.error_models, chains=cfg.chains, warmup=cfg.warmup, draws=cfg.draws, seed=cfg.seed
+        err,
+        cfg.error_models,
+        chains=cfg.chains,
+        warmup=cfg.warmup,
+        draws=cfg.draws,
+        seed=cfg.seed,
+        refits=cfg.refits,
     )
     out = {"/bootstrap": boot}
     for m, tree in fits.items():
@@ -929,8 +946,8 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
         preferred = xr.where(usable.isel(model=0), names[0], "")
     lo, hi = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
     out = {
-        "preferred": preferred.assign_attrs(
-            long_name="usable model with the highest PSIS-LOO elpd ('' if none)"
+        "preferred": xr.where(preferred == "", NONE, preferred).assign_attrs(
+            long_name=f"usable model with the highest PSIS-LOO elpd ('{NONE}' if none is usable)"
         )
     }
     levels = {"": 0.5, "_low": lo, "_high": hi}
@@ -960,6 +977,12 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
                 + ("bootstrap estimate" if not suffix else b.attrs["long_name"])
                 + (" (best studied step)" if q == "delta_star" else "")
             )
+        # the two analyses of one quantity contradict each other: intervals that do not meet
+        post_lo, post_hi = out[f"post_{q}_low"], out[f"post_{q}_high"]
+        boot_lo, boot_hi = out[f"boot_{q}_low"], out[f"boot_{q}_high"]
+        out[f"disagree_{q}"] = ((post_lo > boot_hi) | (boot_lo > post_hi)).assign_attrs(
+            long_name=f"{long_name}: the posterior and bootstrap intervals do not overlap"
+        )
     out["usable"] = usable.assign_attrs(
         long_name="model passed its predictive check and diagnostics"
     )
@@ -1023,7 +1046,7 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
     for d in _GROUPS:  # the arithmetic above keeps the values of these coordinates, not attrs
         summary[d].attrs = ds[d].attrs
     summary.attrs = {
-        "rule": "posterior numbers come from the preferred model by PSIS-LOO among those whose predictive check passed with clean diagnostics; NaN when none did",
+        "rule": "posterior numbers come from the preferred model by PSIS-LOO among those whose predictive check passed with clean diagnostics; none when none did (the report then says why)",
         "interval": f"{cfg.ci:.0%} equal-tailed posterior intervals; {cfg.ci:.0%} percentile bootstrap CIs over seeds",
     }
     return summary
@@ -1034,14 +1057,47 @@ def _fmt(x, digits: int = 3) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.{digits}g}"
 
 
+def _kl(x) -> str:
+    """A KL estimate for the report: a negative one is the estimator's bias, not a value."""
+    return "<0 (bias)" if float(x) < 0 else _fmt(x)
+
+
 def _interval(ds, name) -> str:
     return f"{_fmt(ds[name]):>7} [{_fmt(ds[name + '_low'])}, {_fmt(ds[name + '_high'])}]"
 
 
-def _group_label(g) -> str:
+def _group_label(g, budget: bool = True) -> str:
     n = float(g["train_size"])
     size = "inf" if not np.isfinite(n) else f"{n:g}"
-    return f"{g['entry'].item()} ({g['fit_method'].item()}, n={size}, budget {int(g['budget'])})"
+    tail = f", budget {int(g['budget'])}" if budget else ""
+    return f"{g['entry'].item()} ({g['fit_method'].item()}, n={size}{tail})"
+
+
+def _preferred_by_budget(summ: xr.Dataset) -> dict[str, str]:
+    """{group label without the budget: "budget 150: gp, 300: two_term"} for the groups whose
+    preferred model is not the same at every budget."""
+    pref = summ["preferred"].transpose(*_GROUPS)
+    out = {}
+    for idx in np.ndindex(*pref.shape[:-1]):
+        g = pref[idx]  # over budget
+        labels = [NONE if v in ("", NONE) else v for v in g.values.tolist()]
+        if len(set(labels)) > 1:
+            out[_group_label(g.isel(budget=0), budget=False)] = "budget " + ", ".join(
+                f"{int(b)}: {m}" for b, m in zip(g["budget"].values, labels, strict=True)
+            )
+    return out
+
+
+def _what_to_change(reasons) -> str:
+    """What a user can do about the reasons no model is usable for a group."""
+    text = " ".join(str(r) for r in np.ravel(reasons))
+    advice = []
+    if "r_hat" in text or "ESS" in text or "divergent" in text:
+        advice.append("more draws and warm-up (config keys `draws`, `warmup`, `refits`)")
+    if "predictive check" in text:
+        advice.append("another error model (none of these fits the curve's shape)")
+    advice.append("more seeds (config key `seeds`) for a less noisy curve")
+    return "try " + "; or ".join(advice)
 
 
 def _legacy(res: xr.Dataset) -> str | None:
@@ -1083,25 +1139,44 @@ def _report(tree: xr.DataTree) -> str:
                     f"{m:<10} {float(c['elpd']):>9.1f} {float(c['se']):>7.1f} {float(c['elpd_diff']):>8.1f} "
                     f"{float(c['dse']):>7.1f} {float(c['weight']):>7.2f} {int(c['n_pareto_k_high']):>6}"
                 )
+        for m in tree["error_models"].children:
+            history = tree[f"error_models/{m}"].attrs.get("refit_history")
+            if history and int(tree[f"error_models/{m}"].attrs.get("refits", 0)):
+                lines.append(f"{m}: {history}")
         stacked = summ.stack(group=_GROUPS).transpose("group", ...)
+        budget_changes = _preferred_by_budget(summ)
         for k in range(stacked.sizes["group"]):
             g = stacked.isel(group=k)
             pref = g["preferred"].item()
+            none = pref in ("", NONE)  # '' in files of earlier versions
             lines.append("")
-            head = f"{_group_label(g)}: preferred model {pref or 'NONE usable'}"
+            head = f"{_group_label(g)}: preferred model {'NONE usable' if none else pref}"
             if "power_law_rejected" in g:
                 p_pl = float(g["ppc_p_value"].sel(model="power_law"))
                 verdict = "REJECTED" if bool(g["power_law_rejected"]) else "not rejected"
                 head += f"; single power law {verdict} by its predictive check (p = {p_pl:.3f}, rule p < {PPC_ALPHA})"
             lines.append(head)
+            other = budget_changes.get(_group_label(g, budget=False))
+            if other:
+                lines.append(f"  NOTE the preferred model changes with the budget: {other}")
             for q, what in _QUANTITIES.items():
                 boot_name = "best studied step" if q == "delta_star" else "bootstrap"
-                lines.append(
-                    f"  {what:<46} posterior {_interval(g, 'post_' + q)}   {boot_name} {_interval(g, 'boot_' + q)}"
+                post = (
+                    "posterior (no usable model)"
+                    if none
+                    else f"posterior {_interval(g, 'post_' + q)}"
                 )
+                line = f"  {what:<46} {post}   {boot_name} {_interval(g, 'boot_' + q)}"
+                if f"disagree_{q}" in g and bool(g[f"disagree_{q}"]):
+                    line += "   DISAGREE: the intervals do not overlap"
+                lines.append(line)
             for m in g["model"].values:
                 if not bool(g["usable"].sel(model=m)):
                     lines.append(f"  {m} not used: {g['reason'].sel(model=m).item()}")
+            if none:
+                lines.append(
+                    "  no posterior numbers for this group: " + _what_to_change(g["reason"].values)
+                )
         lines.append("")
         lines.append(f"{'entry':<12} {'method':<9} {'teacher order':>13} {'theory':>7}")
         for e in summ["entry"].values:
@@ -1115,8 +1190,12 @@ def _report(tree: xr.DataTree) -> str:
         for a in p["entry"].values:
             for b in p["other_entry"].values:
                 if regimes[a] == "smooth" and regimes[b] == "nonsmooth":
+                    value = p.sel(entry=a, other_entry=b)
                     lines.append(
-                        f"P(local rate at small steps: {a} > {b}) = {_fmt(p.sel(entry=a, other_entry=b))} (posterior)"
+                        f"P(local rate at small steps: {a} > {b}) = {_fmt(value)} (posterior)"
+                        if np.isfinite(value)
+                        else f"P(local rate at small steps: {a} > {b}): not available (no usable "
+                        "error model for one of them at the largest budget)"
                     )
         for name, along in (("budget", "budget"), ("train_size", "train_size")):
             if name not in tree.children:
@@ -1153,11 +1232,13 @@ def _report(tree: xr.DataTree) -> str:
                     lines.append(
                         f"{e:<12} {m:<9} {n:>5g} {st:>6g} {_fmt(c['consistency_error_mean'].mean()):>9} "
                         f"{_fmt(c['teacher_error_mean']):>9} {_fmt(c['learning_error_mean'].mean()):>9} "
-                        f"{_fmt(c['kl_estimate'].mean()):>9} {int(c['failed'].sum()):>6}"
+                        f"{_kl(c['kl_estimate'].mean()):>9} {int(c['failed'].sum()):>6}"
                     )
         r = res.sel(entry=e)
         lines.append(
-            f"{e:<12} exact-flow sampler KL estimate (estimator floor): {_fmt(r['kl_estimate_exact_flow'])} +- {_fmt(r['kl_stderr_exact_flow'], 2)}"
+            f"{e:<12} k-NN estimator's offset at the exact-flow sampler (its bias, not a KL; "
+            f"read the learned nets' estimates against it): {_fmt(r['kl_estimate_exact_flow'])} "
+            f"+- {_fmt(r['kl_stderr_exact_flow'], 2)}"
         )
         if "kl_grid" in r and np.isfinite(r["kl_grid_exact_flow"]):
             grid = last.sel(entry=e)["kl_grid"]
@@ -1303,7 +1384,7 @@ def _plot(tree: xr.DataTree):
         _plot_objectives(tree["objectives"].to_dataset(), *axes[2])
     done = "summary" in tree.children
     models = list(tree["error_models"].children) if done else []
-    styles = {"power_law": ":", "two_term": "-", "smooth": "--"}
+    styles = {"power_law": ":", "two_term": "-", "gp": "--", "smooth": "--"}  # smooth: old gp
     for k, e in enumerate(res["entry"].values):
         color = f"C{k}"
         r = res.sel(entry=e).isel(budget=-1)
@@ -1323,14 +1404,13 @@ def _plot(tree: xr.DataTree):
         pref = summ["preferred"].sel(entry=e).item()
         for m in models:
             curve = (
-                tree[f"error_models/{m}/curve"]
-                .to_dataset()
+                curve_quantiles(tree[f"error_models/{m}/curve"].to_dataset())
                 .isel(fit_method=0, train_size=-1, budget=-1)
                 .sel(entry=e)
             )
             ax_err.loglog(
                 curve["step_grid"],
-                curve["median"],
+                curve["q50"],
                 styles.get(m, "-"),
                 color=color,
                 lw=1,
@@ -1338,9 +1418,10 @@ def _plot(tree: xr.DataTree):
             )
             if m == pref:
                 ax_err.fill_between(
-                    curve["step_grid"], curve["low"], curve["high"], color=color, alpha=0.2
+                    curve["step_grid"], curve["q05"], curve["q95"], color=color, alpha=0.2
                 )
-        rate_model = pref or ("smooth" if "smooth" in models else models[0])
+        gp = [m for m in models if ALIASES.get(m, m) == "gp"]
+        rate_model = pref or (gp or models)[0]
         rate = (
             tree[f"error_models/{rate_model}/posterior"]
             .to_dataset()["local_rate"]
