@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -530,7 +531,40 @@ def test_quick_main_job_end_to_end(tmp_path, undescribed):
     ):
         assert word in rep.stdout, word
     assert (tmp_path / "x_estimation.png").exists()
-    assert undescribed(load_tree(out)) == []
+    tree = load_tree(out)
+    assert undescribed(tree) == []
+    # issue 24: no bare NaN, no negative KL printed as a value, no '' label for "none"
+    assert not re.search(r"\bnan\b", rep.stdout), rep.stdout
+    assert "exact-flow sampler KL estimate" not in rep.stdout
+    assert "" not in tree["summary"]["preferred"].values.tolist()
+    # every quantity printed from a usable model converged by arviz-stats on the stored draws
+    import arviz_stats
+
+    summ = tree["summary"].to_dataset()
+    reported = ["rate_small", "rate_large", "error_min", "local_rate"]
+    for m in tree["error_models"].children:
+        usable = summ["usable"].sel(model=m)
+        r_hat = arviz_stats.rhat(tree[f"error_models/{m}/posterior"].to_dataset()[reported])
+        for name in reported:
+            worst = r_hat[name].max([d for d in r_hat[name].dims if d not in usable.dims])
+            assert bool((worst.where(usable) <= 1.01).where(usable, True).all()), (m, name)
+    # a file of the previous version (GP model `smooth`, band `median`) still reports
+    groups = {}
+    for node in tree.subtree:
+        ds = node.to_dataset(inherit=False)
+        path = node.path.replace("/error_models/gp", "/error_models/smooth")
+        if path == "/error_models/smooth/curve":
+            ds = ds.rename({"q05": "low", "q50": "median", "q95": "high"})
+        if path == "/summary":
+            ds["preferred"] = ds["preferred"].where(ds["preferred"] != "gp", "smooth")
+            ds = ds.assign_coords(model=[m.replace("gp", "smooth") for m in ds["model"].values])
+        groups[path] = ds
+    old = xr.DataTree.from_dict(groups)
+    save_tree(old, tmp_path / "old.nc")
+    rep_old = subprocess.run(
+        cmd + ["report", str(tmp_path / "old.nc")], capture_output=True, text=True, timeout=120
+    )
+    assert rep_old.returncode == 0 and "smooth" in rep_old.stdout, rep_old.stderr[-2000:]
     # a reader that leaves early (`| head`, here `| true`) gets no traceback
     piped = subprocess.run(
         f"{shlex.join(cmd + ['info', str(out)])} | true",
