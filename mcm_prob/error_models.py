@@ -773,8 +773,9 @@ def fit_error_models(
     """`fit_error_model` for each of `models` (same `kwargs` and `refits`), as
     ``{model: tree}``.
 
-    Each model's run is traced in turn (NumPyro's tracing is not thread-safe), then compiled
-    and run side by side in `workers` threads (None: one per model); the slowest runs alone
+    Each model's run is traced and compiled in turn (NumPyro's tracing is not thread-safe,
+    and XLA crashed compiling two of them at once), then run side by side in `workers`
+    threads (None: one per model); the slowest runs alone
     on the first XLA CPU device, the others on the next ones where there are
     several (`mcm_prob.devices.use_every_cpu_core`; programs on one device run one after the
     other). Models that need a refit are refitted together in the next round. The results
@@ -829,14 +830,12 @@ def _fit_round(errors, options: dict, workers: int) -> dict:
     for i, m in enumerate(order):  # the slowest alone on the first device
         device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
         runs[m] = _lower(errors, m, options[m], device)
-    # every model traced before any compiles: with tracing overlapping XLA compiling in
-    # another thread, a test worker crashed twice (segmentation fault in a later compilation;
-    # the overlap is the suspected cause, not a proven one)
+    # compiled one after the other in this thread, only the runs threaded: XLA segfaulted in
+    # CI while compiling these programs in two threads at once (three times, in
+    # backend_compile_and_load, with tracing overlapping and without)
+    compiled = {m: lowered.compile() for m, (lowered, _, _) in runs.items()}
     with ThreadPoolExecutor(min(workers, len(runs))) as pool:
-        futures = {
-            m: pool.submit(lambda low, a: low.compile()(*a), lowered, args)
-            for m, (lowered, args, _) in runs.items()
-        }
+        futures = {m: pool.submit(compiled[m], *runs[m][1]) for m in runs}
         draws = {m: f.result() for m, f in futures.items()}
     return {m: runs[m][2](*draws[m]) for m in options}
 
