@@ -722,7 +722,8 @@ def _convergence(post: xr.Dataset, groups: tuple) -> tuple:
         ).assign_coords(var=list(ds.data_vars))
         pick = per_var.fillna(np.inf if op == "max" else -np.inf)  # nan r_hat is the worst
         pick = pick.argmax("var") if op == "max" else pick.argmin("var")
-        worst = np.asarray(per_var["var"].values)[pick.values]
+        names = np.asarray(per_var["var"].values, dtype=object)
+        worst = names[pick.values.reshape(-1)].reshape(pick.shape)  # 0-d array for no groups
         value = per_var.isel(var=pick).drop_vars("var")
         if op == "max":  # a nan r_hat (no spread within chains) must not pass as converged
             value = value.fillna(np.inf)

@@ -1402,6 +1402,7 @@ def _plot(tree: xr.DataTree):
             continue
         summ = tree["summary"].to_dataset().isel(fit_method=0, train_size=-1, budget=-1)
         pref = summ["preferred"].sel(entry=e).item()
+        pref = None if pref in ("", NONE) else pref
         for m in models:
             curve = (
                 curve_quantiles(tree[f"error_models/{m}/curve"].to_dataset())
