@@ -20,12 +20,14 @@ around every read and write.
 
 **Known fault.** Twice in this project's test suite (two pytest workers and CLI subprocesses
 sharing one cache, JAX 0.10.2 on a CPU), a process aborted ("Fatal Python error: Aborted")
-inside XLA's `deserialize_executable` while loading a training program from the cache, with
-the lock in place as well as without it; it was not reproduced alone. The test suite runs
-with the cache off (``tests/conftest.py``) except where the cache itself is tested; if a run
-aborts in `compilation_cache.get_executable_and_time`, set
-``MCM_PROB_COMPILATION_CACHE=off`` (or delete the cache directory) and rerun with
-``--resume``.
+inside XLA's `deserialize_executable` while loading a training program from the cache. The
+same abort later hit a worker compiling with no cache at all, and was traced to the worker's
+memory mappings: every CPU executable JAX keeps alive holds a few, and a process that has
+compiled thousands of programs reaches Linux's `vm.max_map_count` (65,530 by default), after
+which LLVM aborts on the next one (see ``tests/conftest.py``, which now releases JAX's
+caches in long test workers). A long notebook session that compiles many distinct programs
+can do the same: ``jax.clear_caches()`` frees them. The test suite still runs with the
+persistent cache off (``tests/conftest.py``) except where the cache itself is tested.
 
 **Traced programs.** The cache keeps compiled executables, but a program is still traced in
 every new process before the cache is consulted; for NumPyro's vectorised NUTS that costs

@@ -831,9 +831,9 @@ def _fit_round(errors, options: dict, workers: int) -> dict:
     for i, m in enumerate(order):  # the slowest alone on the first device
         device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
         runs[m] = _lower(errors, m, options[m], device)
-    # compiled one after the other in this thread, only the runs threaded: XLA segfaulted in
-    # CI while compiling these programs in two threads at once (three times, in
-    # backend_compile_and_load, with tracing overlapping and without)
+    # compiled one after the other in this thread, only the runs threaded (compiling in two
+    # threads gains little; the CI aborts once blamed on it were the test worker's memory
+    # mappings running out, see tests/conftest.py)
     compiled = {m: lowered.compile() for m, (lowered, _, _) in runs.items()}
     with ThreadPoolExecutor(min(workers, len(runs))) as pool:
         futures = {m: pool.submit(compiled[m], *runs[m][1]) for m in runs}

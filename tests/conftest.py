@@ -1,8 +1,21 @@
-"""Test configuration: float64 everywhere (ground truth), fixed keys, and the persistent
+"""Test configuration: float64 everywhere (ground truth), fixed keys, the persistent
 compilation cache off (workers, notebooks and CLI subprocesses inherit it) except in the
-test of the cache itself: XLA aborted twice while loading a cached executable that two
-workers shared (see `mcm_prob.cache`, "Known fault")."""
+test of the cache itself, and compiled programs released when a worker holds too many.
 
+**Why the release.** Every XLA CPU executable keeps its machine code in a few memory
+mappings of its own, and JAX keeps every executable it compiled for as long as the jitted
+function lives (module-level functions live for the whole worker). A pytest worker that runs
+a few hundred tests compiles thousands of programs: measured on the 2-core machine, a worker
+running tests/test_objectives.py alone grew by about 180 mappings a second and passed 29,000
+within 4 minutes. At Linux's default limit (`vm.max_map_count` = 65,530) the next mapping
+fails and LLVM aborts the process ("Fatal Python error: Aborted" inside XLA's compilation or
+`deserialize_executable`): this was the CI crash of 2026-12-02/06 in
+test_estimation_on_a_path_from_toml, never reproduced alone. After every test the fixture
+below counts the worker's mappings and, above `MAX_MAPPINGS`, drops JAX's caches
+(`jax.clear_caches`), which frees those executables (the same module then stayed under
+2,100 mappings); below it compiled programs are shared between tests as before."""
+
+import gc
 import os
 
 os.environ["MCM_PROB_COMPILATION_CACHE"] = "off"
@@ -13,6 +26,27 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+MAX_MAPPINGS = 20_000
+
+
+def _mappings() -> int:
+    """The number of memory mappings of this process (0 where /proc is absent)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's caches after a test when the worker holds more than `MAX_MAPPINGS` memory
+    mappings (module docstring)."""
+    yield
+    if _mappings() > MAX_MAPPINGS:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
