@@ -29,6 +29,31 @@ import pytest  # noqa: E402
 
 MAX_MAPPINGS = 20_000
 
+# Heavy tests first: with pytest-xdist's `--maxschedchunk 1` (pyproject.toml) each worker takes
+# the next test when it is free, so starting with the longest (a greedy longest-first schedule)
+# keeps one worker from running a 4-minute test alone at the end. A test declares its cost with
+# `@pytest.mark.heavy(seconds)` (measured with `pytest --durations=0` on the 2-core machine);
+# notebooks, collected by nbmake, are weighed here.
+NOTEBOOK_SECONDS = {
+    "06_flow_map_objectives": 110,
+    "03_estimation_error_study": 110,
+    "04_sharing_results": 50,
+    "01_data_and_forward_process": 40,
+    "02_fit_and_sample": 40,
+    "05_schedules": 20,
+}
+
+
+def _seconds(item) -> float:
+    marker = item.get_closest_marker("heavy")
+    if marker is not None:
+        return marker.args[0]
+    return NOTEBOOK_SECONDS.get(item.path.stem, 0) if item.path.suffix == ".ipynb" else 0
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=_seconds, reverse=True)  # stable: the rest keep their order
+
 
 def _mappings() -> int:
     """The number of memory mappings of this process (0 where /proc is absent)."""

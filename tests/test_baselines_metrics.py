@@ -211,6 +211,7 @@ def test_grid_law_reproduces_exact_gaussian_kl(tau):
     assert abs(gl.mass - 1) < 1e-4
 
 
+@pytest.mark.heavy(30)
 @pytest.mark.parametrize(
     "data,tau",
     [
@@ -252,6 +253,7 @@ def test_smallest_steps_exact_answer():
     assert smallest_steps(lambda k: 1.0, 0.1, max_steps=50) is None
 
 
+@pytest.mark.heavy(30)
 def test_steps_to_accuracy_gaussian_matches_linear_scan():
     h, eps = 0.4, 1e-3
     kl = kl_of_steps(GAUSS, delta=DELTA, h=h)

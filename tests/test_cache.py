@@ -62,6 +62,7 @@ def test_lower_cached_stores_reads_and_recovers(cache_dir, monkeypatch):
     assert len(list(cache_dir.iterdir())) == 2
 
 
+@pytest.mark.heavy(40)
 def test_error_model_draws_equal_with_stored_program(cache_dir, monkeypatch):
     """The power-law model's posterior is identical with the cache off, on (storing) and on
     (reading the stored program)."""

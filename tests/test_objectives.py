@@ -160,6 +160,7 @@ SMALL = ["cd-euler", "cd-heun", "cd-exact", "ct", "sct", "meanflow", "shortcut"]
 SMALL += ["fmm-lagrangian", "fmm-eulerian", "psd"]
 
 
+@pytest.mark.heavy(50)
 @pytest.mark.parametrize("path_name", list(PATHS))
 def test_every_objective_learns_on_every_path(path_name):
     """fit_grid of each objective (displacement net 32 x 2, batch 64, 1000 iterations in
@@ -269,6 +270,7 @@ def test_a_user_objective_trains_through_the_interface():
     assert np.all(err[1] < 0.5 * err[0]), err
 
 
+@pytest.mark.heavy(100)
 def test_estimation_study_over_objectives(tmp_path, undescribed):
     """The estimation study with a discrete CD, a continuous sCT and a shortcut (a table with
     its own label): the step axis starts at 0, where only the continuous method has values;

@@ -235,6 +235,7 @@ def _jnp_derivative(path_name, which, u):
     return -2 * u / (1 + u**2) ** 2 if which == "a" else 1.0 + 0 * u
 
 
+@pytest.mark.heavy(20)
 @pytest.mark.parametrize("path_name", list(PATHS))
 def test_flow_maps_equal_a_diffrax_solve_of_the_path_ode(path_name, key):
     """float64, 1e-8: closed form (Gaussians) and the OU-time solve (others) both equal a

@@ -42,6 +42,7 @@ def _np_alpha_sigma(t: float):
     return np.exp(-t), np.sqrt(-np.expm1(-2 * t))
 
 
+@pytest.mark.heavy(20)
 @pytest.mark.parametrize("x64", [True, False])
 @SETTINGS
 @given(

@@ -105,6 +105,7 @@ def test_complex_input_refused_by_name():
 
 
 # ------------------------------------------------------------------ nothing lost
+@pytest.mark.heavy(50)
 def test_overwrite_interrupted_keeps_the_earlier_file_byte_identical(tmp_path, capsys):
     """Defect: `--overwrite` replaced the complete file with a partial one at the first cell."""
     toml, cfg = _sampling_config(tmp_path)
@@ -301,6 +302,7 @@ def _mtime(path) -> int | None:
         return None
 
 
+@pytest.mark.heavy(80)
 def test_sigkill_series_resumes_to_the_uninterrupted_result(tmp_path):
     """Kills at random points of a small study (computing, saving, analysing), each followed
     by `--resume`: the final file holds the same data as an uninterrupted run, and no temporary

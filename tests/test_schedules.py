@@ -80,6 +80,7 @@ def test_literature_schedules_in_ou_time():
     np.testing.assert_allclose(fh.gaps, 0.5)
 
 
+@pytest.mark.heavy(20)
 @pytest.mark.parametrize("d", [2, 16])
 def test_optimised_schedule_beats_the_constant_step(d):
     g = gaussian(d)
@@ -95,6 +96,7 @@ def test_optimised_schedule_beats_the_constant_step(d):
         assert np.all(np.isfinite(res.history)) and res.history.shape[1] == 200
 
 
+@pytest.mark.heavy(30)
 def test_optimised_schedule_for_a_product_target():
     """A 1-d Dirac mixture in 3 i.i.d. coordinates, optimised on the CDF grid law and checked
     with the ODE grid law: no worse than the constant step or any start, valid, same horizon."""
@@ -152,6 +154,7 @@ def _bin_z(y, law, edges):
     return (counts / y.size - p) / np.sqrt(p * (1 - p) / y.size)
 
 
+@pytest.mark.heavy(30)
 def test_learned_sampler_grid_law_matches_a_million_samples():
     """A fitted net's sampler law on the grid against a 10^6-sample histogram of `sample`:
     80 bins on [-4, 4], chi^2 below its 99.9% quantile (124.8 for 80 dof), |z| <= 4.5."""
@@ -216,6 +219,7 @@ def test_steps_to_accuracy_says_why():
         mp.accuracy.smallest_steps(lambda k: math.nan, 0.1)
 
 
+@pytest.mark.heavy(30)
 def test_schedules_study_and_cli(tmp_path, capsys, undescribed):
     from mcm_prob import cli
     from mcm_prob.results import load_tree

@@ -100,6 +100,7 @@ def _covered(low, high, truth):
     return int(np.sum((np.asarray(low) <= truth) & (truth <= np.asarray(high))))
 
 
+@pytest.mark.heavy(130)
 def test_calibration_two_term_truth():
     """60 replicated studies from a known two-term truth (p = 2, q = 1, Delta* = 0.08), fitted
     as 60 groups of one model. The 90% posterior intervals (equal-tailed) cover the truth in
@@ -146,6 +147,7 @@ def test_calibration_two_term_truth():
         assert float(abs(raw - fit["loo_pit"]["log_error"]).mean()) < 0.005
 
 
+@pytest.mark.heavy(40)
 def test_straight_line_truth_is_kept():
     """A straight-line truth (alpha = 1.5): the power law passes its predictive check in at
     least 26 of 30 replications (a correct model is rejected with probability <= 5%:
@@ -161,6 +163,7 @@ def test_straight_line_truth_is_kept():
     assert _covered(lo, hi, 1.5) >= 23
 
 
+@pytest.mark.heavy(30)
 def test_error_model_file_is_arviz_native(tmp_path):
     """A fitted model saved in a study-like file: `arviz_stats.loo`, `compare`, `summary`,
     `ess` and `rhat` run on the stored groups as they are, booleans come back as booleans
@@ -213,6 +216,7 @@ def test_error_model_bad_input():
         compare_error_models(data, models=["power_law"])
 
 
+@pytest.mark.heavy(60)
 def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
     """`fit_error_models` (traced in turn, compiled and run in 2 threads) returns the fits of
     `fit_error_model` one after the other, number for number; and each group is its own
@@ -245,6 +249,7 @@ def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
         fit_error_models(data, workers=0)
 
 
+@pytest.mark.heavy(80)
 def test_refits_until_reported_quantities_converge():
     """Too few draws for the rule: the model is refitted with twice the warm-up and draws
     (the history says so), and where a group is usable every quantity reported from it has

@@ -94,6 +94,7 @@ def test_teacher_map_convergence_orders():
         teacher_map(g, x, 1.61, 0.01, step=0.3)
 
 
+@pytest.mark.heavy(80)
 def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
     """A study interrupted after its first cell resumes from the partial file: finished cells
     are not recomputed and their numbers are kept; the finished file has the rate analysis."""
@@ -155,6 +156,7 @@ def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
     assert np.all(teacher[:, 1:] > teacher[:, :-1])
 
 
+@pytest.mark.heavy(80)
 def test_methods_budget_and_train_size_axes(tmp_path, undescribed):
     """Methods side by side, budgets and training-set sizes from config: the file has the
     axes with units and long names, CT has no teacher (NaN teacher and learning errors), and
@@ -210,6 +212,7 @@ def test_methods_budget_and_train_size_axes(tmp_path, undescribed):
     assert "exact KL from the 1-d grid law" in text
 
 
+@pytest.mark.heavy(90)
 def test_own_data_from_toml_through_the_cli(tmp_path, capsys, undescribed):
     """A 4-d 3-component mixture and a 3-d box from a TOML file: run, report, info; the stored
     spec rebuilds the data exactly; a resume with a changed spec is refused by name."""
@@ -280,6 +283,7 @@ class Isotropic(mp.data.DataDistribution):
         return -(x - a * self.center) / (a**2 * self.var + b**2)
 
 
+@pytest.mark.heavy(50)
 def test_user_subclass_flow_fit_and_study(tmp_path):
     """A user-defined family works everywhere: its ODE flow map equals the Gaussian closed
     form (1e-8), `fit` trains on it, and a study runs on it, storing class, repr and hash;
@@ -324,6 +328,7 @@ def test_user_subclass_flow_fit_and_study(tmp_path):
     assert "mine" in studies.report(tree)
 
 
+@pytest.mark.heavy(50)
 def test_sampling_study_and_cli(tmp_path, capsys, undescribed):
     cfg_file = tmp_path / "s.toml"
     cfg_file.write_text(
@@ -504,6 +509,7 @@ def test_config_validation(tmp_path, capsys):
     assert not (tmp_path / "x.nc").exists()
 
 
+@pytest.mark.heavy(240)
 def test_quick_main_job_end_to_end(tmp_path, undescribed):
     """`mcm-prob run estimation --quick --out x.nc && mcm-prob report x.nc` as a user runs it."""
     exe = shutil.which("mcm-prob")

@@ -26,6 +26,7 @@ SAMPLING = (
 )
 
 
+@pytest.mark.heavy(70)
 @pytest.mark.parametrize(
     "name,table,steps",
     [("vp", False, (0.025, 0.05, 0.1)), ("ve", True, (0.1, 0.2, 0.4))],
@@ -60,6 +61,7 @@ def test_estimation_on_a_path_from_toml(tmp_path, capsys, undescribed, name, tab
     assert "different config" in err and "path.path" in err
 
 
+@pytest.mark.heavy(20)
 @pytest.mark.parametrize("name,h,T", [("vp", 0.3, 1.0), ("ve", 2.0, 20.0)])
 def test_sampling_on_a_path_from_toml(tmp_path, capsys, name, h, T):
     """The stored KLs are the path's exact laws (Gaussian: sampler_law and baseline_law with

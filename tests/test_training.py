@@ -308,6 +308,7 @@ def sharding_case():
     return mp.fit_grid(MIX, cfg, steps=[0.05, 0.1, 0.3], seeds=[1, 2], checkpoints=[20])
 
 
+@pytest.mark.heavy(20)
 def test_sharded_grid_equals_single_device(tmp_path):
     """`fit_grid` over 4 (forced host) devices gives the single-device models and losses."""
     import os
