@@ -933,6 +933,13 @@ def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Datase
     return out
 
 
+def _p_greater(a: np.ndarray, b: np.ndarray) -> float:
+    """P(A > B) for independent posteriors from their draws `a` (n,) and `b` (m,): the
+    fraction of all n x m pairs with a > b (the groups' fits are independent, and a model
+    refitted with more draws has more of them than another)."""
+    return float(np.searchsorted(np.sort(b), a, side="left").mean() / b.size)
+
+
 def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
     """Per group (entry, fit_method, train_size, budget): the preferred usable model's posterior
     intervals next to the bootstrap CIs, the power law's check, the teacher's order and the
@@ -1017,7 +1024,8 @@ def _summary(cfg, ds, boot, fits, comparison) -> xr.Dataset:
         for k in range(len(entries)):
             m_a, m_b = pref[idx], pref[(k,) + idx[1:]]
             if m_a and m_b:
-                p[(k,) + idx] = np.mean(draws[m_a][idx] > draws[m_b][(k,) + idx[1:]])
+                a, b = draws[m_a][idx], draws[m_b][(k,) + idx[1:]]
+                p[(k,) + idx] = 0.0 if k == idx[0] else _p_greater(a, b)
     out["p_rate_small_greater"] = (
         ("entry", "other_entry", "fit_method", "train_size", "budget"),
         np.moveaxis(p, 0, 1),
