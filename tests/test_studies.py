@@ -34,6 +34,7 @@ TINY_ESTIMATION = dict(
     chains=2,
     warmup=50,
     draws=100,
+    refits=0,  # too few draws for the rule at any refit: one NUTS program, not two
 )
 MIX4D = {
     "family": "gaussian_mixture",
@@ -223,7 +224,7 @@ def test_own_data_from_toml_through_the_cli(tmp_path, capsys, undescribed):
     box = "\n".join(f"{k} = {json.dumps(v)}" for k, v in BOX3D.items())
     toml.write_text(
         "[estimation]\nsteps = [0.1, 0.2, 0.4]\nseeds = [0, 1]\neval_samples = 64\nsample_size = 64\n"
-        'n_boot = 100\nchains = 2\nwarmup = 50\ndraws = 100\nbudgets = [30]\nerror_models = ["power_law"]\n'
+        'n_boot = 100\nchains = 2\nwarmup = 50\ndraws = 100\nrefits = 0\nbudgets = [30]\nerror_models = ["power_law"]\n'
         "[estimation.train]\nwidth = 8\nbatch_size = 32\n"
         f"[estimation.data.mix4d]\n{mix}\n[estimation.data.box3d]\n{box}\n"
     )

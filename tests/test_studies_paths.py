@@ -13,7 +13,7 @@ from mcm_prob.results import load_tree
 
 ESTIMATION = (
     "[estimation]\n{path}\nsteps = [{s1}, {s2}, {s3}]\nseeds = [0, 1]\neval_samples = 64\n"
-    "sample_size = 64\nn_boot = 100\nchains = 2\nwarmup = 50\ndraws = 100\nbudgets = [30]\n"
+    "sample_size = 64\nn_boot = 100\nchains = 2\nwarmup = 50\ndraws = 100\nrefits = 0\nbudgets = [30]\n"
     'error_models = ["power_law"]\n[estimation.train]\nwidth = 8\nbatch_size = 32\n'
     '[estimation.data.g1]\nfamily = "gaussian"\nmean = [0.5]\ncov = [[0.5]]\n'
 )
