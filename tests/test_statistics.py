@@ -251,8 +251,8 @@ def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
 
 @pytest.mark.heavy(80)
 def test_refits_until_reported_quantities_converge():
-    """Too few draws for the rule: the model is refitted with twice the warm-up and draws
-    (the history says so), and where a group is usable every quantity reported from it has
+    """Too few draws for the rule: the chains are continued to twice their length (the
+    history says so; the first draws are kept), and where a group is usable every quantity reported from it has
     r_hat <= 1.01 and bulk ESS >= min_ess by arviz-stats on the returned posterior, not only
     the parameters. With refits=0 the first fit is returned as it is."""
     import arviz_stats
@@ -268,9 +268,14 @@ def test_refits_until_reported_quantities_converge():
     fit = fit_error_model(data, "power_law", refits=4, **kw)
     n = fit.attrs["refits"]
     assert n >= 1 and fit["posterior"].sizes["draw"] == 25 * 2**n
+    # the chains were continued: the first fit's draws are the first 25 of each chain
+    xr.testing.assert_identical(
+        fit["posterior"].to_dataset().isel(draw=slice(25)).drop_vars("draw"),
+        first["posterior"].to_dataset().drop_vars("draw"),
+    )
     history = fit.attrs["refit_history"]
     assert history.startswith("fitted with 25 draws after 50 warm-up")
-    assert f"refitted with {25 * 2**n} draws after {50 * 2**n} warm-up" in history
+    assert f"chains continued to {25 * 2**n} draws" in history
     usable = fit["checks"]["usable"].values
     assert usable.any()
     post = fit["posterior"].to_dataset()
@@ -284,6 +289,35 @@ def test_refits_until_reported_quantities_converge():
     # the stored r_hat_max covers the reported quantities: never below any of theirs
     worst = max(float(r_hat[v].max()) for v in reported)
     assert float(fit["checks"]["r_hat_max"].max()) >= worst - 1e-12
+
+
+def test_seed_curve_law_equals_numpyro_multivariate_t():
+    """The closed-form law of a seed's log-error curve (scale sigma^2 I + tau^2 1 1^T) has
+    NumPyro's MultivariateStudentT log density to round-off, and its draws that law's mean
+    and covariance nu / (nu - 2) Sigma (4 standard errors, 200,000 draws, fixed key)."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    from mcm_prob.error_models import _SeedCurveLaw
+
+    rng = np.random.default_rng(3)
+    s = 5
+    loc = rng.normal(size=(3, s))
+    sigma, tau, nu = np.array([0.3, 0.5, 1.2]), np.array([0.05, 0.7, 2.0]), np.array([3.0, 8, 60])
+    y = rng.normal(size=(4, 3, s)) * 3
+    cov = sigma[:, None, None] ** 2 * np.eye(s) + tau[:, None, None] ** 2 * np.ones((s, s))
+    ref = dist.MultivariateStudentT(nu, loc, jnp.linalg.cholesky(cov)).log_prob(y)
+    law = _SeedCurveLaw(nu, jnp.asarray(loc), sigma, tau)
+    np.testing.assert_allclose(law.log_prob(y), ref, rtol=1e-13, atol=1e-13)
+    draws = np.asarray(law.sample(jax.random.key(0), (200_000,)))
+    k = 2  # nu = 60: finite fourth moments, so the covariance's standard error is known
+    np.testing.assert_allclose(
+        draws.mean(0)[k], loc[k], atol=4 * np.sqrt(cov[k, 0, 0] * 60 / 58 / 200_000)
+    )
+    emp = np.cov(draws[:, k].T)
+    se = 4 * np.sqrt(2 / 200_000) * (cov[k] * 60 / 58).max() * 1.2
+    np.testing.assert_allclose(emp, cov[k] * 60 / 58, atol=se)
 
 
 def test_old_names_are_read():

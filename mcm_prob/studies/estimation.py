@@ -175,8 +175,8 @@ class EstimationConfig(StudyConfig):
       which the check is repeated (constant step over the horizon; e.g. [1, 2, 4]: does
       sampling with more steps help or hurt each method?); `n_boot`, `error_models`,
       `chains`, `warmup`, `draws`, `refits`, `ci`, `seed`: the analysis (an error model
-      that has not converged in some group is refitted with twice the warm-up and draws, at
-      most `refits` times; see `fit_error_model`).
+      that has not converged in some group has its chains continued to twice their length,
+      at most `refits` times; see `fit_error_model`).
     """
 
     data: Mapping = dataclasses.field(default_factory=lambda: DEFAULT_DATA)
