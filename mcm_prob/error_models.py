@@ -71,6 +71,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -374,8 +375,8 @@ def fit_error_model(
     transition), every chain is continued to twice its length (its draws so far kept; no
     further adaptation), at most `refits` times (at most 2^refits x `draws` per chain;
     default 0: no refit, the cost is what was asked for; the estimation study refits once).
-    Continuing costs no new warm-up, and its program is compiled once whatever the number of
-    refits. The tree's attrs ``refits`` and ``refit_history`` say what was done.
+    Continuing costs no new warm-up and no new program: warm-up, draws and refits are calls
+    of one compiled NUTS program per model. The tree's attrs ``refits`` and ``refit_history`` say what was done.
     **Returns:** a DataTree in ArviZ's layout (see the module docstring); ``checks`` holds per
     group `r_hat_max`, `ess_bulk_min`, `divergences`, `ppc_p_value`, `ppc_rejected`, `usable`
     and `reason`.
@@ -387,39 +388,34 @@ def fit_error_model(
 
 
 class _Run:
-    """One model's NUTS fit in calls (see `_lower`): `start()` runs the first `warmup +
-    draws` iterations of every chain, each `more()` continues every chain by `draws`
-    iterations; `tree()` is the fitted tree of all the draws so far."""
+    """One model's NUTS fit as calls of its `iterate` program (see `_sampler`): `draws()`
+    runs the warm-up and the first `draws` iterations of every chain, each `more()`
+    continues every chain by `draws` iterations; `tree()` is the fitted tree of all the
+    draws so far."""
 
-    def __init__(self, lowered, lane_y, lane_keys, lower_more, finish):
-        self.compiled, self.lane_y, self.lane_keys = lowered.compile(), lane_y, lane_keys
-        self._lower_more, self._finish, self._more = lower_more, finish, None
-        self.outputs, self._state = [], None
+    def __init__(self, iterate, lane_y, states, calls: tuple, finish):
+        self.iterate, self.lane_y, self.states = iterate, lane_y, states
+        self.warmup_calls, self.draw_calls = calls
+        self._finish, self.outputs = finish, []
 
-    def prepare_more(self):
-        """Trace and compile the continuation program (not thread-safe: NumPyro's tracing)."""
-        if self._more is None:
-            self._more = self._lower_more(self._state).compile()
-
-    def start(self):
-        self._keep(self.compiled(self.lane_y, self.lane_keys))
+    def draws(self):
+        for _ in range(self.warmup_calls):
+            self.states = self.iterate(self.lane_y, self.states)[0]
+        self.more()
 
     def more(self):
-        self._keep(self._more(self.lane_y, self._state))
-
-    def _keep(self, out):
-        samples, stats, self._state = out
-        self.outputs.append(jax.device_get((samples, stats)))
+        for _ in range(self.draw_calls):
+            self.states, *out = self.iterate(self.lane_y, self.states)
+            self.outputs.append(jax.device_get(out))
 
     def tree(self) -> xr.DataTree:
         return self._finish(self.outputs)
 
 
 def _lower(errors, model: str, options: dict, device=None) -> _Run:
-    """Validate, build, lower and compile one model's NUTS run on `device` (a CPU device;
-    default the first). The continuation program (refits) is lowered only when asked for
-    (`_Run.prepare_more`). NumPyro's tracing (not thread-safe) happens here; running may be
-    threaded."""
+    """Validate, build, lower and compile one model's NUTS programs on `device` (a CPU
+    device; default the first) and start its chains. NumPyro's tracing (not thread-safe)
+    happens here; the `_Run`'s calls may be threaded."""
     model = model_name("model", model)
     if not jax.config.jax_enable_x64:
         raise ValueError(
@@ -432,9 +428,12 @@ def _lower(errors, model: str, options: dict, device=None) -> _Run:
     log_steps = np.log(np.asarray(da["step"].values, float))
     x = log_steps - log_steps.mean()
     y = np.log(np.asarray(da.values, float)).reshape(g, x.size, da.sizes["seed"])
-    run, more = _sampler(model, tuple(x), da.sizes["seed"], *(options[k] for k in _RUN_OPTIONS))
+    warmup, draws, chains = options["warmup"], options["draws"], options["chains"]
+    chunk = math.gcd(warmup, draws)
+    start, iterate = _sampler(
+        model, tuple(x), da.sizes["seed"], warmup, chunk, options["target_accept"]
+    )
     # lanes: (group, chain) pairs, padded to a multiple of _LANES by repeating the last one
-    chains = options["chains"]
     keys = jax.vmap(lambda k: jax.random.split(k, chains))(
         _group_keys(da, groups, options["seed"])
     ).reshape(-1)
@@ -447,29 +446,26 @@ def _lower(errors, model: str, options: dict, device=None) -> _Run:
         (jnp.asarray(lane_y), keys), jax.devices("cpu")[0] if device is None else device
     )
     fingerprint = _fingerprint(model, x, options)
-    lowered = lower_cached(run, (lane_y, keys), name=f"nuts_{model}", fingerprint=fingerprint)
-
-    def lower_more(state):
-        return lower_cached(
-            more, (lane_y, state), name=f"nuts_more_{model}", fingerprint=fingerprint
-        )
+    states = lower_cached(
+        start, (lane_y, keys), name=f"nuts_start_{model}", fingerprint=fingerprint
+    ).compile()(lane_y, keys)
+    iterate = lower_cached(
+        iterate, (lane_y, states), name=f"nuts_{model}", fingerprint=fingerprint
+    ).compile()
 
     def finish(outputs: list) -> xr.DataTree:
         def unflat(a):  # (L, ...) -> (G, chains, ...)
             return np.asarray(a)[: g * chains].reshape(g, chains, *a.shape[1:])
 
-        def joined(part: int, key: str):  # every call's draws: (G, chains, n x draws, ...)
+        def joined(part: int, key: str):  # every call's draws: (G, chains, calls x chunk, ...)
             return np.concatenate([unflat(out[part][key]) for out in outputs], axis=2)
 
         samples = {k: joined(0, k)[:, :, :, 0] for k in outputs[0][0]}  # no group axis
         extra = {k: joined(1, k) for k in outputs[0][1]}
-        total = options | {"draws": options["draws"] * len(outputs)}
+        total = options | {"draws": chunk * len(outputs)}
         return _finish(da, spec, model, groups, x, log_steps, y, samples, extra, total)
 
-    return _Run(lowered, lane_y, keys, lower_more, finish)
-
-
-_RUN_OPTIONS = ("chains", "warmup", "draws", "target_accept")
+    return _Run(iterate, lane_y, states, (warmup // chunk, draws // chunk), finish)
 
 
 @functools.cache
@@ -479,8 +475,9 @@ def _source_hash() -> str:
 
 def _fingerprint(model: str, x: np.ndarray, options: dict) -> str:
     """What a model's NUTS program is built from: this module's source, NumPyro's version,
-    the model, the steps and the run options (see `mcm_prob.cache.lower_cached`)."""
-    run = [options[k] for k in _RUN_OPTIONS]
+    the model, the steps and the NUTS settings (see `mcm_prob.cache.lower_cached`)."""
+    warmup, draws = options["warmup"], options["draws"]
+    run = [warmup, math.gcd(warmup, draws), options["target_accept"]]
     return f"{_source_hash()}|numpyro {numpyro.__version__}|{model}|{x.tolist()}|{run}"
 
 
@@ -504,19 +501,20 @@ def _group_keys(da: xr.DataArray, groups: list[str], seed: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
-    """The jitted NUTS runs of every (group, chain) lane. ``run(lane_y, lane_keys)`` with the
-    lanes' log errors (L, 1, J, S) and keys (L,) returns the constrained draws {site: (L,
-    draws, ...)} (site shapes with the program's group axis of 1), the sampler statistics
-    (L, draws) and the chains' final states; ``more(lane_y, states)`` continues every chain
-    by `draws` iterations from its state (no adaptation: the warm-up is over) and returns
-    the same three things. Each lane is NumPyro's NUTS on the one-group program, with its own
-    initialisation (`init_to_uniform`), step-size and diagonal mass-matrix adaptation: groups
-    are independent posteriors, not one joint one. The lanes are one flat vmapped axis padded
-    (by the caller) to a multiple of `_LANES`, so that fits of different group counts share
-    one program and a group's arithmetic does not depend on how many others run beside it:
-    XLA's CPU code handles a partly filled vector of lanes differently (other round-off), and
-    NUTS amplifies round-off into different draws.
+def _sampler(name: str, x: tuple, n_seed: int, warmup: int, chunk: int, target_accept: float):
+    """The jitted NUTS programs of every (group, chain) lane: ``start(lane_y, lane_keys)``
+    with the lanes' log errors (L, 1, J, S) and keys (L,) returns the chains' initial states,
+    and ``iterate(lane_y, states)`` runs `chunk` NUTS iterations of every chain (adapting
+    while a chain is within its first `warmup`) and returns the new states, the constrained
+    draws {site: (L, chunk, ...)} (site shapes with the program's group axis of 1) and the
+    sampler statistics (L, chunk). Warm-up, draws and continued chains (refits) are calls of
+    the one `iterate` program. Each lane is NumPyro's NUTS on the one-group program, with its
+    own initialisation (`init_to_uniform`), step-size and diagonal mass-matrix adaptation:
+    groups are independent posteriors, not one joint one. The lanes are one flat vmapped axis
+    padded (by the caller) to a multiple of `_LANES`, so that fits of different group counts
+    share one program and a group's arithmetic does not depend on how many others run beside
+    it: XLA's CPU code handles a partly filled vector of lanes differently (other round-off),
+    and NUTS amplifies round-off into different draws.
     Cached by its settings: fits of the same model and shapes in one process share the
     traced and compiled programs (tracing the vmapped NUTS loop costs seconds)."""
     spec, x = ERROR_MODELS[name], np.asarray(x)
@@ -535,36 +533,27 @@ def _sampler(name: str, x: tuple, n_seed, chains, warmup, draws, target_accept):
         kw = dict(target_accept_prob=target_accept, model_kwargs={"y": y}, rng_key=key)
         return init_kernel(init_params, warmup, **kw), sample_kernel
 
-    def iterate(sample_kernel, state, y, n):  # n iterations, the last `draws` kept
+    def lane_start(y, key):  # y (1, J, S): one chain of one group
+        k_model, k_run = jax.random.split(key)
+        info = initialize_model(k_model, model, dynamic_args=True, model_kwargs={"y": y})
+        return _flat_state(kernel(y, info.param_info, k_run)[0])
+
+    def lane_iterate(y, flat):
+        state = _state(flat)
+        # a kernel set up as `lane_start`'s was (its settings live in the kernel's closure;
+        # the state it builds is unused); the adaptation's progress is in `state`
+        _, sample_kernel = kernel(y, state.z, state.rng_key)
+
         def step(st, _):
             st = sample_kernel(st, model_kwargs={"y": y})
             return st, (st.z, st.diverging, st.num_steps, st.accept_prob, st.energy)
 
-        state, trace = jax.lax.scan(step, state, length=n)
-        z, *stats = jax.tree_util.tree_map(lambda a: a[n - draws :], trace)
+        state, (z, *stats) = jax.lax.scan(step, state, length=chunk)
         post = initialize_model(jax.random.key(0), model, dynamic_args=True, model_kwargs={"y": y})
-        return jax.vmap(post.postprocess_fn(y=y))(z), stats, _flat_state(state)
+        samples = jax.vmap(post.postprocess_fn(y=y))(z)
+        return _flat_state(state), samples, dict(zip(_STATS, stats, strict=True))
 
-    def lane(y, key):  # y (1, J, S): one chain of one group
-        k_model, k_run = jax.random.split(key)
-        info = initialize_model(k_model, model, dynamic_args=True, model_kwargs={"y": y})
-        state, sample_kernel = kernel(y, info.param_info, k_run)
-        return iterate(sample_kernel, state, y, warmup + draws)
-
-    def lane_more(y, flat):
-        state = _state(flat)
-        # a kernel set up as `lane`'s was (its settings live in the kernel); its state unused
-        _, sample_kernel = kernel(y, state.z, state.rng_key)
-        return iterate(sample_kernel, state, y, draws)
-
-    def batched(fn):
-        def call(*args):
-            samples, stats, state = jax.vmap(fn)(*args)
-            return samples, dict(zip(_STATS, stats, strict=True)), state
-
-        return jax.jit(call)
-
-    return batched(lane), batched(lane_more)
+    return jax.jit(jax.vmap(lane_start)), jax.jit(jax.vmap(lane_iterate))
 
 
 def _flat_state(state) -> tuple:
@@ -904,11 +893,9 @@ def fit_error_models(
     error_array(errors, min_values=3)
     runs = _compiled_runs(errors, models, options)
     fits, pending, rounds = {}, list(models), {m: 0 for m in models}
-    calls = [_Run.start]
+    calls = [_Run.draws]
     for r in range(refits + 1):
         if r:
-            for m in pending:
-                runs[m].prepare_more()
             calls = [_Run.more] * 2 ** (r - 1)  # the chains' length doubles
         with ThreadPoolExecutor(min(workers, len(pending))) as pool:
             for future in [pool.submit(_in_turn, runs[m], calls) for m in pending]:
