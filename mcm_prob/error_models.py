@@ -376,7 +376,8 @@ def fit_error_model(
     further adaptation), at most `refits` times (at most 2^refits x `draws` per chain;
     default 0: no refit, the cost is what was asked for; the estimation study refits once).
     Continuing costs no new warm-up and no new program: warm-up, draws and refits are calls
-    of one compiled NUTS program per model. The tree's attrs ``refits`` and ``refit_history`` say what was done.
+    of one compiled NUTS program per model. The tree's attrs ``refits`` and
+    ``refit_history`` say what was done.
     **Returns:** a DataTree in ArviZ's layout (see the module docstring); ``checks`` holds per
     group `r_hat_max`, `ess_bulk_min`, `divergences`, `ppc_p_value`, `ppc_rejected`, `usable`
     and `reason`.
@@ -928,6 +929,7 @@ def _unconverged(tree: xr.DataTree) -> bool:
 
 
 def _in_turn(run: _Run, calls: list) -> None:
+    """`calls` (methods of `_Run`) on `run`, one after the other (one worker thread's job)."""
     for call in calls:
         call(run)
 
