@@ -90,7 +90,7 @@ from jax.scipy.special import gammaln
 from numpyro.distributions import constraints
 from numpyro.infer.hmc import HMCState, hmc
 from numpyro.infer.hmc_util import HMCAdaptState
-from numpyro.infer.util import initialize_model, potential_energy
+from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 
 from ._checks import error_array, integer, number, one_of
 from .cache import lower_cached
@@ -550,8 +550,7 @@ def _sampler(name: str, x: tuple, n_seed: int, warmup: int, chunk: int, target_a
             return st, (st.z, st.diverging, st.num_steps, st.accept_prob, st.energy)
 
         state, (z, *stats) = jax.lax.scan(step, state, length=chunk)
-        post = initialize_model(jax.random.key(0), model, dynamic_args=True, model_kwargs={"y": y})
-        samples = jax.vmap(post.postprocess_fn(y=y))(z)
+        samples = jax.vmap(lambda u: constrain_fn(model, (), {"y": y}, u))(z)
         return _flat_state(state), samples, dict(zip(_STATS, stats, strict=True))
 
     return jax.jit(jax.vmap(lane_start)), jax.jit(jax.vmap(lane_iterate))
