@@ -34,7 +34,7 @@ TINY_ESTIMATION = dict(
     chains=2,
     warmup=50,
     draws=100,
-    refits=0,  # too few draws for the rule at any refit: one NUTS program, not two
+    refits=0,  # too few draws for the rule at any refit: continuing the chains only costs time
 )
 MIX4D = {
     "family": "gaussian_mixture",
