@@ -163,13 +163,14 @@ def kl_of_steps(
     )
 
 
-def start_error(
-    data: DataDistribution, T: float, delta: float, *, dim=None, path=OU, **grid_kwargs
-):
+def start_error(data: DataDistribution, T: float, *, dim=None, path=OU, **grid_kwargs):
     """KL(prior || p_T) on `path` (OU: KL(N(0, I) || p_T)): the error of starting the samplers
-    at T, computed as the KL of the one-step exact-flow sampler from T to delta (the exact flow
-    preserves KL)."""
-    return schedule_kl(data, Schedule([T], [delta], "start"), dim=dim, path=path, **grid_kwargs)
+    at T. The exact flow preserves KL, so this is also the KL of the one-step exact-flow
+    sampler from T to any stop time; it is computed at T itself (the one-step schedule landing
+    at T: no flow, no stop time needed), exactly for Gaussian data and by the 1-d grid laws of
+    `schedule_kl` for product targets."""
+    T = number("T", T, gt=0)
+    return schedule_kl(data, Schedule([T], [T], "start"), dim=dim, path=path, **grid_kwargs)
 
 
 def steps_to_accuracy(
@@ -194,7 +195,7 @@ def steps_to_accuracy(
             first, last = kwargs["schedule"](1).horizon, kwargs["schedule"](max_steps).horizon
             horizon = first if math.isclose(first, last) else None
     grid = {n: v for n, v in kwargs.items() if n in ("dim", "n_grid", "half_width", "grid", "path")}
-    start = None if horizon is None else start_error(data, horizon, kwargs["delta"], **grid)
+    start = None if horizon is None else start_error(data, horizon, **grid)
     reason = None
     if k is None:
         reason = f"max_steps = {max_steps} ran out: KL = {value:.3g} > eps^2 = {eps**2:.3g}"

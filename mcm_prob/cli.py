@@ -2,7 +2,7 @@
 
     mcm-prob run STUDY [--config FILE.toml] [--quick] --out FILE.nc [--resume | --overwrite]
                        [--part I/N]
-    mcm-prob merge STUDY PART.nc... [--config FILE.toml] [--quick] --out FILE.nc
+    mcm-prob merge STUDY PART.nc... [--config FILE.toml] [--quick] --out FILE.nc [--overwrite]
     mcm-prob report FILE.nc      # summary table on stdout, a PNG plot next to the file
     mcm-prob info FILE.nc        # provenance and the data specs
 
@@ -44,7 +44,7 @@ def _run(args) -> int:
     try:
         part = _parse_part(args.part)
         if args.command == "merge":
-            tree = studies.merge(study.name, config, args.parts, out)
+            tree = studies.merge(study.name, config, args.parts, out, overwrite=args.overwrite)
         else:
             tree = studies.run_study(
                 study,
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--config", help="the TOML file the parts were run with")
     merge.add_argument("--quick", action="store_true", help="the parts were run with --quick")
     merge.add_argument("--out", required=True, help="output netCDF file")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (after the merge)"
+    )
     merge.set_defaults(func=_run, part=None)
     rep = sub.add_parser("report", help="print a summary and write a plot next to the file")
     rep.add_argument("file")

@@ -96,7 +96,7 @@ def optimal_schedule(
     family with `dim` i.i.d. coordinates, whose 1-d factors have closed-form CDFs (normal
     mixtures, Diracs, the box; see `grid_kl_cdf`); `steps` K; horizon `T` > `delta` > 0;
     `starts`: schedules with K steps, horizon T and stop time delta (default: the constant step
-    at horizon T with tau = 0 and tau = inf, and the Karras spacing) plus `n_random` random ones
+    at horizon T with tau = 0 and tau = inf, and the Karras spacing with tau = inf) plus `n_random` random ones
     drawn with `key`; `iterations` of Adam with `learning_rate` on $\log KL$; `perturbation` =
     (A, b), an affine consistency error as in `sampler_law` (Gaussian data); `n_grid`: uniform
     (and as many focused) grid points of the product targets' grid laws while optimising;
@@ -137,7 +137,7 @@ def optimal_schedule(
             Schedule.fixed_horizon(T=T, delta=delta, steps=k, tau=tau) for tau in (0.0, np.inf)
         ]
         if np.isfinite(float(path.rho(T))):
-            starts.append(Schedule.karras(T=T, delta=delta, steps=k, path=path))
+            starts.append(Schedule.karras(T=T, delta=delta, steps=k, tau=np.inf, path=path))
     starts = list(starts)
     for i, st in enumerate(starts):
         if not isinstance(st, Schedule) or st.steps != k:

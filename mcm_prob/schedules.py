@@ -15,11 +15,15 @@ Constructors (all return a validated `Schedule`):
 * `Schedule.from_start_times(t, delta, tau)`: any start times, landing by the tau rule.
 * Schedules from the literature, converted to the path's time by its noise level (`path=`;
   OU by default: $\rho_t = \sigma_t/\alpha_t = \sqrt{e^{2t} - 1}$, EDM's noise level $\sigma$
-  is $\rho$, $t = \tfrac12\log(1 + \rho^2)$; VE: t = rho), all jumping to delta and re-noising (tau = inf) by default as
-  Song et al.'s multistep Algorithm 1 does:
+  is $\rho$, $t = \tfrac12\log(1 + \rho^2)$; VE: t = rho):
   `karras` (EDM spacing $\rho_i^{1/r}$ uniform, r = 7, Karras et al. 2022), `song`
   (geometric $\rho_i$, the VE SDE of Song et al. 2021), `ect` (two steps with middle noise level
   0.821, Geng et al.'s ECT), `halving` ($t_k = T/2^k$, the baseline of Chen et al., ICML 2025).
+
+Every constructor (and `mcm_prob.sample`, `mcm_prob.sampler_law`) takes the landing rule's
+`tau` with one default, **tau = 0**: land at the next start time, composing flow maps. Pass
+``tau=math.inf`` to jump to delta and re-noise at every step, as Song et al.'s multistep
+Algorithm 1 does (the schedules study does so for the schedules from the literature).
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ class Schedule(eqx.Module):
 
     @classmethod
     def karras(
-        cls, *, T: float, delta: float, steps: int, rho: float = 7.0, tau=math.inf, path=None
+        cls, *, T: float, delta: float, steps: int, rho: float = 7.0, tau: float = 0.0, path=None
     ):
         r"""EDM spacing: $\rho_i = (\rho_{max}^{1/r} + \tfrac iK(\rho_{min}^{1/r} -
         \rho_{max}^{1/r}))^r$, i = 0..K, between $\rho_{max} = \rho_T$ and $\rho_{min} =
@@ -164,7 +168,7 @@ class Schedule(eqx.Module):
         return cls(*_land(t, delta, tau), "karras")
 
     @classmethod
-    def song(cls, *, T: float, delta: float, steps: int, tau=math.inf, path=None):
+    def song(cls, *, T: float, delta: float, steps: int, tau: float = 0.0, path=None):
         r"""Geometric noise levels $\rho_i = \rho_T (\rho_\delta/\rho_T)^{i/K}$, i = 0..K-1
         (the VE SDE discretisation of Song et al. 2021), in the times of `path` (default OU)."""
         delta, T, k, _ = _horizon(T, delta, steps)
@@ -181,7 +185,7 @@ class Schedule(eqx.Module):
         T: float,
         delta: float,
         middle_sigma: float = ECT_MIDDLE_SIGMA,
-        tau=math.inf,
+        tau: float = 0.0,
         path=None,
     ):
         r"""ECT's two-step sampler: start at T, then at the middle noise level
@@ -198,7 +202,7 @@ class Schedule(eqx.Module):
         return cls(*_land(np.array([T, mid]), delta, tau), "ect")
 
     @classmethod
-    def halving(cls, *, T: float, delta: float, steps: int, tau=math.inf):
+    def halving(cls, *, T: float, delta: float, steps: int, tau: float = 0.0):
         r"""$t_k = T / 2^k$, k = 0..K-1 (Chen et al., ICML 2025, baseline 2)."""
         delta, T, k, _ = _horizon(T, delta, steps)
         t = T / 2.0 ** np.arange(k)

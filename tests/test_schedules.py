@@ -65,7 +65,7 @@ def test_bad_schedules_are_refused():
 def test_literature_schedules_in_ou_time():
     rho = lambda t: np.sqrt(np.expm1(2 * t))  # noqa: E731
     T, K = 4.0, 5
-    k = Schedule.karras(T=T, delta=DELTA, steps=K)
+    k = Schedule.karras(T=T, delta=DELTA, steps=K, tau=math.inf)
     r = rho(np.append(k.t, DELTA)) ** (1 / 7)  # EDM: rho^(1/7) equally spaced from T to delta
     np.testing.assert_allclose(np.diff(r), (r[-1] - r[0]) / K, rtol=1e-10)
     assert k.horizon == T and np.all(k.s == DELTA)  # jump to delta (Algorithm 1)
@@ -75,6 +75,17 @@ def test_literature_schedules_in_ou_time():
     e = Schedule.ect(T=T, delta=DELTA)
     np.testing.assert_allclose(e.t, [T, 0.5 * math.log1p(0.821**2)], rtol=1e-14)
     np.testing.assert_allclose(Schedule.halving(T=T, delta=DELTA, steps=3).t, [4.0, 2.0, 1.0])
+    # one default landing rule for every constructor: tau = 0 lands on the next start time
+    for default in (
+        Schedule.karras(T=T, delta=DELTA, steps=K),
+        Schedule.song(T=T, delta=DELTA, steps=K),
+        Schedule.ect(T=T, delta=DELTA),
+        Schedule.halving(T=T, delta=DELTA, steps=3),
+        Schedule.fixed_horizon(T=T, delta=DELTA, steps=K),
+        Schedule.constant(delta=DELTA, h=0.5, steps=K),
+        Schedule.from_start_times([2.0, 1.0], delta=DELTA),
+    ):
+        np.testing.assert_array_equal(default.s, np.append(default.t[1:], DELTA))
     fh = Schedule.fixed_horizon(T=T, delta=DELTA, steps=K, tau=0.5)
     np.testing.assert_allclose(fh.t, DELTA + (T - DELTA) * (K - np.arange(K)) / K, rtol=1e-14)
     np.testing.assert_allclose(fh.gaps, 0.5)
@@ -207,7 +218,10 @@ def test_steps_to_accuracy_says_why():
     assert const["steps"] is None and const["start_kl"] is None
     assert const["reason"].startswith("max_steps = 8 ran out")
     ok = steps_to_accuracy(
-        g, 1e-2, delta=DELTA, schedule=lambda k: Schedule.karras(T=4.0, delta=DELTA, steps=k)
+        g,
+        1e-2,
+        delta=DELTA,
+        schedule=lambda k: Schedule.karras(T=4.0, delta=DELTA, steps=k, tau=math.inf),
     )
     assert ok["reason"] is None and ok["kl"] <= 1e-4
     assert ok["start_kl"] == pytest.approx(
@@ -241,7 +255,7 @@ def test_schedules_study_and_cli(tmp_path, capsys, undescribed):
     kl = res["kl"].sel(entry="g2", error=0.0)
     for k in (1, 2, 3):  # every stored KL is the exact law's on the named schedule
         const = Schedule.constant(delta=DELTA, h=0.5, steps=k)
-        karras = Schedule.karras(T=4.0, delta=DELTA, steps=k)
+        karras = Schedule.karras(T=4.0, delta=DELTA, steps=k, tau=math.inf)
         assert float(kl.sel(schedule="constant", steps=k)) == schedule_kl(g, const)
         assert float(kl.sel(schedule="karras", steps=k)) == schedule_kl(g, karras)
         assert float(kl.sel(schedule="optimal_growing", steps=k)) <= schedule_kl(g, const)
@@ -269,3 +283,22 @@ def test_schedules_study_and_cli(tmp_path, capsys, undescribed):
     assert "gain of the optimised schedule" in text and "not reached" in text
     with pytest.raises(ValueError, match="data.dirac.*needs exact sampler laws"):
         mp.studies.SchedulesConfig(data={"dirac": {"family": "dirac_mixture", "atoms": [[0.0]]}})
+
+
+def test_start_error_needs_only_the_horizon():
+    """KL(prior || p_T) from the horizon alone: the closed form for Gaussian data on OU and VE
+    (prior N(0, T^2 I)), and for a box the grid law equal to the one-step exact-flow sampler's
+    KL to p_delta (the flow preserves KL; both are grid quadratures, 1e-5)."""
+    from mcm_prob.accuracy import start_error
+
+    g = gaussian(2)
+    for path, T in ((mp.OU, 1.0), (mp.paths.VE(), 3.0)):
+        prior = mp.data.Gaussian(np.zeros(2), float(path.prior_std(T)) ** 2 * np.eye(2))
+        want = mp.metrics.kl_gaussian(prior.marginal(0.0, mp.paths.VE()), g.marginal(T, path))
+        assert start_error(g, T, path=path) == pytest.approx(want, rel=1e-12)
+    box = mp.data.UniformBox([-1.0, -1.0], [1.0, 2.0])
+    assert start_error(box, 1.0) == pytest.approx(
+        schedule_kl(box, Schedule([1.0], [0.05])), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="`T`"):
+        start_error(g, -1.0)

@@ -1,5 +1,6 @@
 """Studies, results files, resume after interruption, config validation and the CLI."""
 
+import dataclasses
 import json
 import os
 import re
@@ -330,7 +331,7 @@ def test_user_subclass_flow_fit_and_study(tmp_path):
 
 
 @pytest.mark.heavy(50)
-def test_sampling_study_and_cli(tmp_path, capsys, undescribed):
+def test_sampling_study_and_cli(tmp_path, capsys, monkeypatch, undescribed):
     cfg_file = tmp_path / "s.toml"
     cfg_file.write_text(
         "[sampling]\nmax_steps = 3\ntaus = [0.0, inf]\nbaseline_steps = [4, 8]\neps = [0.1, 0.001]\nn_grid = 201\n"
@@ -395,9 +396,26 @@ def test_sampling_study_and_cli(tmp_path, capsys, undescribed):
     assert merged.attrs["status"] == "complete" and merged.attrs["merged_from"] == 2
     for group in ("results", "fits"):
         xr.testing.assert_identical(merged[group].to_dataset(), tree[group].to_dataset())
-    assert cli.main(args + ["--out", str(merged_file)]) == 1  # never replaces a file
+    assert cli.main(args + ["--out", str(merged_file)]) == 1  # never replaces a file...
+    assert "pass --overwrite" in capsys.readouterr().err
+    merged_file.write_bytes(b"stale")  # ...unless asked to
+    assert cli.main(args + ["--out", str(merged_file), "--overwrite"]) == 0
+    xr.testing.assert_identical(
+        load_tree(merged_file)["results"].to_dataset(), tree["results"].to_dataset()
+    )
     assert cli.main(args[:-2] + ["--out", str(tmp_path / "m2.nc")]) == 1  # config differs
     assert "different config" in capsys.readouterr().err
+    # parts are merged only with exactly their config, analysis settings included (a resume
+    # may change those; a merge must not hide that the parts ran with other settings, e.g. the
+    # --quick preset's analysis settings under a TOML that sets every other key)
+    monkeypatch.setattr(studies.SamplingStudy, "analysis_keys", ("eps",))
+    same = studies.load_config(cfg_file, studies.get("sampling"))
+    other = dataclasses.replace(same, eps=(0.1, 0.01))
+    with pytest.raises(
+        ValueError, match=r"different config than this merge's.*eps: \[0\.1, 0\.001\]"
+    ):
+        studies.merge("sampling", other, parts, tmp_path / "m3.nc")
+    assert not (tmp_path / "m2.nc").exists() and not (tmp_path / "m3.nc").exists()
     assert cli.main(["run", "sampling", "--part", "2/2", "--out", str(tmp_path / "x.nc")]) == 1
     assert "`part` must be (i, n) with integers 0 <= i < n" in capsys.readouterr().err
     with pytest.raises(ValueError, match="data.dirac.*needs exact sampler laws"):

@@ -406,3 +406,11 @@ def test_saved_model_round_trip_bit_identical_and_trained_range(tmp_path, key):
         mp.load_model(tmp_path / "cut.eqx")
     with pytest.raises(TypeError, match="`config` must be the model's TrainConfig"):
         mp.save_model(tmp_path / "x.eqx", net)
+
+
+def test_one_default_teacher():
+    """`TrainConfig`, the `CD` objective and the estimation study share the Euler teacher."""
+    from mcm_prob.studies import EstimationConfig
+    from mcm_prob.training import CD
+
+    assert mp.TrainConfig().teacher == CD().teacher == EstimationConfig().train.teacher == "euler"

@@ -102,9 +102,9 @@ def run(name: str, config, out: str | Path, **kwargs) -> xr.DataTree:
     return run_study(get(name), config, out, **kwargs)
 
 
-def merge(name: str, config, parts, out: str | Path) -> xr.DataTree:
+def merge(name: str, config, parts, out: str | Path, *, overwrite: bool = False) -> xr.DataTree:
     """Merge the part files of the registered study `name` (see `driver.merge_parts`)."""
-    return merge_parts(get(name), config, parts, out)
+    return merge_parts(get(name), config, parts, out, overwrite=overwrite)
 
 
 def _with_data(config, data):

@@ -520,26 +520,39 @@ def _part(part) -> tuple[int, int]:
     return i, n
 
 
-def merge_parts(study: Study, config, parts, out: str | Path) -> xr.DataTree:
+def merge_parts(
+    study: Study, config, parts, out: str | Path, *, overwrite: bool = False
+) -> xr.DataTree:
     """Combine the files of a run split with `run_study(..., part=(i, n))` into `out`.
 
-    Every part must hold this study with this config. A cell's values come from the part
-    that finished it; values outside the cells (per-entry references) from the first part
-    that has them. When every cell is done the study's analysis runs and `out` is complete;
-    otherwise it stays partial and `run_study(..., resume=True)` finishes it. Wall times add.
+    Every part must hold this study with exactly this config (`--quick` and the analysis
+    settings included: the parts' configs are compared key by key and the differences named).
+    A cell's values come from the part that finished it; values outside the cells (per-entry
+    references) from the first part that has them. When every cell is done the study's
+    analysis runs and `out` is complete; otherwise it stays partial and
+    `run_study(..., resume=True)` finishes it. Wall times add. An existing `out` is replaced
+    (atomically, after the merge succeeded) only with `overwrite`.
     """
     _require_x64()
     parts, out = [Path(p) for p in parts], Path(out)
     if not parts:
         raise ValueError("`parts` must name at least one partial result file")
-    if out.exists():
-        raise StudyExists(f"{out} exists: merge into a new file")
+    if out.exists() and not overwrite:
+        raise StudyExists(f"{out} exists: merge into a new file or pass --overwrite")
     _check_output(out)
     cfg_json = config.to_json()
     for p in parts:
         if not p.is_file():
             raise FileNotFoundError(f"part file {p} does not exist")
     trees = [_previous(p, cfg_json, study, "merge")[0] for p in parts]
+    for p, tree in zip(parts, trees, strict=True):
+        changes = _blocking_changes(tree.attrs.get("config"), cfg_json, ())
+        if changes:
+            raise ValueError(
+                f"{p} was run with a different config than this merge's; cannot merge it. "
+                f"Differences: {'; '.join(changes)}. Pass the --config (and --quick) the parts "
+                "were run with"
+            )
     merged = trees[0]["results"].to_dataset()
     done_dims = merged["done"].dims
     for tree in trees[1:]:

@@ -25,7 +25,8 @@ budget and against n. Groups: ``/bootstrap``, ``/error_models/<model>`` (ArviZ l
 ``/model_comparison``, ``/summary``, ``/budget``, ``/train_size``.
 
 Default (the main job): a smooth 2-d Gaussian mixture and a non-smooth 2-d Dirac mixture,
-CD with the Euler teacher, budgets 1500, 3000 and 6000 iterations.
+CD with the Euler teacher (`TrainConfig`'s default teacher too), budgets 1500, 3000 and 6000
+iterations.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ f = Phi + e (x + 1) when e > 0, Gaussian entries only) on the schedules
 
 * ``constant``: the paper's constant step h (horizon delta + K h, growing with K), tau = `tau`;
 * ``optimal_growing``: the optimised schedule at that same horizon delta + K h;
-* ``fixed_horizon``, ``karras``, ``song``, ``ect`` (K = 2), ``halving``: horizon T (see
-  `mcm_prob.Schedule`);
+* ``fixed_horizon`` (tau = `tau`), ``karras``, ``song``, ``ect`` (K = 2), ``halving``: horizon T
+  (see `mcm_prob.Schedule`); the schedules from the literature jump to delta and re-noise at
+  every step (tau = inf), as Song et al.'s multistep Algorithm 1 does;
 * ``optimal``: the optimised schedule at horizon T (`mcm_prob.optimal_schedule`).
 
 Gaussian entries have exact Gaussian laws; product entries (boxes) have 1-d grid laws, and their
@@ -20,6 +21,7 @@ schedule at each K.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -151,10 +153,10 @@ def _schedule(name: str, c: SchedulesConfig, k: int, delta: float) -> Schedule |
     if name == "fixed_horizon":
         return Schedule.fixed_horizon(T=c.T, delta=delta, steps=k, tau=c.tau)
     if name == "ect":
-        return Schedule.ect(T=c.T, delta=delta) if k == 2 else None
+        return Schedule.ect(T=c.T, delta=delta, tau=math.inf) if k == 2 else None
     if name == "halving" and c.T / 2 ** (k - 1) <= delta:
         return None
-    return getattr(Schedule, name)(T=c.T, delta=delta, steps=k)
+    return getattr(Schedule, name)(T=c.T, delta=delta, steps=k, tau=math.inf)
 
 
 def _error(data, e: float):
@@ -265,7 +267,7 @@ class SchedulesStudy(Study):
 
         def start(T):
             if T not in starts:
-                starts[T] = start_error(data, T, delta, **({} if gauss else grid))
+                starts[T] = start_error(data, T, **({} if gauss else grid))
             return starts[T]
 
         for j, name in enumerate(SCHEDULES):

@@ -169,7 +169,8 @@ class TrainConfig:
 
     - `method`: ``"cd"`` (distillation with the exact score) or ``"ct"`` (training).
     - `step`: the discretization step Delta > 0 of the time grid.
-    - `teacher`: CD teacher step, ``"euler"``, ``"heun"`` or ``"exact"`` (ignored by CT).
+    - `teacher`: CD teacher step, ``"euler"`` (default, as in the estimation study), ``"heun"``
+      or ``"exact"`` (ignored by CT).
     - `T`, `delta`: the grid covers [delta, T]; delta > 0 for non-smooth data.
     - `iterations`, `batch_size`: optimisation length and examples per iteration.
     - `width`, `depth`, `n_freq`: MLP width, hidden layers, Fourier features per time;
@@ -195,7 +196,7 @@ class TrainConfig:
 
     method: str = "cd"
     step: float = 0.1
-    teacher: str = "heun"
+    teacher: str = "euler"
     T: float = 4.0
     delta: float = 0.01
     iterations: int = 2000

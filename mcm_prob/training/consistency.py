@@ -197,13 +197,14 @@ def _check_grid_options(obj) -> None:
 class CD(AbstractObjective):
     """Consistency distillation with a one-step teacher of the exact PF-ODE (module docstring).
 
-    **Arguments:** `teacher` (``"euler"``, ``"heun"``, ``"exact"``), `distance` (``"l2"``,
+    **Arguments:** `teacher` (``"euler"``, the default of `TrainConfig` and the estimation
+    study too, ``"heun"``, ``"exact"``), `distance` (``"l2"``,
     ``"pseudo_huber"`` with `huber_c`, None = iCT's), `time_sampling` (``"uniform"``,
     ``"lognormal"`` with `lognormal_loc`, `lognormal_scale`), `rtol`, `atol` (the exact
     teacher's ODE tolerances for non-Gaussian data).
     """
 
-    teacher: str = eqx.field(static=True, default="heun")
+    teacher: str = eqx.field(static=True, default="euler")
     distance: str = eqx.field(static=True, default="l2")
     huber_c: float | None = eqx.field(static=True, default=None)
     time_sampling: str = eqx.field(static=True, default="uniform")
