@@ -44,7 +44,14 @@ def _run(args) -> int:
     try:
         part = _parse_part(args.part)
         if args.command == "merge":
-            tree = studies.merge(study.name, config, args.parts, out, overwrite=args.overwrite)
+            tree = studies.merge(
+                study.name,
+                config,
+                args.parts,
+                out,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
         else:
             tree = studies.run_study(
                 study,
@@ -245,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (after the merge)"
     )
+    merge.add_argument("--no-progress", action="store_true", help="no progress display")
     merge.set_defaults(func=_run, part=None)
     rep = sub.add_parser("report", help="print a summary and write a plot next to the file")
     rep.add_argument("file")

@@ -94,6 +94,7 @@ from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 
 from ._checks import error_array, integer, number, one_of
 from .cache import lower_cached
+from .progress import progress_bar
 
 __all__ = [
     "ERROR_MODELS",
@@ -389,25 +390,27 @@ def fit_error_model(
 
 
 class _Run:
-    """One model's NUTS fit as calls of its `iterate` program (see `_sampler`): `draws()`
-    runs the warm-up and the first `draws` iterations of every chain, each `more()`
-    continues every chain by `draws` iterations; `tree()` is the fitted tree of all the
-    draws so far."""
+    """One model's NUTS fit as calls of its `iterate` program (see `_sampler`), each `chunk`
+    iterations of every chain: `draws()` runs the warm-up and the first `draws` iterations,
+    each `more()` continues every chain by `draws` iterations, calling `tick(chunk)` after
+    each call; `tree()` is the fitted tree of all the draws so far."""
 
-    def __init__(self, iterate, lane_y, states, calls: tuple, finish):
-        self.iterate, self.lane_y, self.states = iterate, lane_y, states
+    def __init__(self, iterate, lane_y, states, chunk: int, calls: tuple, finish):
+        self.iterate, self.lane_y, self.states, self.chunk = iterate, lane_y, states, chunk
         self.warmup_calls, self.draw_calls = calls
         self._finish, self.outputs = finish, []
 
-    def draws(self):
+    def draws(self, tick=lambda n: None):
         for _ in range(self.warmup_calls):
             self.states = self.iterate(self.lane_y, self.states)[0]
-        self.more()
+            tick(self.chunk)
+        self.more(tick)
 
-    def more(self):
+    def more(self, tick=lambda n: None):
         for _ in range(self.draw_calls):
             self.states, *out = self.iterate(self.lane_y, self.states)
             self.outputs.append(jax.device_get(out))
+            tick(self.chunk)
 
     def tree(self) -> xr.DataTree:
         return self._finish(self.outputs)
@@ -466,7 +469,7 @@ def _lower(errors, model: str, options: dict, device=None) -> _Run:
         total = options | {"draws": chunk * len(outputs)}
         return _finish(da, spec, model, groups, x, log_steps, y, samples, extra, total)
 
-    return _Run(iterate, lane_y, states, (warmup // chunk, draws // chunk), finish)
+    return _Run(iterate, lane_y, states, chunk, (warmup // chunk, draws // chunk), finish)
 
 
 @functools.cache
@@ -871,6 +874,7 @@ def fit_error_models(
     *,
     workers: int | None = None,
     refits: int = 0,
+    progress: bool = False,
     **kwargs,
 ) -> dict[str, xr.DataTree]:
     """`fit_error_model` for each of `models` (same `kwargs` and `refits`), as
@@ -882,7 +886,9 @@ def fit_error_models(
     several (`mcm_prob.devices.use_every_cpu_core`; programs on one device run one after the
     other). Models that need a refit are refitted together in the next round. The results
     are those of `fit_error_model` (same programs, same keys). Bad settings or input are
-    refused before anything is traced.
+    refused before anything is traced. `progress`: a bar of NUTS iterations per chain (summed
+    over the models) on standard error, naming the models compiling or running
+    (`mcm_prob.progress`).
     """
     models = tuple(model_name("models", m) for m in models)
     if len(set(models)) != len(models) or not models:
@@ -891,20 +897,32 @@ def fit_error_models(
     refits = integer("refits", refits, ge=0, lt=5)
     options = _options(**kwargs)
     error_array(errors, min_values=3)
-    runs = _compiled_runs(errors, models, options)
-    fits, pending, rounds = {}, list(models), {m: 0 for m in models}
-    calls = [_Run.draws]
-    for r in range(refits + 1):
-        if r:
-            calls = [_Run.more] * 2 ** (r - 1)  # the chains' length doubles
-        with ThreadPoolExecutor(min(workers, len(pending))) as pool:
-            for future in [pool.submit(_in_turn, runs[m], calls) for m in pending]:
-                future.result()
-        for m in pending:
-            fits[m], rounds[m] = runs[m].tree(), r
-        pending = [m for m in pending if _unconverged(fits[m])]
-        if not pending:
-            break
+    if not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be True or False, got {progress!r}")
+    per_model = options["warmup"] + options["draws"]
+    desc = "error models, NUTS iterations per chain"
+    with progress_bar(len(models) * per_model, desc, enabled=progress) as bar:
+        bar.set_postfix_str(f"compiling {', '.join(models)}")
+        runs = _compiled_runs(errors, models, options)
+        fits, pending, rounds = {}, list(models), {m: 0 for m in models}
+        calls = [_Run.draws]
+        for r in range(refits + 1):
+            if r:
+                calls = [_Run.more] * 2 ** (r - 1)  # the chains' length doubles
+                bar.total += len(pending) * len(calls) * options["draws"]
+                bar.refresh()
+            bar.set_postfix_str(("continuing " if r else "running ") + ", ".join(pending))
+            with ThreadPoolExecutor(min(workers, len(pending))) as pool:
+                jobs = [pool.submit(_in_turn, runs[m], calls, bar.update) for m in pending]
+                for future in jobs:
+                    future.result()
+            for m in pending:
+                fits[m], rounds[m] = runs[m].tree(), r
+            pending = [m for m in pending if _unconverged(fits[m])]
+            if not pending:
+                break
+        left = f"not converged after {rounds[pending[0]]} refits: {pending}" if pending else ""
+        bar.set_postfix_str(left or "converged")
     for m in models:
         lengths = [options["draws"] * 2**r for r in range(rounds[m] + 1)]
         fits[m].attrs["refits"] = rounds[m]
@@ -927,10 +945,10 @@ def _unconverged(tree: xr.DataTree) -> bool:
     return not bool((ok & (checks["divergences"] == 0)).all())
 
 
-def _in_turn(run: _Run, calls: list) -> None:
+def _in_turn(run: _Run, calls: list, tick) -> None:
     """`calls` (methods of `_Run`) on `run`, one after the other (one worker thread's job)."""
     for call in calls:
-        call(run)
+        call(run, tick)
 
 
 def _compiled_runs(errors, models, options: dict) -> dict:

@@ -97,7 +97,7 @@ def test_teacher_map_convergence_orders():
 
 
 @pytest.mark.heavy(80)
-def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
+def test_estimation_resume_after_interruption(tmp_path, monkeypatch, capsys):
     """A study interrupted after its first cell resumes from the partial file: finished cells
     are not recomputed and their numbers are kept; the finished file has the rate analysis."""
     cfg = studies.EstimationConfig(**TINY_ESTIMATION)
@@ -138,8 +138,21 @@ def test_estimation_resume_after_interruption(tmp_path, monkeypatch):
         ValueError, match=r"different config.*budgets: \[20, 40\] in the file, \[20, 41\] now"
     ):
         studies.run_estimation(other, out, resume=True, progress=False)
-    tree = studies.run_estimation(cfg, out, resume=True, progress=False)
+    tree = studies.run_estimation(cfg, out, resume=True, progress=True)
     assert calls == [1]
+    # progress in a log (stderr is not a terminal here): plain lines, the analysis included
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    for line in (
+        "estimation cells: 1/2 (0 s)",
+        "estimation cells: 2/2",
+        "analysis: bootstrap of the rates (4 groups, 100 resamples)",
+        "error models, NUTS iterations per chain: 0/150 (0 s) compiling power_law",
+        "running power_law",
+        "error models, NUTS iterations per chain: 150/150",
+        "analysis: PSIS-LOO comparison and the summary",
+    ):
+        assert line in err, (line, err)
     res = tree["results"].to_dataset()
     assert bool(res["done"].all()) and tree.attrs["status"] == "complete"
     np.testing.assert_array_equal(res["consistency_error"].values[0, 0, 0, :, 0], first)

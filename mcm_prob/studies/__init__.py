@@ -102,9 +102,10 @@ def run(name: str, config, out: str | Path, **kwargs) -> xr.DataTree:
     return run_study(get(name), config, out, **kwargs)
 
 
-def merge(name: str, config, parts, out: str | Path, *, overwrite: bool = False) -> xr.DataTree:
-    """Merge the part files of the registered study `name` (see `driver.merge_parts`)."""
-    return merge_parts(get(name), config, parts, out, overwrite=overwrite)
+def merge(name: str, config, parts, out: str | Path, **kwargs) -> xr.DataTree:
+    """Merge the part files of the registered study `name` (keyword arguments and the rest:
+    `driver.merge_parts`)."""
+    return merge_parts(get(name), config, parts, out, **kwargs)
 
 
 def _with_data(config, data):

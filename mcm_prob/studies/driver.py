@@ -47,13 +47,13 @@ from typing import Any, ClassVar
 
 import jax
 import xarray as xr
-from tqdm.auto import tqdm
 
 from .._checks import number
 from ..cache import enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
 from ..paths import OU, AbstractPath, path_of
 from ..paths import describe as describe_path
+from ..progress import progress_bar
 from ..results import ResultsWriteError, load_tree, provenance, remove_stale_temps, save_tree
 
 __all__ = [
@@ -320,8 +320,9 @@ class Study(abc.ABC):
     def run_cell(self, config, ds: xr.Dataset, cell: dict, cache: dict, *, progress: bool) -> None:
         """Compute one cell and write it into `ds`; `cache` persists across the cells of a run."""
 
-    def finalize(self, config, ds: xr.Dataset) -> dict[str, xr.Dataset]:
-        """Extra groups computed once every cell is done (default: none)."""
+    def finalize(self, config, ds: xr.Dataset, *, progress: bool) -> dict[str, xr.Dataset]:
+        """Extra groups computed once every cell is done (default: none); with `progress`,
+        say what is being computed (`mcm_prob.progress`)."""
         return {}
 
     def seeds(self, config) -> tuple[int, ...]:
@@ -482,11 +483,8 @@ def run_study(
         cells = cells[part[0] :: part[1]]
     todo = [c for c in cells if not bool(ds["done"][c].all())]
     cache: dict = {}
-    with tqdm(
-        total=len(cells),
-        initial=len(cells) - len(todo),
-        desc=f"{study.name} cells",
-        disable=not progress,
+    with progress_bar(
+        len(cells), f"{study.name} cells", initial=len(cells) - len(todo), enabled=progress
     ) as bar:
         for n, cell in enumerate(todo, 1):
             study.run_cell(config, ds, cell, cache, progress=progress)
@@ -498,7 +496,7 @@ def run_study(
     if part is not None:
         save({"/results": ds}, "partial")
     else:
-        save({"/results": ds} | study.finalize(config, ds), "complete")
+        save({"/results": ds} | study.finalize(config, ds, progress=progress), "complete")
     if target != out:
         try:
             os.replace(target, out)
@@ -521,7 +519,7 @@ def _part(part) -> tuple[int, int]:
 
 
 def merge_parts(
-    study: Study, config, parts, out: str | Path, *, overwrite: bool = False
+    study: Study, config, parts, out: str | Path, *, overwrite: bool = False, progress: bool = False
 ) -> xr.DataTree:
     """Combine the files of a run split with `run_study(..., part=(i, n))` into `out`.
 
@@ -531,7 +529,7 @@ def merge_parts(
     references) from the first part that has them. When every cell is done the study's
     analysis runs and `out` is complete; otherwise it stays partial and
     `run_study(..., resume=True)` finishes it. Wall times add. An existing `out` is replaced
-    (atomically, after the merge succeeded) only with `overwrite`.
+    (atomically, after the merge succeeded) only with `overwrite`. `progress`: of the analysis.
     """
     _require_x64()
     parts, out = [Path(p) for p in parts], Path(out)
@@ -570,7 +568,8 @@ def merge_parts(
         merged[name].attrs = var.attrs
     wall = sum(float(t.attrs.get("wall_time_s", 0.0)) for t in trees)
     complete = bool(merged["done"].all())
-    groups = {"/results": merged} | (study.finalize(config, merged) if complete else {})
+    analysis = study.finalize(config, merged, progress=progress) if complete else {}
+    groups = {"/results": merged} | analysis
     extra = {"status": "complete" if complete else "partial", "merged_from": len(parts)}
     _save(study, config, cfg_json, groups, wall, extra, out)
     return load_tree(out)

@@ -55,6 +55,7 @@ from ..error_models import (
 )
 from ..flow import ExactFlow
 from ..gridlaw import grid_law_1d
+from ..progress import status
 from ..sampling import sample, sample_grid
 from ..schedules import Schedule
 from ..statistics import bootstrap_rates, compare_error_models, loglog_slope
@@ -740,8 +741,8 @@ class EstimationStudy(Study):
                     ds["energy_distance_k"][q] = en.value[m]
         ds["cell_wall_time"][at] = time.perf_counter() - start
 
-    def finalize(self, cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
-        return _analyse(cfg, ds)
+    def finalize(self, cfg: EstimationConfig, ds: xr.Dataset, *, progress) -> dict[str, xr.Dataset]:
+        return _analyse(cfg, ds, progress=progress)
 
     def dtype(self, cfg: EstimationConfig) -> str:
         return f"training {cfg.train.dtype}; ground truth {jnp.result_type(float)}"
@@ -778,16 +779,17 @@ def _smallest_step_error(ds: xr.Dataset) -> xr.DataArray:
     return err.isel(step=0).drop_vars(["regime", "dim", "delta", "step"])
 
 
-def _analyse(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+def _analyse(cfg: EstimationConfig, ds: xr.Dataset, *, progress: bool) -> dict[str, xr.Dataset]:
     """The analysis groups of a finished study (see the module docstring): the error models
-    over the methods with a step (on the positive steps), and `/objectives` over all."""
+    over the methods with a step (on the positive steps), and `/objectives` over all; with
+    `progress`, a line per stage and a bar of the error models' NUTS runs."""
     discrete = [m for m in range(len(cfg.methods)) if not cfg.continuous(m)]
     compare = len(cfg.methods) > 1 or cfg.sampler_ks
     out = {"/objectives": _objectives(cfg, ds)} if compare else {}
     if not discrete:
         return out
     steps = [i for i, v in enumerate(cfg.step_axis) if v > 0]
-    return _analyse_steps(cfg, ds.isel(fit_method=discrete, step=steps)) | out
+    return _analyse_steps(cfg, ds.isel(fit_method=discrete, step=steps), progress) | out
 
 
 def _mean_se(x: xr.DataArray, dim: str = "seed"):
@@ -882,7 +884,7 @@ def _objectives(cfg: EstimationConfig, ds: xr.Dataset) -> xr.Dataset:
     return res
 
 
-def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset, progress: bool) -> dict[str, xr.Dataset]:
     """Bootstrap and error models of the consistency error against the step."""
     err = ds["consistency_error_mean"].drop_vars(["regime", "dim", "delta"])
     ok = ~err.isnull().any([d for d in err.dims if d != "seed"])
@@ -893,6 +895,9 @@ def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Datase
         )
     err = err.sel(seed=ok.values)
     used = json.dumps([int(v) for v in err["seed"].values])
+    groups = int(np.prod([err.sizes[d] for d in err.dims if d not in ("step", "seed")]))
+    what = f"analysis: bootstrap of the rates ({groups} groups, {cfg.n_boot} resamples)"
+    status(what, enabled=progress)
     boot = bootstrap_rates(err, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
     boot.attrs["seeds_used"] = used
     fits = fit_error_models(
@@ -903,12 +908,14 @@ def _analyse_steps(cfg: EstimationConfig, ds: xr.Dataset) -> dict[str, xr.Datase
         draws=cfg.draws,
         seed=cfg.seed,
         refits=cfg.refits,
+        progress=progress,
     )
     out = {"/bootstrap": boot}
     for m, tree in fits.items():
         for node in tree.subtree:
             path = f"/error_models/{m}" + ("" if node.path == "/" else node.path)
             out[path] = node.to_dataset()
+    status("analysis: PSIS-LOO comparison and the summary", enabled=progress)
     comparison = compare_error_models(fits) if len(fits) >= 2 else None
     if comparison is not None:
         out["/model_comparison"] = comparison

@@ -258,7 +258,7 @@ class SamplingStudy(Study):
             cache[key] = [kl(int(k)) for k in steps]
         return cache[key]
 
-    def finalize(self, c: SamplingConfig, ds: xr.Dataset) -> dict[str, xr.Dataset]:
+    def finalize(self, c: SamplingConfig, ds: xr.Dataset, *, progress) -> dict[str, xr.Dataset]:
         regimes = sorted(set(ds["regime"].values.tolist()))
         a, b, cells = (np.full((len(regimes), len(c.taus)), np.nan) for _ in range(3))
         for r, g in enumerate(regimes):

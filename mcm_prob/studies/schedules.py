@@ -324,7 +324,7 @@ class SchedulesStudy(Study):
             msg += f"; the start error at T = {c.T:g} is {starts[last]:.3g} > eps^2"
         return msg
 
-    def finalize(self, c, ds):
+    def finalize(self, c, ds, *, progress):
         kl = ds["kl"]
         floor = xr.DataArray([KL_FLOOR[f] for f in ds["family"].values], dims="entry")
         optimised = kl.sel(schedule="optimal_growing")

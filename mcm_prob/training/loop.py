@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike
-from tqdm.auto import tqdm
 
 from .. import _checks
 from .._checks import integer, number, prng_key
 from ..data import DataDistribution, check_data, from_spec
 from ..flow import AbstractFlowMap
 from ..networks import AbstractSkipNet
+from ..progress import progress_bar
 from .config import FitConfig, TrainConfig
 from .consistency import grid_batch, grid_indices
 from .objective import AbstractObjective, Context
@@ -253,7 +253,7 @@ def _train(
         return _first(eqx.combine(st.ema if cfg.ema_decay > 0 else st.params[0], static), n_models)
 
     timed = []  # (seconds, iterations) of the chunks after the first (compiled by then)
-    with tqdm(total=cfg.iterations, desc=desc, disable=not cfg.progress, leave=False) as bar:
+    with progress_bar(cfg.iterations, desc, enabled=cfg.progress, leave=False) as bar:
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             its = jnp.arange(lo, hi, dtype=jnp.int32)
             tick = time.perf_counter()
