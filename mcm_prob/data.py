@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import hashlib
 import inspect
+import sys
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -50,6 +52,7 @@ __all__ = [
     "ClosedFormCDF",
     "from_spec",
     "describe",
+    "rebuild",
     "register_family",
     "FAMILIES",
     "check_data",
@@ -915,20 +918,95 @@ class EigenNormal(dist.MultivariateNormal):
         return cls(*params)
 
 
-def describe(data: DataDistribution) -> dict:
-    """What a results file or saved model records about a distribution: its spec when it has one, else
-    ``{"class": module path, "repr": repr, "sha256": hash of its tree structure and arrays}``."""
-    spec = data.to_spec()
-    if spec is not None:
-        return spec
+MAX_STORED_NUMBERS = 100_000  # a user family's fields are stored up to this many numbers
+
+
+def _sha256(data: DataDistribution) -> str:
     h = hashlib.sha256(str(jax.tree_util.tree_structure(data)).encode())
     for leaf in jax.tree_util.tree_leaves(data):
         arr = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _stored_fields(data: DataDistribution) -> tuple[dict | None, str]:
+    """The dataclass fields of a user family as JSON (arrays with their dtype), or None and
+    why they cannot be stored."""
+    fields, numbers = {}, 0
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            if isinstance(value, float) and not np.isfinite(value):
+                return None, f"field {f.name!r} is not finite"
+            fields[f.name] = value
+        elif isinstance(value, (jax.Array, np.ndarray)) and value.dtype.kind in "biuf":
+            arr = np.asarray(value)
+            if not np.all(np.isfinite(arr)):
+                return None, f"field {f.name!r} has non-finite values"
+            numbers += arr.size
+            fields[f.name] = {"array": arr.tolist(), "dtype": str(arr.dtype)}
+        else:
+            return None, f"field {f.name!r} is a {type(value).__name__}, not an array or number"
+    if numbers > MAX_STORED_NUMBERS:
+        return None, f"its arrays hold {numbers} numbers (more than {MAX_STORED_NUMBERS})"
+    return fields, ""
+
+
+def describe(data: DataDistribution) -> dict:
+    """What a results file or saved model records about a distribution: its spec when it has
+    one, else ``{"class": module path, "repr": repr, "sha256": hash of its tree structure and
+    arrays, "fields": its dataclass fields as JSON}`` (``"fields"`` replaced by
+    ``"not_stored"``, the reason, when a field is not an array, number or string or the arrays
+    are larger than `MAX_STORED_NUMBERS`). `rebuild` turns either back into the distribution."""
+    spec = data.to_spec()
+    if spec is not None:
+        return spec
     cls = type(data)
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "repr": repr(data),
-        "sha256": h.hexdigest(),
-    }
+    out = {"class": f"{cls.__module__}.{cls.__qualname__}", "repr": repr(data)}
+    out["sha256"] = _sha256(data)
+    fields, why = _stored_fields(data)
+    return out | ({"fields": fields} if fields is not None else {"not_stored": why})
+
+
+def rebuild(description: Mapping) -> DataDistribution:
+    """The distribution that `describe` recorded: a spec through `from_spec`; a user family
+    from its stored fields, when its class is defined in this process (its module imported,
+    or the notebook cell run: nothing is imported on a file's say-so) and its arrays hash to
+    the recorded value. Otherwise `ValueError` saying what is missing."""
+    if not isinstance(description, Mapping):
+        raise TypeError(f"`description` must be a dict, got {type(description).__name__}")
+    if "family" in description:
+        return from_spec(description)
+    name = description.get("class")
+    if not isinstance(name, str) or "." not in name:
+        raise ValueError(f"no data spec or class path in {sorted(description)}")
+    if "fields" not in description:
+        why = description.get("not_stored", "no fields were stored")
+        raise ValueError(f"the data ({name}) cannot be rebuilt from the file: {why}")
+    module_name, _, qualname = name.rpartition(".")
+    while module_name not in sys.modules and "." in module_name:  # nested classes
+        module_name, _, outer = module_name.rpartition(".")
+        qualname = f"{outer}.{qualname}"
+    module = sys.modules.get(module_name)
+    cls = module
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if module is None or not (isinstance(cls, type) and issubclass(cls, DataDistribution)):
+        raise ValueError(
+            f"the data's class {name} is not defined in this process: import its module (or "
+            "run the cell that defines it) first"
+        )
+    stored = description["fields"]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(stored, Mapping) or sorted(stored) != sorted(names):
+        raise ValueError(f"{name} now has the fields {names}, the file {sorted(stored)}")
+    obj = object.__new__(cls)
+    for key in names:
+        value = stored[key]
+        if isinstance(value, Mapping):
+            value = jnp.asarray(np.asarray(value["array"], dtype=value["dtype"]))
+        object.__setattr__(obj, key, value)
+    if _sha256(obj) != description.get("sha256"):
+        raise ValueError(f"{name} rebuilt from the file does not hash to the recorded value")
+    return obj

@@ -298,6 +298,33 @@ class Isotropic(mp.data.DataDistribution):
         return -(x - a * self.center) / (a**2 * self.var + b**2)
 
 
+class WithCallable(Isotropic):
+    """A user family with a field that no file can hold."""
+
+    transform: object = None
+
+
+def test_saved_model_and_study_file_rebuild_a_user_family(tmp_path, monkeypatch):
+    """`save_model` stores a user family's class path and arrays: `load_model(...).data` is the
+    same family (same class, bit-identical scores) while its class is defined; without it, or
+    with a field no file can hold, it says why instead of returning None."""
+    iso = Isotropic(jnp.array([1.0, -0.5]), 0.4)
+    cfg = mp.TrainConfig(width=8, depth=1, progress=False)
+    net = mp.ConsistencyNet(2, width=8, depth=1, key=jax.random.key(0))
+    mp.save_model(tmp_path / "m.eqx", net, cfg, data=iso)
+    back = mp.load_model(tmp_path / "m.eqx").data
+    x = jnp.asarray([[0.3, -1.0], [2.0, 0.5]])
+    assert type(back) is Isotropic and back.var == 0.4
+    np.testing.assert_array_equal(back.score(x, 0.3), iso.score(x, 0.3))
+    assert mp.data.rebuild(mp.data.describe(iso)).var == 0.4  # as studies store it
+    mp.save_model(tmp_path / "c.eqx", net, cfg, data=WithCallable(iso.center, 0.4, np.sin))
+    with pytest.raises(ValueError, match="field 'transform' is a ufunc, not an array or number"):
+        mp.load_model(tmp_path / "c.eqx").data
+    monkeypatch.delattr(sys.modules[Isotropic.__module__], "Isotropic")
+    with pytest.raises(ValueError, match=r"Isotropic is not defined in this process: import"):
+        mp.load_model(tmp_path / "m.eqx").data
+
+
 @pytest.mark.heavy(50)
 def test_user_subclass_flow_fit_and_study(tmp_path):
     """A user-defined family works everywhere: its ODE flow map equals the Gaussian closed

@@ -27,7 +27,7 @@ from jaxtyping import Array, ArrayLike
 
 from .. import _checks
 from .._checks import integer, number, prng_key
-from ..data import DataDistribution, check_data, from_spec
+from ..data import DataDistribution, check_data, rebuild
 from ..flow import AbstractFlowMap
 from ..networks import AbstractSkipNet
 from ..progress import progress_bar
@@ -386,9 +386,10 @@ class TrainedModel(eqx.Module):
 
     @property
     def data(self):
-        """The training data rebuilt from its stored spec (None when no spec was stored)."""
-        spec = None if self.data_spec is None else json.loads(self.data_spec)
-        return from_spec(spec) if isinstance(spec, dict) and "family" in spec else None
+        """The training data rebuilt from what was stored (`mcm_prob.data.rebuild`: a spec, or a
+        user family's class and arrays); None when nothing was stored. A user family whose
+        class is not defined in this process raises `ValueError` saying so."""
+        return None if self.data_spec is None else rebuild(json.loads(self.data_spec))
 
     def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
         return self.net(x, t, s)
