@@ -104,7 +104,9 @@ class Density1D(ClosedFormCDF):
                 raise ValueError(f"`n` = {n} but `log_density` has {values.size} values")
             n = values.size
         if np.any(np.isnan(values) | (values == np.inf)):
-            raise ValueError("`log_density` must be finite or -inf at every midpoint (no NaN, +inf)")
+            raise ValueError(
+                "`log_density` must be finite or -inf at every midpoint (no NaN, +inf)"
+            )
         if not np.any(np.isfinite(values)):
             raise ValueError(f"`log_density` is -inf on all of [{low}, {high}]: no mass there")
         h = (high - low) / n

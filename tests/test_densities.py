@@ -105,9 +105,7 @@ def test_product_of_densities_through_the_exact_tools():
         nd.marginal(0.3).log_prob(x[:, :1]) + lap.marginal(0.3).log_prob(x[:, 1:]),
         rtol=1e-14,
     )
-    np.testing.assert_allclose(
-        prod.score(x, 0.3)[:, 1], lap.score(x[:, 1:], 0.3)[:, 0], rtol=1e-14
-    )
+    np.testing.assert_allclose(prod.score(x, 0.3)[:, 1], lap.score(x[:, 1:], 0.3)[:, 0], rtol=1e-14)
     draws = prod.sample(jax.random.key(0), 4000)
     assert draws.shape == (4000, 2)
     np.testing.assert_allclose(draws.mean(0), [M, 0.0], atol=4 * np.sqrt(0.5 / 4000))

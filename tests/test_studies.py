@@ -169,6 +169,46 @@ def test_estimation_resume_after_interruption(tmp_path, monkeypatch, capsys):
     # the teacher's error grows with Delta (discretization part)
     teacher = res["teacher_error_mean"].values[:, 0]
     assert np.all(teacher[:, 1:] > teacher[:, :-1])
+    # the report states every stored verdict: why a group has no posterior numbers (and what
+    # to change), contradicting posterior and bootstrap intervals, a preferred model that
+    # changes with the budget; checked on this file and on one doctored into each case
+    quantities = ("rate_small", "rate_large", "delta_star", "error_min")
+
+    def verdicts(summ):
+        doc = tree.copy()
+        doc["summary"] = xr.DataTree(summ)
+        text = studies.report(doc)
+        flags = sum(int(summ[f"disagree_{q}"].sum()) for q in quantities)
+        none = int((summ["preferred"] == "none").sum())
+        assert text.count("DISAGREE: the intervals do not overlap") == flags
+        assert text.count("no posterior numbers for this group: try ") == none
+        assert text.count("posterior (no usable model)") == 4 * none
+        assert not re.search(r"\bnan\b", text)
+        return text
+
+    summ = tree["summary"].to_dataset()
+    verdicts(summ)  # at these tiny settings no group converges: every group says why
+    doctored = summ.copy(deep=True)  # one group usable, its rate contradicting the bootstrap
+    group = dict(entry="smooth", budget=20)
+    doctored["preferred"] = doctored["preferred"].astype("<U16")
+    doctored["preferred"].loc[group] = "power_law"
+    for q in quantities:
+        for suffix in ("", "_low", "_high"):
+            shift = 1.0 if q == "rate_small" else 0.0
+            doctored[f"post_{q}{suffix}"].loc[group] = doctored[f"boot_{q}{suffix}"].loc[group]
+            doctored[f"post_{q}{suffix}"].loc[group] += shift
+    width = doctored["boot_rate_small_high"] - doctored["boot_rate_small_low"]
+    assert float(width.loc[group].max()) < 1.0  # so the shifted interval does not overlap
+    doctored["disagree_rate_small"].loc[group] = True
+    text = verdicts(doctored)
+    lines = text.splitlines()
+    at = next(
+        i for i, ln in enumerate(lines) if ln.startswith("smooth (cd-euler, n=inf, budget 20)")
+    )
+    assert "preferred model power_law;" in lines[at]
+    assert lines[at + 1].endswith("budget 20: power_law, 40: none")
+    assert lines[at + 2].endswith("DISAGREE: the intervals do not overlap")
+    assert "DISAGREE" not in "".join(lines[at + 3 : at + 6])
 
 
 @pytest.mark.heavy(80)
