@@ -359,10 +359,10 @@ def test_saved_model_and_study_file_rebuild_a_user_family(tmp_path, monkeypatch)
     assert mp.data.rebuild(mp.data.describe(iso)).var == 0.4  # as studies store it
     mp.save_model(tmp_path / "c.eqx", net, cfg, data=WithCallable(iso.center, 0.4, np.sin))
     with pytest.raises(ValueError, match="field 'transform' is a ufunc, not an array or number"):
-        mp.load_model(tmp_path / "c.eqx").data
+        _ = mp.load_model(tmp_path / "c.eqx").data
     monkeypatch.delattr(sys.modules[Isotropic.__module__], "Isotropic")
     with pytest.raises(ValueError, match=r"Isotropic is not defined in this process: import"):
-        mp.load_model(tmp_path / "m.eqx").data
+        _ = mp.load_model(tmp_path / "m.eqx").data
 
 
 @pytest.mark.heavy(50)
