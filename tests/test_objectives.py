@@ -4,6 +4,7 @@ diagonal; every objective learns in a small fit on OU, VP and the linear interpo
 user-written objective trains through the same interface."""
 
 import math
+import re
 from typing import ClassVar
 
 import equinox as eqx
@@ -311,6 +312,13 @@ def test_estimation_study_over_objectives(tmp_path, undescribed):
     assert set(obj["more_steps"].values.ravel()) <= {"help", "hurt", "unclear"}
     text = studies.STUDIES["estimation"].report(tree)
     assert "objectives compared" in text and "sc " in text
+    # the K-step tables print no negative k-NN estimate as a KL: '<0 (bias)' stands for it
+    tables = text[text.index("sampler with K steps") : text.index("per step at budget")]
+    assert not re.search(r"(?<![\w.])-\d", tables), tables
+    negative = (obj["kl_estimate"] < 0).sum() + (
+        obj["kl_estimate_exact_flow"] < 0
+    ).sum() * obj.sizes["train_size"]
+    assert tables.count("<0 (bias)") == int(negative)
     fig = studies.STUDIES["estimation"].plot(tree)
     labels = fig.axes[4].get_legend_handles_labels()[1]
     assert labels == ["cd-euler", "sct", "sc"]  # the objectives row: one curve per method

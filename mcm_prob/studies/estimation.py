@@ -1279,12 +1279,13 @@ def _report(tree: xr.DataTree) -> str:
 
 
 def _kl_cells(knn: xr.DataArray, grid: xr.DataArray, ks) -> str:
-    """Per K: the k-NN KL, with the exact grid-law KL in parentheses where it is finite."""
+    """Per K: the k-NN KL (a negative estimate shown as the estimator's bias, not a value),
+    with the exact grid-law KL in parentheses where it is finite."""
     cells = []
     for k in ks:
         g = grid.sel(sampler_k=k)
         exact = f" ({_fmt(g)})" if np.isfinite(g) else " " * 8
-        cells.append(f"{_fmt(knn.sel(sampler_k=k)):>8}{exact}")
+        cells.append(f"{_kl(knn.sel(sampler_k=k)):>9}{exact}")
     return " ".join(cells)
 
 
@@ -1323,7 +1324,7 @@ def _objectives_report(obj: xr.Dataset) -> list[str]:
                 f"  sampler with K steps at budget {int(last['budget'])}: k-NN KL (exact KL of the grid law where 1-d)"
             )
             lines.append(
-                f"  {'method':<18} " + " ".join(f"{'K=' + str(k):>17}" for k in ks) + "  more steps"
+                f"  {'method':<18} " + " ".join(f"{'K=' + str(k):>18}" for k in ks) + "  more steps"
             )
             for m in o["fit_method"].values:
                 c = last.sel(fit_method=m)
