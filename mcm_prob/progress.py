@@ -43,10 +43,11 @@ def _terminal() -> bool:
 
 class _Lines:
     """A tqdm stand-in for output that is not a terminal: ``desc: n/total (elapsed s) postfix``
-    lines at the start, at most every `LINE_INTERVAL_S` seconds, and at the end. Thread-safe."""
+    lines at the start, at each new stage, at most every `LINE_INTERVAL_S` seconds otherwise,
+    and at the end (unless the last line said it). Thread-safe."""
 
-    def __init__(self, total, desc: str, initial: int = 0, leave: bool = True):
-        self.total, self.desc, self.n, self.leave = total, desc, initial, leave
+    def __init__(self, total, desc: str, initial: int = 0):
+        self.total, self.desc, self.n = total, desc, initial
         self.postfix, self._lock = "", threading.Lock()
         self._start = self._last = time.monotonic()
         self._write()
@@ -56,7 +57,7 @@ class _Lines:
         post = f" {self.postfix}" if self.postfix else ""
         elapsed = time.monotonic() - self._start
         print(f"{self.desc}: {self.n}{total} ({elapsed:.0f} s){post}", file=sys.stderr, flush=True)
-        self._last = time.monotonic()
+        self._last, self._shown = time.monotonic(), (self.n, self.total, self.postfix)
 
     def update(self, n: int = 1) -> None:
         with self._lock:
@@ -80,8 +81,9 @@ class _Lines:
         pass
 
     def close(self) -> None:
+        """A last line, unless the last one already said it all."""
         with self._lock:
-            if self.leave or self.n:
+            if self._shown != (self.n, self.total, self.postfix):
                 self._write()
 
     def __enter__(self):
@@ -105,7 +107,7 @@ def progress_bar(
         return std.tqdm(total=total, desc=desc, initial=initial, leave=leave, file=sys.stderr)
     if _terminal():
         return std.tqdm(total=total, desc=desc, initial=initial, leave=leave)
-    return _Lines(total, desc, initial, leave)
+    return _Lines(total, desc, initial)
 
 
 def status(message: str, *, enabled: bool = True) -> None:

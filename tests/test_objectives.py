@@ -319,6 +319,10 @@ def test_estimation_study_over_objectives(tmp_path, undescribed):
         obj["kl_estimate_exact_flow"] < 0
     ).sum() * obj.sizes["train_size"]
     assert tables.count("<0 (bias)") == int(negative)
+    # estimates below the exact-flow sampler's (the estimator's floor) are marked '*'
+    knn = obj["kl_estimate"]
+    below = ((knn >= 0) & (knn < obj["kl_estimate_exact_flow"])).sum()
+    assert len(re.findall(r"\d\*", tables)) == int(below)
     fig = studies.STUDIES["estimation"].plot(tree)
     labels = fig.axes[4].get_legend_handles_labels()[1]
     assert labels == ["cd-euler", "sct", "sc"]  # the objectives row: one curve per method

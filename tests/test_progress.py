@@ -21,8 +21,7 @@ def test_plain_lines_when_the_output_is_not_a_terminal(capsys, monkeypatch):
         "work: 0/3 (0 s)",
         "work: 1/3 (0 s)",
         "work: 1/3 (0 s) half",  # a new stage is written at once
-        "work: 4/4 (0 s) half",
-        "work: 4/4 (0 s) half",  # closing line
+        "work: 4/4 (0 s) half",  # no closing line: this one said it all
         "stage two",
     ]
     assert "\r" not in err and "\x1b" not in err

@@ -1074,9 +1074,15 @@ def _fmt(x, digits: int = 3) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.{digits}g}"
 
 
-def _kl(x) -> str:
-    """A KL estimate for the report: a negative one is the estimator's bias, not a value."""
-    return "<0 (bias)" if float(x) < 0 else _fmt(x)
+BELOW_FLOOR = "*"  # marks a k-NN estimate below the exact-flow sampler's (the estimator's floor)
+
+
+def _kl(x, floor=np.nan) -> str:
+    """A k-NN KL estimate for the report: a negative one is the estimator's bias, not a value;
+    one below `floor` (the estimate for the exact-flow sampler) is marked `BELOW_FLOOR`."""
+    if float(x) < 0:
+        return "<0 (bias)"
+    return _fmt(x) + (BELOW_FLOOR if float(x) < float(floor) else "")
 
 
 def _interval(ds, name) -> str:
@@ -1242,6 +1248,7 @@ def _report(tree: xr.DataTree) -> str:
         f"{'entry':<12} {'method':<9} {'n':>5} {'step':>6} {'consist.':>9} {'teacher':>9} {'learning':>9} {'KL est.':>9} {'failed':>6}"
     )
     for e in res["entry"].values:
+        floor = res["kl_estimate_exact_flow"].sel(entry=e)
         for m in res["fit_method"].values:
             for n in res["train_size"].values:
                 for st in res["step"].values:
@@ -1249,12 +1256,13 @@ def _report(tree: xr.DataTree) -> str:
                     lines.append(
                         f"{e:<12} {m:<9} {n:>5g} {st:>6g} {_fmt(c['consistency_error_mean'].mean()):>9} "
                         f"{_fmt(c['teacher_error_mean']):>9} {_fmt(c['learning_error_mean'].mean()):>9} "
-                        f"{_kl(c['kl_estimate'].mean()):>9} {int(c['failed'].sum()):>6}"
+                        f"{_kl(c['kl_estimate'].mean(), floor):>9} {int(c['failed'].sum()):>6}"
                     )
         r = res.sel(entry=e)
         lines.append(
             f"{e:<12} k-NN estimator's offset at the exact-flow sampler (its bias, not a KL; "
-            f"read the learned nets' estimates against it): {_fmt(r['kl_estimate_exact_flow'])} "
+            f"read the learned nets' estimates against it; {BELOW_FLOOR} = below it, not "
+            f"distinguishable from exact sampling): {_fmt(r['kl_estimate_exact_flow'])} "
             f"+- {_fmt(r['kl_stderr_exact_flow'], 2)}"
         )
         if "kl_grid" in r and np.isfinite(r["kl_grid_exact_flow"]):
@@ -1278,14 +1286,15 @@ def _report(tree: xr.DataTree) -> str:
     return "\n".join(lines)
 
 
-def _kl_cells(knn: xr.DataArray, grid: xr.DataArray, ks) -> str:
-    """Per K: the k-NN KL (a negative estimate shown as the estimator's bias, not a value),
-    with the exact grid-law KL in parentheses where it is finite."""
+def _kl_cells(knn: xr.DataArray, grid: xr.DataArray, ks, floor=None) -> str:
+    """Per K: the k-NN KL (as `_kl`: against the exact-flow sampler's estimate `floor` at that
+    K), with the exact grid-law KL in parentheses where it is finite."""
     cells = []
     for k in ks:
         g = grid.sel(sampler_k=k)
         exact = f" ({_fmt(g)})" if np.isfinite(g) else " " * 8
-        cells.append(f"{_kl(knn.sel(sampler_k=k)):>9}{exact}")
+        below = np.nan if floor is None else floor.sel(sampler_k=k)
+        cells.append(f"{_kl(knn.sel(sampler_k=k), below):>9}{exact}")
     return " ".join(cells)
 
 
@@ -1326,15 +1335,17 @@ def _objectives_report(obj: xr.Dataset) -> list[str]:
             lines.append(
                 f"  {'method':<18} " + " ".join(f"{'K=' + str(k):>18}" for k in ks) + "  more steps"
             )
+            flow = obj.sel(entry=e)
             for m in o["fit_method"].values:
                 c = last.sel(fit_method=m)
-                cells = _kl_cells(c["kl_estimate"], c["kl_grid"], ks)
+                cells = _kl_cells(
+                    c["kl_estimate"], c["kl_grid"], ks, flow["kl_estimate_exact_flow"]
+                )
                 lines.append(f"  {m:<18} {cells}  {c['more_steps'].item()}")
-            flow = obj.sel(entry=e)
             lines.append(
                 f"  {'exact flow':<18} "
                 + _kl_cells(flow["kl_estimate_exact_flow"], flow["kl_grid_exact_flow"], ks)
-                + "  (the estimator's floor)"
+                + f"  (the estimator's floor; {BELOW_FLOOR} = a method's estimate below it)"
             )
     return lines
 
