@@ -62,7 +62,7 @@ def _run(args) -> int:
                 progress=not args.no_progress,
                 part=part,
             )
-    except (studies.StudyExists, ValueError, TypeError, OSError) as err:
+    except (studies.StudyExists, studies.OutputBusy, ValueError, TypeError, OSError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         staged = studies.staging_path(out)

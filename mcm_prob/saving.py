@@ -27,6 +27,7 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import numpy as np
 
 from .networks import NETWORK_FORMS, AbstractSkipNet, network
 from .results import write_atomic
@@ -36,6 +37,9 @@ __all__ = ["save_model", "load_model", "FORMAT", "VERSION"]
 
 FORMAT, VERSION = "mcm_prob.model", 1
 _MAX_HEADER = 16 * 2**20  # bytes: a header is a few kB; refuse to parse more
+MAX_PARAMETERS = 10**8  # `load_model` refuses a header announcing a larger network
+# what a header may announce, checked before anything is built: (smallest, largest)
+_NETWORK_BOUNDS = {"dim": (1, 2**20), "width": (1, 2**16), "depth": (0, 1024), "n_freq": (0, 4096)}
 
 
 def _data_spec(data) -> dict | None:
@@ -99,10 +103,15 @@ def save_model(path: str | os.PathLike, model, config: TrainConfig | None = None
     return write_atomic(path, buffer.getvalue())
 
 
-def load_model(path: str | os.PathLike) -> TrainedModel:
+def load_model(path: str | os.PathLike, *, max_parameters: int = MAX_PARAMETERS) -> TrainedModel:
     """Load a model written by `save_model` as a `TrainedModel` (network, config, data spec).
 
-    Raises `ValueError` naming the path when the file is not a saved model or is damaged.
+    A file is not trusted: the header's network fields must be integers within bounds and
+    announce at most `max_parameters` parameters (raise it for a larger net you trust) before
+    anything is built; the arrays must match the header's network exactly, with no bytes
+    after the last one, in a dtype this process computes in (a float64 net needs JAX's x64
+    mode), and be finite. Raises `ValueError` naming the path and what is wrong when the file
+    is not a saved model, is damaged or fails a check.
     """
     path = Path(path)
     if not path.is_file():
@@ -113,7 +122,7 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     try:
         header = json.loads(line)
         ok = isinstance(header, dict) and header.get("format") == FORMAT
-    except ValueError:
+    except (ValueError, RecursionError):
         ok = False
     if not ok or not line.endswith(b"\n"):
         raise ValueError(f"{path} is not a mcm_prob saved model (no {FORMAT!r} header)")
@@ -129,24 +138,68 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
             "a file cannot rebuild; rebuild the network with ConsistencyNet(..., path=your_path) (or DisplacementNet) "
             "and equinox.tree_deserialise_leaves"
         )
+    net_args = _network_args(path, header.get("network"), max_parameters)
     try:
-        net_args = header["network"]
         config = TrainConfig(**header["train_config"])
-        skeleton = network(
-            config.network,
-            int(net_args["dim"]),
-            width=int(net_args["width"]),
-            depth=int(net_args["depth"]),
-            n_freq=int(net_args["n_freq"]),
-            dtype=net_args["dtype"],
-            key=jax.random.key(0),
-            path=config.path,
-        )
-        net = eqx.tree_deserialise_leaves(io.BytesIO(rest), skeleton)
-    except (KeyError, TypeError, ValueError, RuntimeError, EOFError) as err:
+        skeleton = network(config.network, **net_args, key=jax.random.key(0), path=config.path)
+    except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: damaged saved model ({type(err).__name__}: {err})") from err
+    stream = io.BytesIO(rest)
+    try:
+        net = eqx.tree_deserialise_leaves(stream, skeleton)
+    except (ValueError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"{path}: the arrays do not match the header's network {net_args} "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    if stream.tell() != len(rest):
+        raise ValueError(
+            f"{path}: {len(rest) - stream.tell()} bytes after the network's last array "
+            "(a damaged or altered file)"
+        )
+    if not all(
+        bool(np.all(np.isfinite(a))) for a in jax.tree.leaves(eqx.filter(net, eqx.is_array))
+    ):
+        raise ValueError(f"{path}: the network has non-finite (NaN or inf) weights")
     spec = header.get("data")
     return TrainedModel(net, config, None if spec is None else json.dumps(spec, sort_keys=True))
+
+
+def _network_args(path: Path, net, max_parameters: int) -> dict:
+    """The header's network fields, checked: integers within `_NETWORK_BOUNDS`, a dtype this
+    process computes in, and at most `max_parameters` parameters (an MLP of `depth` hidden
+    layers of `width` on the input x and the time features)."""
+    if not isinstance(net, dict):
+        raise ValueError(f"{path}: damaged saved model (no 'network' table in the header)")
+    args = {}
+    for key, (lo, hi) in _NETWORK_BOUNDS.items():
+        value = net.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(
+                f"{path}: the header's network {key!r} must be an integer in [{lo}, {hi}], "
+                f"got {value!r}"
+            )
+        args[key] = value
+    dtype = net.get("dtype")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(
+            f"{path}: the header's network 'dtype' must be float32 or float64, got {dtype!r}"
+        )
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{path}: the network was saved in float64; enable JAX's x64 mode "
+            '(jax.config.update("jax_enable_x64", True)) before loading it'
+        )
+    d, w, depth = args["dim"], args["width"], args["depth"]
+    inputs = d + 4 * args["n_freq"] + 2  # generous: x, Fourier features of both times, times
+    count = (inputs + 1) * w + max(depth - 1, 0) * (w + 1) * w + (w + 1) * d
+    if count > max_parameters:
+        raise ValueError(
+            f"{path}: the header announces about {count:,} parameters (dim {d}, width {w}, "
+            f"depth {depth}), more than `max_parameters` = {max_parameters:,}; pass a larger "
+            "`max_parameters` to load a network this large that you trust"
+        )
+    return args | {"dtype": dtype}
 
 
 def _version() -> str:

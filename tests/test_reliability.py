@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -352,3 +353,99 @@ def test_error_model_settings_refused_before_any_model_is_traced(monkeypatch):
         mp.fit_error_models(errors, ("power_law", "two_term"), workers=2, chains=1)
     with pytest.raises(ValueError, match="`target_accept` must be"):
         mp.fit_error_models(errors, ("power_law", "two_term"), workers=2, target_accept=1.5)
+
+
+def test_one_writer_per_output(tmp_path, capsys):
+    """Issue 25, class 2 (two writers, one file): while one run writes `--out`, a second run
+    (CLI or Python, run or merge) is refused at once, naming the first run's process; the
+    first completes. A holder killed with SIGKILL leaves a lock file that blocks nothing."""
+    from mcm_prob.locks import OutputBusy, lock_path, writer_lock
+
+    cfg, out = tmp_path / "s.toml", tmp_path / "s.nc"
+    cfg.write_text(SAMPLING_TOML)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mcm_prob.cli", "run", "sampling", "--config", str(cfg)]
+        + ["--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not lock_path(out).exists() or not lock_path(out).read_text():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = ["run", "sampling", "--config", str(cfg), "--out", str(out), "--no-progress"]
+    assert cli.main(second) == 1
+    err = capsys.readouterr().err
+    assert f"is being written by process {first.pid} on " in err and "mcm_prob/cli.py" in err
+    with pytest.raises(OutputBusy, match=f"process {first.pid}"):
+        studies.merge("sampling", studies.SamplingConfig(), [tmp_path / "p.nc"], out)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert load_tree(out).attrs["status"] == "complete" and not lock_path(out).exists()
+    # a killed holder: its lock file stays but the kernel released the lock
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mcm_prob.locks import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)",
+         str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock_path(out).exists()
+    with writer_lock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+
+
+def test_untrusted_model_files_are_checked_before_use(tmp_path):
+    """Issue 25, class 4: hostile model files (written here from a good one) are refused by
+    `load_model` with the reason, before anything large is built: non-finite weights, a header
+    whose network disagrees with the arrays, non-integer or out-of-bound fields, a header
+    announcing a huge network, bytes after the last array, a deeply nested header, float64
+    weights in float32 mode."""
+    cfg = mp.TrainConfig(width=8, depth=1, progress=False)
+    net = mp.ConsistencyNet(2, width=8, depth=1, key=jax.random.key(0))
+    good = tmp_path / "good.eqx"
+    mp.save_model(good, net, cfg)
+    assert mp.load_model(good).net.mlp.width_size == 8
+    line, rest = good.read_bytes().split(b"\n", 1)
+    header = json.loads(line)
+
+    def hostile(name, *, net=None, tail=b"", raw=None):
+        h = json.loads(json.dumps(header))
+        h["network"].update(net or {})
+        path = tmp_path / f"{name}.eqx"
+        path.write_bytes((raw if raw is not None else json.dumps(h).encode()) + b"\n" + rest + tail)
+        return path
+
+    cases = {
+        "width": (hostile("width", net={"width": 16}), "do not match the header's network"),
+        "depth": (hostile("depth", net={"depth": 2}), "do not match the header's network"),
+        "dim": (hostile("dim", net={"dim": 2.5}), r"'dim' must be an integer in \[1, "),
+        "layers": (hostile("layers", net={"depth": 20_000}), r"'depth' must be an integer"),
+        "huge": (hostile("huge", net={"width": 30_000, "depth": 2}), "more than `max_parameters`"),
+        "tail": (hostile("tail", tail=b"\x00" * 7), "7 bytes after the network's last array"),
+        "nested": (hostile("nested", raw=b"[" * 100_000 + b"]" * 100_000), "not a mcm_prob saved"),
+        "dtype": (hostile("dtype", net={"dtype": "int8"}), "'dtype' must be float32 or float64"),
+    }
+    for path, message in cases.values():
+        with pytest.raises(ValueError, match=message):
+            mp.load_model(path)
+    first = net.mlp.layers[0].weight
+    nan_net = eqx.tree_at(lambda n: n.mlp.layers[0].weight, net, first.at[0, 0].set(jnp.nan))
+    mp.save_model(tmp_path / "nan.eqx", nan_net, cfg)
+    with pytest.raises(ValueError, match="non-finite"):
+        mp.load_model(tmp_path / "nan.eqx")
+    cfg64 = mp.TrainConfig(width=8, depth=1, progress=False, dtype="float64")
+    net64 = mp.ConsistencyNet(2, width=8, depth=1, dtype="float64", key=jax.random.key(0))
+    mp.save_model(tmp_path / "f64.eqx", net64, cfg64)
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(ValueError, match="saved in float64; enable JAX's x64 mode"):
+            mp.load_model(tmp_path / "f64.eqx")
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert mp.load_model(tmp_path / "f64.eqx").net.dtype == jnp.float64

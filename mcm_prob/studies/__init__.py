@@ -21,6 +21,7 @@ from pathlib import Path
 import xarray as xr
 
 from .. import paths
+from ..locks import OutputBusy
 from .driver import (
     Entry,
     Study,
@@ -55,6 +56,7 @@ __all__ = [
     "Study",
     "StudyConfig",
     "StudyExists",
+    "OutputBusy",
     "staging_path",
     "NotAStudyFile",
     "study_of",

@@ -51,6 +51,7 @@ import xarray as xr
 from .._checks import number
 from ..cache import enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
+from ..locks import writer_lock
 from ..paths import OU, AbstractPath, path_of
 from ..paths import describe as describe_path
 from ..progress import progress_bar
@@ -435,7 +436,9 @@ def run_study(
     the file stays ``"partial"`` with attribute ``part`` = "i/n", and `merge_parts` combines
     the n files into one and runs the analysis.
     JAX's persistent compilation cache is turned on (`mcm_prob.cache`; opt out with
-    ``MCM_PROB_COMPILATION_CACHE=off``) and its directory recorded in the provenance.
+    ``MCM_PROB_COMPILATION_CACHE=off``) and its directory recorded in the provenance. The run
+    holds the lock ``out.lock`` (`mcm_prob.locks`): a second run on the same `out` is refused
+    with `OutputBusy` before any work.
     """
     if part is not None:
         part = _part(part)
@@ -449,6 +452,12 @@ def run_study(
     _require_x64()
     out = Path(out)
     _check_output(out)
+    with writer_lock(out):
+        return _run_locked(study, config, out, resume, overwrite, progress, stop_after, part)
+
+
+def _run_locked(study, config, out, resume, overwrite, progress, stop_after, part):
+    """`run_study` while holding the output's writer lock."""
     remove_stale_temps(out)
     cfg_json = config.to_json()
     target, previous, history = out, None, []
@@ -535,9 +544,15 @@ def merge_parts(
     parts, out = [Path(p) for p in parts], Path(out)
     if not parts:
         raise ValueError("`parts` must name at least one partial result file")
+    _check_output(out)
+    with writer_lock(out):
+        return _merge_locked(study, config, parts, out, overwrite, progress)
+
+
+def _merge_locked(study, config, parts, out, overwrite, progress):
+    """`merge_parts` while holding the output's writer lock."""
     if out.exists() and not overwrite:
         raise StudyExists(f"{out} exists: merge into a new file or pass --overwrite")
-    _check_output(out)
     cfg_json = config.to_json()
     for p in parts:
         if not p.is_file():
