@@ -149,8 +149,8 @@ def load_model(path: str | os.PathLike, *, max_parameters: int = MAX_PARAMETERS)
         net = eqx.tree_deserialise_leaves(stream, skeleton)
     except (ValueError, RuntimeError, EOFError) as err:
         raise ValueError(
-            f"{path}: the arrays do not match the header's network {net_args} "
-            f"({type(err).__name__}: {err})"
+            f"{path}: damaged saved model: the arrays are cut short or do not match the "
+            f"header's network {net_args} ({type(err).__name__}: {err})"
         ) from err
     if stream.tell() != len(rest):
         raise ValueError(
