@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -83,6 +85,26 @@ def check_points(name: str, x, dim: int) -> None:
     arr = concrete(x, name)
     if arr is not None and not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
+
+
+def finite_result(what: str, value, x=None):
+    """Return `value`, a public function's result, after checking that it is finite: a NaN or
+    inf is refused with a `FloatingPointError` saying `what` it is and, given the input points
+    `x`, their largest magnitude; under jit with `equinox.error_if` (a runtime error)."""
+    if isinstance(value, jax.core.Tracer):
+        msg = f"{what} is not finite: outside the range float64 can evaluate for this family"
+        return eqx.error_if(value, ~jnp.all(jnp.isfinite(value)), msg)
+    arr = concrete(value, what)
+    if np.all(np.isfinite(arr)):
+        return value
+    bad = int(np.sum(~np.isfinite(arr)))
+    where = ""
+    if x is not None and concrete(x) is not None:
+        where = f" (input magnitude up to {float(np.max(np.abs(concrete(x)))):.3g})"
+    raise FloatingPointError(
+        f"{what} is not finite in {bad} of {arr.size} values{where}: outside the range float64 "
+        "can evaluate for this family; use points of moderate size"
+    )
 
 
 def _scalar(value):

@@ -42,7 +42,15 @@ from jaxtyping import Array, ArrayLike
 from numpyro.distributions import constraints
 from numpyro.distributions.util import lazy_property
 
-from ._checks import check_points, check_time, concrete, integer, prng_key, real_array
+from ._checks import (
+    check_points,
+    check_time,
+    concrete,
+    finite_result,
+    integer,
+    prng_key,
+    real_array,
+)
 from .paths import OU, AbstractPath, as_path
 
 __all__ = [
@@ -257,7 +265,7 @@ class DataDistribution(eqx.Module):
         path = as_path(path)
         self._check_t(t, path)
         check_points("x", x, self.dim)
-        return self.unchecked_score(jnp.asarray(x), t, path)
+        return finite_result("the score", self.unchecked_score(jnp.asarray(x), t, path), x)
 
     def to_spec(self) -> dict | None:
         """A plain dict (fits JSON and TOML) that `from_spec` turns back into this distribution,

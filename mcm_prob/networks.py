@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from ._checks import integer, one_of
+from ._checks import check_points, integer, one_of
 from .flow import AbstractFlowMap
 from .paths import OU, AbstractPath, as_path
 
@@ -163,9 +163,8 @@ class AbstractSkipNet(AbstractFlowMap):
 
     def __call__(self, x: ArrayLike, t: ArrayLike, s: ArrayLike) -> Array:
         self.path.check_times(t, s)  # 0 <= s <= t where the times are concrete (not under jit)
+        check_points("x", x, self.dim)  # shape; finite where concrete (not under jit)
         x = jnp.asarray(x)
-        if x.ndim == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"`x` must have trailing dimension {self.dim}, got shape {x.shape}")
         flat = x.reshape(-1, self.dim)
         out = jax.vmap(self.single, in_axes=(0, None, None))(flat, t, s)
         return out.reshape(x.shape)

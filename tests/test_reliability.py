@@ -449,3 +449,28 @@ def test_untrusted_model_files_are_checked_before_use(tmp_path):
     finally:
         jax.config.update("jax_enable_x64", True)
     assert mp.load_model(tmp_path / "f64.eqx").net.dtype == jnp.float64
+
+
+def test_non_finite_results_never_leave_silently():
+    """Issue 25, class 5: a score that float64 cannot evaluate (|x| = 1e200 for the box and
+    the Dirac mixture) raises, eagerly and under jit, instead of returning NaN; a network
+    given NaN or inf input refuses it by name."""
+    x = jnp.array([[1e200, 0.0], [0.5, -0.2]])
+    for data in (
+        mp.data.UniformBox([-1.0, -1.0], [1.0, 2.0]),
+        mp.data.DiracMixture([[0.0, 1.0], [1.0, 0.0]]),
+    ):
+        ok = data.score(x[1:], 0.5)
+        assert bool(jnp.all(jnp.isfinite(ok)))
+        assert not bool(jnp.all(jnp.isfinite(data.unchecked_score(x, 0.5))))  # overflows
+        with pytest.raises(
+            FloatingPointError,
+            match=r"score is not finite in \d of 4 values \(input magnitude up to 1e\+200\)",
+        ):
+            data.score(x, 0.5)
+        with pytest.raises(Exception, match="score is not finite"):
+            jax.jit(lambda y, d=data: d.score(y, 0.5))(x).block_until_ready()
+    net = mp.ConsistencyNet(2, width=8, depth=1, key=jax.random.key(0))
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match="`x` must be finite"):
+            net(x.at[1, 1].set(bad), 1.0, 0.5)
