@@ -8,6 +8,7 @@ Checks run on concrete (non-traced) values only, so that public functions raise 
 from __future__ import annotations
 
 import math
+import os
 
 import equinox as eqx
 import jax
@@ -105,6 +106,50 @@ def finite_result(what: str, value, x=None):
         f"{what} is not finite in {bad} of {arr.size} values{where}: outside the range float64 "
         "can evaluate for this family; use points of moderate size"
     )
+
+
+MEMORY_LIMIT_ENV = "MCM_PROB_MEMORY_LIMIT"  # bytes, or with a K, M, G or T suffix
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def memory_limit() -> int:
+    """The resource guard's limit in bytes: ``MCM_PROB_MEMORY_LIMIT`` if set (the escape hatch
+    for users who know better, e.g. ``64G``), else half of this machine's physical memory."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip().upper().removesuffix("B")
+    if text:
+        try:
+            return int(float(text[:-1] if text[-1:] in _UNITS else text) * _UNITS.get(text[-1], 1))
+        except ValueError:
+            raise ValueError(
+                f"{MEMORY_LIMIT_ENV} must be a number of bytes, optionally with K, M, G or T "
+                f"(e.g. 64G), got {os.environ[MEMORY_LIMIT_ENV]!r}"
+            ) from None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 8 * 2**30
+
+
+def check_size(name: str, nbytes: float, what: str) -> None:
+    """The resource guard: refuse, before any allocation, arguments that would make one
+    computation hold more than `memory_limit()` bytes; `nbytes` is the caller's estimate of
+    its largest working set, `what` says what `name` asks for."""
+    limit = memory_limit()
+    if nbytes > limit:
+        source = MEMORY_LIMIT_ENV if os.environ.get(MEMORY_LIMIT_ENV) else "half the memory"
+        raise ValueError(
+            f"`{name}` asks for {what}, about {_bytes(nbytes)}, more than the limit of "
+            f"{_bytes(limit)} ({source}); lower `{name}`, or set {MEMORY_LIMIT_ENV} (e.g. "
+            "=64G) if you know it fits"
+        )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"  # pragma: no cover
 
 
 def _scalar(value):

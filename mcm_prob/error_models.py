@@ -92,7 +92,7 @@ from numpyro.infer.hmc import HMCState, hmc
 from numpyro.infer.hmc_util import HMCAdaptState
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 
-from ._checks import error_array, integer, number, one_of
+from ._checks import check_size, error_array, integer, number, one_of
 from .cache import lower_cached
 from .progress import progress_bar
 
@@ -896,7 +896,11 @@ def fit_error_models(
     workers = integer("workers", len(models) if workers is None else workers, ge=1)
     refits = integer("refits", refits, ge=0, lt=5)
     options = _options(**kwargs)
-    error_array(errors, min_values=3)
+    da = error_array(errors, min_values=3)
+    groups = int(np.prod([da.sizes[d] for d in da.dims[:-2]], dtype=float))
+    per_draw = 3 * da.sizes["step"] * da.sizes["seed"] + 16  # log-likelihood, predictions, params
+    kept = groups * options["chains"] * options["draws"] * 2**refits * per_draw * len(models)
+    check_size("draws", 8 * kept, f"{kept:,.0f} stored values of the posterior draws")
     if not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True or False, got {progress!r}")
     per_model = options["warmup"] + options["draws"]

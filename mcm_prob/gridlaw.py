@@ -49,7 +49,7 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array
 from scipy import special, stats
 
-from ._checks import integer, prng_key, real_array
+from ._checks import check_size, integer, prng_key, real_array
 from .data import ClosedFormCDF, DataDistribution, ProductData, UniformBox
 from .flow import pf_flow
 from .paths import AbstractPath, OrnsteinUhlenbeck, as_path
@@ -206,6 +206,11 @@ def grid_law_1d(
     # in OU coordinates: x_path = c X^OU at OU time u (KL is invariant under the rescaling)
     t, s, c_t, c_s, start_std = _ou_schedule(path, sched)
     gap = t[1:] - s[:-1]
+    kernels_kept = max(1, len(set(gap[gap > 0].tolist())))
+    size = (n_grid + 2000) if grid is None else np.size(grid)
+    check_size(
+        "n_grid", 8 * size**2 * (kernels_kept + 1), f"{kernels_kept} kernel(s) of {size}^2 values"
+    )
     if grid is None:
         x = grid_points(data, s[-1], n_grid, half_width)
     else:

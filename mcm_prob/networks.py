@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from ._checks import check_points, integer, one_of
+from ._checks import check_points, check_size, integer, one_of
 from .flow import AbstractFlowMap
 from .paths import OU, AbstractPath, as_path
 
@@ -118,9 +118,13 @@ class AbstractSkipNet(AbstractFlowMap):
         self.path = as_path(path)
         dim, width = integer("dim", dim), integer("width", width)
         depth, n_freq = integer("depth", depth, ge=0), integer("n_freq", n_freq, ge=0)
+        inputs = dim + 2 * (1 + 2 * n_freq)
+        params = (inputs + 1) * width + max(depth - 1, 0) * (width + 1) * width + (width + 1) * dim
+        # weights, gradients, two Adam moments, an EMA copy; in float64 at most
+        check_size("width", 5 * 8 * params, f"a network of {params:,} parameters")
         self.dim, self.n_freq = dim, n_freq
         self.mlp = eqx.nn.MLP(
-            dim + 2 * (1 + 2 * n_freq),
+            inputs,
             dim,
             width_size=width,
             depth=depth,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._checks import integer, number, prng_key
+from ._checks import check_size, integer, number, prng_key
 from .accuracy import product_factors, schedule_kl
 from .data import ClosedFormGaussian, DataDistribution
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
@@ -130,6 +130,8 @@ def optimal_schedule(
     integer("iterations", iterations)
     integer("n_random", n_random, ge=0)
     integer("n_grid", n_grid, ge=101)
+    # product targets: (2 n_grid)^2 kernels per step, kept for the gradient
+    check_size("n_grid", 8 * 3 * (2 * n_grid) ** 2 * (k + 1), f"grids of {2 * n_grid} points")
     number("learning_rate", learning_rate, gt=0)
     key = jax.random.key(0) if key is None else prng_key("key", key)
     if starts is None:

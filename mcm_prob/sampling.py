@@ -24,7 +24,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jaxtyping import Array
 
-from ._checks import finite_or_raise, integer, number, prng_key, real_array
+from ._checks import check_size, finite_or_raise, integer, number, prng_key, real_array
 from .data import Gaussian
 from .laws import EigenNormal, eigen_law_moments, gaussian_law_moments, gaussian_parts
 from .paths import OU, AbstractPath, as_path
@@ -89,6 +89,7 @@ def sample(
     whole sampler can be jit-compiled (pass f as a pytree, e.g. an `eqx.Module`).
     """
     n, dim, key = integer("n", n), integer("dim", dim), prng_key("key", key)
+    check_size("n", 4 * 8 * n * dim, f"{n} samples in dimension {dim}")  # x, y, noise, f's
     path = as_path(path, f)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
     _check_range(f, sched, extrapolate)

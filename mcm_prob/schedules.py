@@ -33,7 +33,7 @@ import math
 import equinox as eqx
 import numpy as np
 
-from ._checks import integer, number, real_array
+from ._checks import check_size, integer, number, real_array
 from .paths import as_path
 
 __all__ = ["Schedule", "ECT_MIDDLE_SIGMA"]
@@ -139,7 +139,7 @@ class Schedule(eqx.Module):
     def constant(cls, *, delta: float, h: float, steps: int, tau: float = 0.0):
         r"""The paper's constant step: $t_k = \delta + (K - k)h$ (horizon $\delta + Kh$)."""
         delta, h = number("delta", delta, gt=0), number("h", h, gt=0)
-        k = integer("steps", steps)
+        k = _steps(steps)
         t = delta + (k - np.arange(k)) * h
         return cls.from_start_times(t, delta=delta, tau=tau, name="constant")
 
@@ -148,7 +148,7 @@ class Schedule(eqx.Module):
         r"""Constant step $h = (T - \delta)/K$ from the fixed horizon $t_0 = T$."""
         delta = number("delta", delta, gt=0)
         T = number("T", T, gt=delta)
-        k = integer("steps", steps)
+        k = _steps(steps)
         sched = cls.constant(delta=delta, h=(T - delta) / k, steps=k, tau=tau)
         return cls(sched.t, sched.s, "fixed_horizon")
 
@@ -216,7 +216,13 @@ class Schedule(eqx.Module):
 
 def _horizon(T, delta, steps):
     delta = number("delta", delta, gt=0)
-    return delta, number("T", T, gt=delta), integer("steps", steps), None
+    return delta, number("T", T, gt=delta), _steps(steps), None
+
+
+def _steps(steps) -> int:
+    k = integer("steps", steps)
+    check_size("steps", 8 * 8 * k, f"{k} steps")  # the times and the sampler's per-step arrays
+    return k
 
 
 def _land(t, delta, tau):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mcm_prob as mp
 from mcm_prob import cli, results, studies
@@ -474,3 +476,44 @@ def test_non_finite_results_never_leave_silently():
     for bad in (jnp.nan, jnp.inf):
         with pytest.raises(ValueError, match="`x` must be finite"):
             net(x.at[1, 1].set(bad), 1.0, 0.5)
+
+
+LIMIT = 2**20  # bytes: the guard's limit in the test below
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale=st.floats(0.25, 4.0), which=st.sampled_from(["n", "steps", "width", "draws"]))
+def test_resource_guard_refuses_sizes_past_its_limit_before_allocating(scale, which):
+    """Issue 25, class 1: sizes drawn across the guard's boundary (MCM_PROB_MEMORY_LIMIT = 1 MiB
+    here): below it the call runs and what it returns fits the limit; above it the call is
+    refused with a ValueError naming the argument, before anything is allocated."""
+    key = jax.random.key(0)
+    errs = xr.DataArray(
+        np.exp(np.random.default_rng(0).normal(size=(3, 4))),
+        dims=("step", "seed"),
+        coords={"step": [0.1, 0.2, 0.4]},
+    )
+    calls = {  # argument -> (value at the boundary, the call)
+        "n": (LIMIT // 64, lambda v: mp.sample(lambda x, t, s: x, key, v, dim=2, delta=0.1, h=0.1, steps=2).samples),
+        "steps": (LIMIT // 64, lambda v: mp.Schedule.constant(delta=0.1, h=1e-3, steps=v).t),
+        "width": (150, lambda v: mp.ConsistencyNet(2, width=v, depth=2, key=key)),
+        "draws": (LIMIT // (8 * 2 * 52), lambda v: mp.fit_error_model(errs, "power_law", chains=2, warmup=10, draws=v).attrs),
+    }  # fmt: skip
+    boundary, call = calls[which]
+    value = max(10, int(boundary * scale))
+    old = os.environ.get("MCM_PROB_MEMORY_LIMIT")
+    os.environ["MCM_PROB_MEMORY_LIMIT"] = str(LIMIT)
+    try:
+        if scale > 1.2:  # past the limit: refused by name
+            with pytest.raises(
+                ValueError, match=f"`{which}` asks for .* more than the limit of 1 MiB"
+            ):
+                call(value)
+        elif scale < 0.8 and which != "draws":  # within: runs, and its arrays fit the limit
+            out = call(value)
+            assert sum(a.nbytes for a in jax.tree.leaves(eqx.filter(out, eqx.is_array))) <= LIMIT
+    finally:
+        if old is None:
+            del os.environ["MCM_PROB_MEMORY_LIMIT"]
+        else:
+            os.environ["MCM_PROB_MEMORY_LIMIT"] = old

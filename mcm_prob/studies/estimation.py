@@ -44,7 +44,7 @@ import numpy as np
 import xarray as xr
 
 from .. import metrics
-from .._checks import distinct, integer, number, seeds
+from .._checks import check_size, distinct, integer, number, seeds
 from ..error_models import (
     ALIASES,
     ERROR_MODELS,
@@ -238,6 +238,7 @@ class EstimationConfig(StudyConfig):
         integer("refits", self.refits, ge=0, lt=5)
         integer("sample_size", self.sample_size, ge=10)
         integer("n_boot", self.n_boot, ge=100)
+        self._check_sizes()
         integer("seed", self.seed, ge=0, lt=2**32)
         number("delta_smooth", self.delta_smooth, gt=0)
         number("delta_nonsmooth", self.delta_nonsmooth, gt=0)
@@ -258,6 +259,17 @@ class EstimationConfig(StudyConfig):
                     f"[0, {self.path.t_max:g}]; use a largest step <= (t_max - delta) / 8"
                 )
             self.train_config(label, base, "cd-euler", self.train_sizes[0])
+
+    def _check_sizes(self) -> None:
+        """The resource guard on the keys that size one cell's arrays (`check_size`)."""
+        dim = max(e.data.dim for e in self.entries.values())
+        models = len(self.steps) * len(self.seeds)  # one cell's training program
+        for name in ("eval_samples", "sample_size"):
+            n = getattr(self, name)
+            check_size(name, 4 * 8 * n * dim * models, f"{n} points x {models} models")
+        groups = len(self.entries) * len(self.budgets) * max(len(self.methods), 1)
+        groups *= len(self.train_sizes) * len(self.steps)
+        check_size("n_boot", 8 * 4 * self.n_boot * groups, f"{self.n_boot} resamples")
 
     @property
     def labels(self) -> tuple[str, ...]:
