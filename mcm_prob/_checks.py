@@ -88,26 +88,6 @@ def check_points(name: str, x, dim: int) -> None:
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
 
 
-def finite_result(what: str, value, x=None):
-    """Return `value`, a public function's result, after checking that it is finite: a NaN or
-    inf is refused with a `FloatingPointError` saying `what` it is and, given the input points
-    `x`, their largest magnitude; under jit with `equinox.error_if` (a runtime error)."""
-    if isinstance(value, jax.core.Tracer):
-        msg = f"{what} is not finite: outside the range float64 can evaluate for this family"
-        return eqx.error_if(value, ~jnp.all(jnp.isfinite(value)), msg)
-    arr = concrete(value, what)
-    if np.all(np.isfinite(arr)):
-        return value
-    bad = int(np.sum(~np.isfinite(arr)))
-    where = ""
-    if x is not None and concrete(x) is not None:
-        where = f" (input magnitude up to {float(np.max(np.abs(concrete(x)))):.3g})"
-    raise FloatingPointError(
-        f"{what} is not finite in {bad} of {arr.size} values{where}: outside the range float64 "
-        "can evaluate for this family; use points of moderate size"
-    )
-
-
 MEMORY_LIMIT_ENV = "MCM_PROB_MEMORY_LIMIT"  # bytes, or with a K, M, G or T suffix
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -253,9 +233,6 @@ def finite_or_raise(x, message: str):
     Eagerly this is a Python exception; under `jax.jit` it becomes an `equinox.error_if`
     runtime error with the same message. Nothing non-finite leaves silently.
     """
-    import equinox as eqx
-    import jax.numpy as jnp
-
     bad = ~jnp.all(jnp.isfinite(x))
     if isinstance(bad, jax.core.Tracer):
         return eqx.error_if(x, bad, message)

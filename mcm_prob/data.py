@@ -46,7 +46,7 @@ from ._checks import (
     check_points,
     check_time,
     concrete,
-    finite_result,
+    finite_or_raise,
     integer,
     prng_key,
     real_array,
@@ -265,7 +265,15 @@ class DataDistribution(eqx.Module):
         path = as_path(path)
         self._check_t(t, path)
         check_points("x", x, self.dim)
-        return finite_result("the score", self.unchecked_score(jnp.asarray(x), t, path), x)
+        points = concrete(x)
+        where = (
+            "" if points is None else f" at points of magnitude up to {np.abs(points).max():.3g}"
+        )
+        return finite_or_raise(
+            self.unchecked_score(jnp.asarray(x), t, path),
+            f"the score is not finite{where}: beyond what float64 can evaluate for "
+            f"{type(self).__name__}; use points of moderate size",
+        )
 
     def to_spec(self) -> dict | None:
         """A plain dict (fits JSON and TOML) that `from_spec` turns back into this distribution,
