@@ -491,9 +491,7 @@ def test_sampling_study_and_cli(tmp_path, capsys, monkeypatch, undescribed):
     monkeypatch.setattr(studies.SamplingStudy, "analysis_keys", ("eps",))
     same = studies.load_config(cfg_file, studies.get("sampling"))
     other = dataclasses.replace(same, eps=(0.1, 0.01))
-    with pytest.raises(
-        ValueError, match=r"different config than this merge's.*eps: \[0\.1, 0\.001\]"
-    ):
+    with pytest.raises(ValueError, match=r"different config; cannot merge.*eps: \[0\.1, 0\.001\]"):
         studies.merge("sampling", other, parts, tmp_path / "m3.nc")
     assert not (tmp_path / "m2.nc").exists() and not (tmp_path / "m3.nc").exists()
     assert cli.main(["run", "sampling", "--part", "2/2", "--out", str(tmp_path / "x.nc")]) == 1

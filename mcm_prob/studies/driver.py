@@ -350,9 +350,13 @@ def _blocking_changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -
     return [c for c in changes if c.split(".")[0].split(":")[0] not in analysis]
 
 
+_MERGE_HINT = "Pass the --config (and --quick) the parts were run with"
+
+
 def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.DataTree, list]:
-    """The tree in `path` if it holds `study` with `cfg_json` up to the study's analysis keys,
-    and the list of earlier configs to record (the file's, plus its config if that differs)."""
+    """The tree in `path` if it holds `study` with `cfg_json` up to the study's analysis keys
+    (every key when `what` is ``"merge"``: parts are merged only with their own config), and
+    the list of earlier configs to record (the file's, plus its config if that differs)."""
     try:
         tree = load_tree(path)
     except (OSError, ValueError) as err:
@@ -363,12 +367,13 @@ def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.Da
     history = _json_list(tree.attrs.get("previous_configs"))
     if old == cfg_json:
         return tree, history
-    blocking = _blocking_changes(old, cfg_json, study.analysis_keys)
+    blocking = _blocking_changes(old, cfg_json, () if what == "merge" else study.analysis_keys)
     if blocking:
+        hint = _MERGE_HINT if what == "merge" else "Use --overwrite or another --out"
         raise ValueError(
             f"{path} was written with a different config; cannot {what} it. Differences: "
             + "; ".join(blocking)
-            + ". Use --overwrite or another --out"
+            + f". {hint}"
         )
     return tree, history + [old]
 
@@ -557,15 +562,7 @@ def _merge_locked(study, config, parts, out, overwrite, progress):
     for p in parts:
         if not p.is_file():
             raise FileNotFoundError(f"part file {p} does not exist")
-    trees = [_previous(p, cfg_json, study, "merge")[0] for p in parts]
-    for p, tree in zip(parts, trees, strict=True):
-        changes = _blocking_changes(tree.attrs.get("config"), cfg_json, ())
-        if changes:
-            raise ValueError(
-                f"{p} was run with a different config than this merge's; cannot merge it. "
-                f"Differences: {'; '.join(changes)}. Pass the --config (and --quick) the parts "
-                "were run with"
-            )
+    trees = [_previous(p, cfg_json, study, "merge")[0] for p in parts]  # every key equal
     merged = trees[0]["results"].to_dataset()
     done_dims = merged["done"].dims
     for tree in trees[1:]:
