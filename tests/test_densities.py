@@ -89,6 +89,7 @@ def test_laplace_factor_converges_at_second_order_against_quadrature():
         Density1D(laplace_log_density, -20.0, 20.0, regime="nonsmooth").marginal(0.0)
 
 
+@pytest.mark.heavy(25)
 def test_product_of_densities_through_the_exact_tools():
     """A product of a normal density and a Laplace density: p_t factorises, the score is the
     factors' side by side, the exact KL of the grid laws of two normal-density factors equals

@@ -170,7 +170,7 @@ def test_failed_analysis_leaves_partial_and_resume_reruns_only_the_analysis(tmp_
     sampling = studies.get("sampling")
     out = tmp_path / "s.nc"
 
-    def broken(self, c, ds):
+    def broken(self, c, ds, *, progress):
         raise RuntimeError("analysis failed")
 
     monkeypatch.setattr(type(sampling), "finalize", broken)
@@ -357,6 +357,7 @@ def test_error_model_settings_refused_before_any_model_is_traced(monkeypatch):
         mp.fit_error_models(errors, ("power_law", "two_term"), workers=2, target_accept=1.5)
 
 
+@pytest.mark.heavy(45)
 def test_one_writer_per_output(tmp_path, capsys):
     """Issue 25, class 2 (two writers, one file): while one run writes `--out`, a second run
     (CLI or Python, run or merge) is refused at once, naming the first run's process; the

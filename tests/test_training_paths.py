@@ -38,6 +38,7 @@ def test_cd_and_ct_learn_the_flow_of_every_path(name):
     for method in ("cd", "ct"):
         cfg = mp.TrainConfig(
             method=method,
+            teacher="heun",
             T=T,
             delta=0.02 * T,
             step=T / 10,
