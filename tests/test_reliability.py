@@ -518,3 +518,22 @@ def test_resource_guard_refuses_sizes_past_its_limit_before_allocating(scale, wh
             del os.environ["MCM_PROB_MEMORY_LIMIT"]
         else:
             os.environ["MCM_PROB_MEMORY_LIMIT"] = old
+
+
+def test_error_models_from_an_unguarded_script_run_its_top_level_once(tmp_path):
+    """Issue 25, class 8: `fit_error_models(..., workers=2)` from a script without an
+    `if __name__ == "__main__"` guard runs the script's top level once (threads, not worker
+    processes that re-import `__main__`) and finishes."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import jax\njax.config.update('jax_enable_x64', True)\n"
+        "import numpy as np, xarray as xr\nimport mcm_prob as mp\n"
+        "print('top level', flush=True)\n"
+        "e = xr.DataArray(np.exp(np.random.default_rng(0).normal(size=(2, 3, 4))),\n"
+        "    dims=('g', 'step', 'seed'), coords={'step': [0.1, 0.2, 0.4]})\n"
+        "fits = mp.fit_error_models(e, ('power_law', 'gp'), workers=2, chains=2, warmup=20, draws=20)\n"
+        "print(sorted(fits))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["top level", "['gp', 'power_law']"]
