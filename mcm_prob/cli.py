@@ -68,8 +68,10 @@ def _run(args) -> int:
         staged = studies.staging_path(out)
         if args.command == "run" and args.overwrite and staged.exists():
             where = f"{staged} ({out} is unchanged). Continue with the same command"
-        else:
+        elif out.exists():
             where = f"{out}. Continue with the same command plus --resume"
+        else:
+            return _fail("interrupted before the first cell finished; nothing was saved.", 130)
         return _fail(f"interrupted; finished cells are saved in {where}.", 130)
     print(
         f"wrote {out} ({tree.attrs.get('status')}, wall time {tree.attrs.get('wall_time_s', float('nan')):.1f} s)"

@@ -537,3 +537,42 @@ def test_error_models_from_an_unguarded_script_run_its_top_level_once(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines() == ["top level", "['gp', 'power_law']"]
+
+
+def test_resume_and_merge_check_the_file_they_continue(tmp_path):
+    """Issue 25, class 3: a complete file is not resumed as a part (it stayed complete), a
+    part's file only as that part, and a file whose layout differs from its config (an extra
+    entry, a missing variable) is refused by name, in resume and merge alike, instead of a
+    KeyError later; the refused files are unchanged."""
+    _, cfg = _sampling_config(tmp_path)
+    sampling = studies.get("sampling")
+    whole, part0 = tmp_path / "whole.nc", tmp_path / "p0.nc"
+    studies.run_study(sampling, cfg, whole, progress=False)
+    studies.run_study(sampling, cfg, part0, progress=False, part=(0, 2))
+    before = whole.read_bytes()
+    with pytest.raises(
+        ValueError, match=r"holds the whole run \(complete\); cannot resume it as part 1/2"
+    ):
+        studies.run_study(sampling, cfg, whole, resume=True, progress=False, part=(1, 2))
+    with pytest.raises(
+        ValueError, match=r"holds part 0/2 \(partial\); cannot resume it as part 1/2"
+    ):
+        studies.run_study(sampling, cfg, part0, resume=True, progress=False, part=(1, 2))
+    assert whole.read_bytes() == before
+    tree = load_tree(whole)
+    res = tree["results"].to_dataset()
+    extra = xr.concat([res, res.isel(entry=[0]).assign_coords(entry=["added"])], "entry")
+    missing = res.drop_vars("done")
+    for name, ds in (("extra", extra), ("missing", missing)):
+        bad = tmp_path / f"{name}.nc"
+        doc = tree.copy()
+        doc["results"] = xr.DataTree(ds)
+        save_tree(doc, bad)
+        with pytest.raises(ValueError, match="does not have the layout of its config"):
+            studies.run_study(sampling, cfg, bad, resume=True, progress=False)
+        with pytest.raises(ValueError, match="does not have the layout of its config"):
+            studies.merge("sampling", cfg, [bad], tmp_path / f"m_{name}.nc")
+    with pytest.raises(ValueError, match="coordinate 'entry' is"):
+        studies.run_study(sampling, cfg, tmp_path / "extra.nc", resume=True, progress=False)
+    with pytest.raises(ValueError, match="variable 'done' missing"):
+        studies.run_study(sampling, cfg, tmp_path / "missing.nc", resume=True, progress=False)

@@ -684,8 +684,13 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(studies, "run_study", interrupted)
-    assert cli.main(["run", "sampling", "--quick", "--out", str(tmp_path / "i.nc")]) == 130
-    assert "--resume" in capsys.readouterr().err
+    argv = ["run", "sampling", "--quick", "--out", str(tmp_path / "i.nc")]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err  # nothing saved yet: nothing to resume (issue 25, class 3)
+    assert "before the first cell finished; nothing was saved" in err and "--resume" not in err
+    (tmp_path / "i.nc").write_bytes(b"")  # as if the first cell had been saved
+    assert cli.main(argv) == 130
+    assert "plus --resume" in capsys.readouterr().err
 
 
 def test_persistent_compilation_cache_on_by_default(tmp_path):

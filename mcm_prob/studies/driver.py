@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 import xarray as xr
 
 from .._checks import number
@@ -353,10 +354,12 @@ def _blocking_changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -
 _MERGE_HINT = "Pass the --config (and --quick) the parts were run with"
 
 
-def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.DataTree, list]:
-    """The tree in `path` if it holds `study` with `cfg_json` up to the study's analysis keys
-    (every key when `what` is ``"merge"``: parts are merged only with their own config), and
-    the list of earlier configs to record (the file's, plus its config if that differs)."""
+def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree, list]:
+    """The tree in `path` if it holds `study` with `config` up to the study's analysis keys
+    (every key when `what` is ``"merge"``: parts are merged only with their own config) and
+    the layout `config` gives, and the list of earlier configs to record (the file's, plus its
+    config if that differs)."""
+    cfg_json = config.to_json()
     try:
         tree = load_tree(path)
     except (OSError, ValueError) as err:
@@ -366,6 +369,7 @@ def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.Da
     old = tree.attrs.get("config")
     history = _json_list(tree.attrs.get("previous_configs"))
     if old == cfg_json:
+        _check_structure(path, tree["results"].to_dataset(), study.schema(config), what)
         return tree, history
     blocking = _blocking_changes(old, cfg_json, () if what == "merge" else study.analysis_keys)
     if blocking:
@@ -375,7 +379,37 @@ def _previous(path: Path, cfg_json: str, study: Study, what: str) -> tuple[xr.Da
             + "; ".join(blocking)
             + f". {hint}"
         )
+    _check_structure(path, tree["results"].to_dataset(), study.schema(config), what)
     return tree, history + [old]
+
+
+def _check_structure(path: Path, ds: xr.Dataset, want: xr.Dataset, what: str) -> None:
+    """The file's `/results` must have the layout `want` (the config's `study.schema`): every
+    coordinate with its values, every variable with its dimensions. A file altered or damaged
+    outside mcm_prob is refused by name instead of failing later with a KeyError."""
+    problems = []
+    for c in want.coords:
+        if c not in ds.coords:
+            problems.append(f"coordinate {c!r} missing")
+        elif ds[c].shape != want[c].shape or not np.array_equal(ds[c].values, want[c].values):
+            problems.append(
+                f"coordinate {c!r} is {ds[c].values.tolist()}, the config gives "
+                f"{want[c].values.tolist()}"
+            )
+    problems += [f"variable {v!r} missing" for v in want.data_vars if v not in ds.data_vars]
+    problems += [
+        f"{v!r} has dims {ds[v].dims} {tuple(ds[v].shape)}, the config gives "
+        f"{want[v].dims} {tuple(want[v].shape)}"
+        for v in want.data_vars
+        if v in ds.data_vars and (ds[v].dims, ds[v].shape) != (want[v].dims, want[v].shape)
+    ]
+    if problems:
+        raise ValueError(
+            f"{path} does not have the layout of its config, so it was altered or damaged "
+            f"outside mcm_prob; cannot {what} it: "
+            + "; ".join(problems[:4])
+            + ("; ..." if len(problems) > 4 else "")
+        )
 
 
 def _json_list(text) -> list:
@@ -475,11 +509,12 @@ def _run_locked(study, config, out, resume, overwrite, progress, stop_after, par
         remove_stale_temps(target)
         if target.exists():  # an interrupted overwrite: continue it if the config allows
             with contextlib.suppress(ValueError):
-                previous, history = _previous(target, cfg_json, study, "continue")
+                previous, history = _previous(target, config, study, "continue")
     elif resume:
         if not out.exists():
             raise FileNotFoundError(f"--resume given but {out} does not exist")
-        previous, history = _previous(out, cfg_json, study, "resume")
+        previous, history = _previous(out, config, study, "resume")
+        _check_part(out, previous, part)
     enable_compilation_cache()
     start = time.perf_counter()
     ds = study.schema(config) if previous is None else previous["results"].to_dataset()
@@ -519,6 +554,20 @@ def _run_locked(study, config, out, resume, overwrite, progress, stop_after, par
                 f"could not move the finished {target} over {out}: {err.strerror or err}"
             ) from err
     return load_tree(out)
+
+
+def _check_part(out: Path, tree: xr.DataTree, part) -> None:
+    """A file is resumed as what it is: the whole run, or the part it was run as (a complete
+    file is never turned back into a part)."""
+    held = tree.attrs.get("part")
+    asked = None if part is None else f"{part[0]}/{part[1]}"
+    if held != asked:
+        what = lambda p: "the whole run" if p is None else f"part {p}"  # noqa: E731
+        raise ValueError(
+            f"{out} holds {what(held)} ({tree.attrs.get('status')}); cannot resume it as "
+            f"{what(asked)}: resume it with the --part it was run with"
+            + ("" if held is None else " (or combine the parts with `mcm-prob merge`)")
+        )
 
 
 def _part(part) -> tuple[int, int]:
@@ -562,7 +611,7 @@ def _merge_locked(study, config, parts, out, overwrite, progress):
     for p in parts:
         if not p.is_file():
             raise FileNotFoundError(f"part file {p} does not exist")
-    trees = [_previous(p, cfg_json, study, "merge")[0] for p in parts]  # every key equal
+    trees = [_previous(p, config, study, "merge")[0] for p in parts]  # every key equal
     merged = trees[0]["results"].to_dataset()
     done_dims = merged["done"].dims
     for tree in trees[1:]:
