@@ -255,6 +255,9 @@ def error_array(errors, *, along: str = "step", min_values: int = 2):
             f"`errors` needs dims ({along!r}, 'seed') (others index groups); missing {sorted(missing)}"
         )
     groups = [d for d in errors.dims if d not in (along, "seed")]
+    empty = [d for d in groups if errors.sizes[d] == 0]
+    if empty:
+        raise ValueError(f"`errors` group dim(s) {empty} are empty: no group to fit")
     errors = errors.transpose(*groups, along, "seed").sortby(along)
     x = np.asarray(errors[along].values, float)
     if x.size < min_values or errors.sizes["seed"] < 2:

@@ -83,7 +83,7 @@ def _parse_part(text: str | None):
     if text is None:
         return None
     i, sep, n = text.partition("/")
-    if not (sep and i.strip().isdigit() and n.strip().isdigit()):
+    if not (sep and all(v.strip().isascii() and v.strip().isdigit() for v in (i, n))):
         raise ValueError(f"--part must look like I/N (e.g. 0/2), got {text!r}")
     return int(i), int(n)
 

@@ -320,7 +320,7 @@ def from_spec(spec: Mapping) -> DataDistribution:
             f"a data spec must be a dict with a 'family' key, got {type(spec).__name__}"
         )
     family = spec.get("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ValueError(
             f"data spec key 'family' must be one of {sorted(FAMILIES)}, got {family!r}"
         )

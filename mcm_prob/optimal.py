@@ -141,6 +141,8 @@ def optimal_schedule(
         if np.isfinite(float(path.rho(T))):
             starts.append(Schedule.karras(T=T, delta=delta, steps=k, tau=np.inf, path=path))
     starts = list(starts)
+    if not starts:
+        raise ValueError("`starts` must hold at least one Schedule (or be None for the defaults)")
     for i, st in enumerate(starts):
         if not isinstance(st, Schedule) or st.steps != k:
             raise ValueError(f"`starts[{i}]` must be a Schedule with {k} steps, got {st!r}")

@@ -169,6 +169,8 @@ def load_tree(path: str | os.PathLike) -> xr.DataTree:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such results file: {path}")
+    if not path.is_file():  # a directory, a FIFO (reading it would wait forever), a device
+        raise ValueError(f"{path} is not a regular file")
     with xr.open_datatree(path, engine="h5netcdf") as tree:
         tree = tree.load()
 

@@ -44,7 +44,13 @@ ECT_MIDDLE_SIGMA = 0.821  # ECT's two-step middle noise level (EDM sigma)
 def _rho(t, path=None):
     """Noise level of time t on `path` (None: OU, in numpy float64)."""
     if path is None:
-        return np.sqrt(np.expm1(2.0 * np.asarray(t, np.float64)))
+        rho = np.sqrt(np.expm1(2.0 * np.asarray(t, np.float64)))
+        if not np.all(np.isfinite(rho)):
+            raise ValueError(
+                f"the OU noise level sqrt(e^(2t) - 1) overflows float64 at T = {t}: the "
+                "noise-level spacings need T below about 354"
+            )
+        return rho
     rho = np.asarray(path.rho(np.asarray(t, np.float64)), np.float64)
     if not np.all(np.isfinite(rho)):
         raise ValueError(

@@ -576,3 +576,33 @@ def test_resume_and_merge_check_the_file_they_continue(tmp_path):
         studies.run_study(sampling, cfg, tmp_path / "extra.nc", resume=True, progress=False)
     with pytest.raises(ValueError, match="variable 'done' missing"):
         studies.run_study(sampling, cfg, tmp_path / "missing.nc", resume=True, progress=False)
+
+
+def test_messages_name_the_users_argument(tmp_path, capsys):
+    """Issue 25, class 7: what was refused by a library's message (or hung) now names the
+    argument or file: a family that is not a string, an overflowing horizon, no start
+    schedules, an empty group dim, a non-ASCII --part, a FIFO given to report."""
+    with pytest.raises(ValueError, match="data spec key 'family' must be one of"):
+        mp.data.from_spec({"family": {"nested": 1}})
+    with pytest.raises(ValueError, match="data spec key 'family' must be one of"):
+        mp.data.from_spec({"family": ["gaussian"]})
+    for make in (mp.Schedule.karras, mp.Schedule.song):
+        with pytest.raises(ValueError, match="overflows float64 at T = 400"):
+            make(T=400.0, delta=0.01, steps=3)
+    with pytest.raises(ValueError, match="`starts` must hold at least one Schedule"):
+        mp.optimal_schedule(GAUSS, 2, T=2.0, delta=0.01, starts=[], n_random=0)
+    errs = xr.DataArray(np.ones((0, 3, 2)), dims=("g", "step", "seed"),
+                        coords={"step": [0.1, 0.2, 0.4]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"group dim\(s\) \['g'\] are empty"):
+        mp.fit_error_model(errs, "power_law")
+    assert (
+        cli.main(
+            ["run", "sampling", "--quick", "--part", "\u00b2/2", "--out", str(tmp_path / "x.nc")]
+        )
+        == 1
+    )
+    assert "--part must look like I/N" in capsys.readouterr().err
+    fifo = tmp_path / "pipe.nc"
+    os.mkfifo(fifo)
+    assert cli.main(["report", str(fifo)]) == 1  # returns at once instead of waiting on it
+    assert "is not a regular file" in capsys.readouterr().err
