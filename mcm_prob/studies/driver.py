@@ -379,19 +379,25 @@ def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree,
             + "; ".join(blocking)
             + f". {hint}"
         )
-    _check_structure(path, tree["results"].to_dataset(), study.schema(config), what)
+    # analysis keys changed: the layout is the file's config's, so only names are compared
+    _check_structure(path, tree["results"].to_dataset(), study.schema(config), what, exact=False)
     return tree, history + [old]
 
 
-def _check_structure(path: Path, ds: xr.Dataset, want: xr.Dataset, what: str) -> None:
+def _check_structure(
+    path: Path, ds: xr.Dataset, want: xr.Dataset, what: str, exact: bool = True
+) -> None:
     """The file's `/results` must have the layout `want` (the config's `study.schema`): every
-    coordinate with its values, every variable with its dimensions. A file altered or damaged
-    outside mcm_prob is refused by name instead of failing later with a KeyError."""
+    coordinate with its values, every variable with its dimensions (with `exact` False, only
+    the names of coordinates, variables and dimensions). A file altered or damaged outside
+    mcm_prob is refused by name instead of failing later with a KeyError."""
     problems = []
     for c in want.coords:
         if c not in ds.coords:
             problems.append(f"coordinate {c!r} missing")
-        elif ds[c].shape != want[c].shape or not np.array_equal(ds[c].values, want[c].values):
+        elif exact and (
+            ds[c].shape != want[c].shape or not np.array_equal(ds[c].values, want[c].values)
+        ):
             problems.append(
                 f"coordinate {c!r} is {ds[c].values.tolist()}, the config gives "
                 f"{want[c].values.tolist()}"
@@ -401,7 +407,9 @@ def _check_structure(path: Path, ds: xr.Dataset, want: xr.Dataset, what: str) ->
         f"{v!r} has dims {ds[v].dims} {tuple(ds[v].shape)}, the config gives "
         f"{want[v].dims} {tuple(want[v].shape)}"
         for v in want.data_vars
-        if v in ds.data_vars and (ds[v].dims, ds[v].shape) != (want[v].dims, want[v].shape)
+        if v in ds.data_vars
+        and (ds[v].dims, ds[v].shape if exact else 0)
+        != (want[v].dims, want[v].shape if exact else 0)
     ]
     if problems:
         raise ValueError(
