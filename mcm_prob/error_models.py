@@ -969,6 +969,20 @@ def _compiled_runs(errors, models, options: dict) -> dict:
     return runs
 
 
+def _check_same_data(fits: Mapping[str, xr.DataTree]) -> None:
+    """Refuse fitted trees of different observed errors (LOO ranks fits of one data set)."""
+    names = list(fits)
+    first = fits[names[0]]["observed_data"][_OBS]
+    for name in names[1:]:
+        obs = fits[name]["observed_data"][_OBS]
+        if not obs.equals(first):
+            raise ValueError(
+                f"`errors[{name!r}]` was fitted to other errors than `errors[{names[0]!r}]` "
+                "(their observed_data differ); LOO compares models of one data set: fit every "
+                "model to the same errors"
+            )
+
+
 def compare_error_models(
     errors: xr.DataArray | Mapping[str, xr.DataTree],
     models=tuple(ERROR_MODELS),
@@ -988,6 +1002,7 @@ def compare_error_models(
         raise ValueError(f"`models` must name at least 2 models to compare, got {names}")
     if isinstance(errors, Mapping):
         fits = dict(errors)
+        _check_same_data(fits)
     else:
         names = [model_name("models", m) for m in names]
         fits = {m: fit_error_model(errors, m, **fit_kwargs) for m in names}

@@ -53,6 +53,7 @@ from ._checks import check_size, integer, prng_key, real_array
 from .data import ClosedFormCDF, DataDistribution, ProductData, UniformBox
 from .flow import pf_flow
 from .paths import AbstractPath, OrnsteinUhlenbeck, as_path
+from .sampling import check_range
 from .schedules import Schedule, as_schedule
 
 __all__ = [
@@ -140,7 +141,10 @@ def _push_step(f, x, w, q, log_p_s_of, t, s):
     interpolation is accurate); f' by reverse-mode autodiff. Otherwise: mass transport, each
     grid cell's mass w_i q_i moved to f(x_i) and split linearly between its two neighbours."""
     xs = jnp.asarray(x)[:, None]
-    y = np.asarray(f(xs, t, s), np.float64)[:, 0]
+    y = np.asarray(f(xs, t, s), np.float64)
+    if y.shape != xs.shape:
+        raise ValueError(f"`f` must return shape (n, 1) for 1-d data, got {y.shape} for {xs.shape}")
+    y = y[:, 0]
     dy = np.asarray(jax.grad(lambda z: jnp.sum(f(z, t, s)))(xs), np.float64)[:, 0]
     if not (np.all(np.isfinite(y)) and np.all(np.isfinite(dy))):
         raise FloatingPointError(f"f(x, {t:g}, {s:g}) is not finite on the grid")
@@ -180,6 +184,7 @@ def grid_law_1d(
     half_width: float | None = None,
     grid: np.ndarray | None = None,
     path: AbstractPath | None = None,
+    extrapolate: bool = False,
 ) -> GridLaw:
     r"""Law of `mcm_prob.sample` for a 1-d family, on a grid (see module doc).
 
@@ -189,7 +194,10 @@ def grid_law_1d(
     [-half_width, half_width] (default: 8 plus the data's extent). `grid`: the points of
     `grid_points(data, delta, n_grid, half_width)` computed once (off OU: at `path.ou_time(delta)`), when many laws of the same
     data and delta are wanted (it replaces `n_grid` and `half_width`). `path`: the Gaussian
-    path of the schedule and of f (default: f's own path, else OU). Off OU the law is
+    path of the schedule and of f (default: f's own path, else OU); `extrapolate`: as in
+    `mcm_prob.sample`, a model `f` is refused outside the time range it was trained on. The
+    grid must hold the mass of the start law and of p_delta (to 1e-6): a grid that misses
+    some is refused by name instead of returning the KL of the part it covers. Off OU the law is
     propagated in OU coordinates ($x = c_t X^{OU}_{u_t}$, docs/conventions.md), where the
     prior and p_delta share one grid; then `x`, `q`, `p` of the result are in those coordinates
     at OU time $u_\delta$ (the path's are $c_\delta x$ and $q / c_\delta$) and `kl` is the
@@ -201,6 +209,8 @@ def grid_law_1d(
     if f is not None and not callable(f):
         raise TypeError(f"`f` must be a callable f(x, t, s), got {type(f).__name__}")
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
+    if f is not None:
+        check_range(f, sched, extrapolate)
     path = as_path(path, f)
     path.check_time("schedule.t[0]", sched.horizon)
     # in OU coordinates: x_path = c X^OU at OU time u (KL is invariant under the rescaling)
@@ -219,6 +229,14 @@ def grid_law_1d(
             raise ValueError("`grid` must be at least 101 strictly increasing points")
     w = _trapezoid_weights(x)
     q = stats.norm.pdf(x, scale=start_std)
+    _check_coverage(
+        "grid" if grid is not None else "half_width",
+        x,
+        outside_start=float(
+            stats.norm.cdf(x[0], scale=start_std) + stats.norm.sf(x[-1], scale=start_std)
+        ),
+        mass_delta=float(w @ np.exp(_log_density(data, x, s[-1]))),
+    )
     transport, kernels = [], {}
     for k in range(sched.steps):
         log_p = _log_density(data, x, s[k])
@@ -244,6 +262,22 @@ def grid_law_1d(
     if not (math.isfinite(kl) and math.isfinite(mass)):
         raise FloatingPointError("grid propagation produced non-finite values; refine the grid")
     return GridLaw(x, q, np.exp(log_p), kl, mass, tuple(transport))
+
+
+def _check_coverage(name: str, x: np.ndarray, outside_start: float, mass_delta: float) -> None:
+    """Refuse a grid that misses mass: more than 1e-6 of the start law (exact normal tails) or
+    a trapezoid mass of p_delta off 1 by more than 1e-3 (the default grid's quadrature error is
+    about 1e-5); the grid law would be the KL of the part the grid covers."""
+    for law, missing, tol in (
+        ("the start law", outside_start, 1e-6),
+        ("p_delta", 1 - mass_delta, 1e-3),
+    ):
+        if not abs(missing) <= tol:
+            raise ValueError(
+                f"the grid [{x[0]:g}, {x[-1]:g}] of {x.size} points misses mass {missing:.3g} of "
+                f"{law} (more than {tol:g}): widen or refine it (`{name}`; the default grid "
+                "covers the data's extent plus 8)"
+            )
 
 
 def _ou_schedule(path: AbstractPath, sched: Schedule):
@@ -288,6 +322,9 @@ def coordinate_maps(f, dim: int, schedule: Schedule, *, key=None, rtol: float = 
             z = jnp.zeros((x.shape[0], dim), x.dtype).at[:, i].set(x[:, 0])
             return f(z, t, s)[:, i : i + 1]
 
+        for name in ("trained_range", "path"):  # f's range is checked, its path kept
+            if hasattr(f, name):
+                setattr(f_i, name, getattr(f, name))
         return f_i
 
     return [coordinate(i) for i in range(dim)]

@@ -35,7 +35,7 @@ import optax
 
 from ._checks import check_size, integer, number, prng_key
 from .accuracy import product_factors, schedule_kl
-from .data import ClosedFormGaussian, DataDistribution
+from .data import ClosedFormGaussian, DataDistribution, Gaussian
 from .gridlaw import grid_kl_cdf, grid_points, has_closed_form_cdf
 from .laws import gaussian_law_moments, gaussian_parts
 from .paths import OU, AbstractPath, as_path
@@ -110,6 +110,43 @@ def optimal_schedule(
     default `grid_law_1d`).
     """
     gaussian = isinstance(data, ClosedFormGaussian) and dim is None
+    with jax.enable_x64(True):  # ground truth: float64 arithmetic in every mode
+        return _optimal_schedule(
+            _float64(data) if gaussian else data,
+            steps,
+            gaussian=gaussian,
+            T=T,
+            delta=delta,
+            dim=dim,
+            starts=starts,
+            n_random=n_random,
+            iterations=iterations,
+            learning_rate=learning_rate,
+            perturbation=perturbation,
+            key=key,
+            n_grid=n_grid,
+            grid=grid,
+            floor=floor,
+            path=path,
+        )
+
+
+def _float64(data: ClosedFormGaussian) -> Gaussian:
+    """Gaussian `data` in float64 (called with x64 on): a float32-mode family's parameters as
+    they are, its eigenvectors re-orthonormalised (QR), so that its exact KLs are float64
+    arithmetic, not float32's round-off floor (about 1e-8 where float64 gives 1e-12)."""
+    m, lam, u = gaussian_parts(data)
+    if u is not None:
+        q, r = np.linalg.qr(u)
+        u = q * np.where(np.diag(r) < 0, -1.0, 1.0)
+        m = u @ m
+    return Gaussian(mean=m, eigvals=lam, eigvecs=u)
+
+
+def _optimal_schedule(
+    data, steps, *, gaussian, T, delta, dim, starts, n_random, iterations, learning_rate,
+    perturbation, key, n_grid, grid, floor, path
+) -> OptimalSchedule:  # fmt: skip
     path = as_path(path)
     if not gaussian and path != OU:
         raise ValueError(
@@ -162,15 +199,14 @@ def optimal_schedule(
     number("floor", floor, ge=0)
     if k > 1 and best[1] > floor:
         a0, b0 = _initial(starts, n_random, k, T, delta, key)
-        with jax.enable_x64(True):
-            if gaussian:
-                history, params = _optimise_gaussian(
-                    data, perturbation, T, delta, learning_rate, a0, b0, iterations, path
-                )
-            else:
-                history, params = _optimise_product(
-                    factors, T, delta, learning_rate, a0, b0, iterations, n_grid
-                )
+        if gaussian:
+            history, params = _optimise_gaussian(
+                data, perturbation, T, delta, learning_rate, a0, b0, iterations, path
+            )
+        else:
+            history, params = _optimise_product(
+                factors, T, delta, learning_rate, a0, b0, iterations, n_grid
+            )
         for p in params:
             t, s = (np.array(v, np.float64) for v in _times(p, T, delta))
             t[0] = T  # exactly the horizon (the softmax sum can be an ulp above it)

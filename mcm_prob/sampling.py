@@ -92,7 +92,7 @@ def sample(
     check_size("n", 4 * 8 * n * dim, f"{n} samples in dimension {dim}")  # x, y, noise, f's
     path = as_path(path, f)
     sched = as_schedule(schedule, delta=delta, h=h, steps=steps, tau=tau)
-    _check_range(f, sched, extrapolate)
+    check_range(f, sched, extrapolate)
     k_init, k_run = jax.random.split(key)
     x0 = _initial(path, sched, init, k_init, n, dim)
     y = _run_sampler(f, k_run, x0, *_times(path, sched))
@@ -125,7 +125,7 @@ def _times(path: AbstractPath, sched: Schedule):
     return jnp.asarray(sched.t, dtype), jnp.asarray(sched.s, dtype), ratio, std
 
 
-def _check_range(f, sched: Schedule, extrapolate: bool) -> None:
+def check_range(f, sched: Schedule, extrapolate: bool) -> None:
     """Refuse (or, with `extrapolate`, warn about) a schedule outside f's trained range."""
     if not isinstance(extrapolate, bool):
         raise ValueError(f"`extrapolate` must be True or False, got {extrapolate!r}")

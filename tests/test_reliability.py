@@ -606,3 +606,47 @@ def test_messages_name_the_users_argument(tmp_path, capsys):
     os.mkfifo(fifo)
     assert cli.main(["report", str(fifo)]) == 1  # returns at once instead of waiting on it
     assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_valid_looking_calls_that_would_give_wrong_answers_are_refused():
+    """Issue 25, class 6: a grid that misses the mass, a trained model outside its range in
+    `grid_law_1d` and `product_kl` (as `sample` refuses it), an `f` with two columns,
+    `compare_error_models` over fits of different data; and `optimal_schedule` in float32
+    mode computes in float64 (its KLs equal float64's, not float32's round-off floor)."""
+    g1 = mp.data.Gaussian([0.5], [[0.4]])
+    kw = dict(delta=0.01, h=0.5, steps=2)
+    with pytest.raises(ValueError, match=r"misses mass 0\.9\d+ of the start law .*`grid`"):
+        mp.gridlaw.grid_law_1d(g1, grid=np.linspace(-0.01, 0.01, 101), **kw)
+    with pytest.raises(ValueError, match=r"misses mass .* of the start law .*`half_width`"):
+        mp.gridlaw.grid_law_1d(g1, half_width=3.0, **kw)
+    with pytest.raises(ValueError, match=r"misses mass .* of p_delta"):  # the data off the grid
+        mp.gridlaw.grid_law_1d(
+            mp.data.Gaussian([30.0], [[0.4]]), grid=np.linspace(-10, 10, 2001), **kw
+        )
+    cfg = mp.TrainConfig(delta=0.05, T=2.0, width=8, depth=1, progress=False)
+    model = mp.TrainedModel(mp.ConsistencyNet(1, width=8, depth=1, key=jax.random.key(0)), cfg)
+    with pytest.raises(ValueError, match=r"outside the time range it was trained on \[0\.05, 2\]"):
+        mp.gridlaw.grid_law_1d(g1, f=model, n_grid=201, **kw)
+    with pytest.raises(ValueError, match="outside the time range it was trained on"):
+        mp.gridlaw.product_kl([g1, g1], f=mp.gridlaw.coordinate_maps(model, 1, mp.Schedule.constant(**kw)) * 2,
+                      n_grid=201, **kw)  # fmt: skip
+    inside = mp.gridlaw.grid_law_1d(g1, f=model, n_grid=201, delta=0.05, h=0.5, steps=2)
+    assert np.isfinite(inside.kl)
+    with pytest.raises(ValueError, match=r"`f` must return shape \(n, 1\) for 1-d data"):
+        mp.gridlaw.grid_law_1d(g1, f=lambda x, t, s: jnp.concatenate([x, x], 1), n_grid=201, **kw)
+
+    def fitted(values):
+        obs = xr.Dataset({"log_error": (("step", "seed"), np.asarray(values))})
+        return xr.DataTree.from_dict({"observed_data": obs})
+
+    with pytest.raises(ValueError, match=r"`errors\['b'\]` was fitted to other errors"):
+        mp.compare_error_models({"a": fitted([[1.0, 2.0]]), "b": fitted([[1.0, 2.5]])})
+
+    with jax.enable_x64(True):
+        res64 = mp.optimal_schedule(GAUSS, 2, T=1.5, delta=0.02, iterations=30, n_random=0)
+    with jax.enable_x64(False):
+        g32 = mp.data.Gaussian(jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.3], [0.3, 0.5]]))
+        res32 = mp.optimal_schedule(g32, 2, T=1.5, delta=0.02, iterations=30, n_random=0)
+    # the parameters of g32 are GAUSS's rounded to float32: KLs agree to float32's 1e-7
+    np.testing.assert_allclose(res32.start_kl, res64.start_kl, rtol=1e-5)
+    assert res32.kl == pytest.approx(res64.kl, rel=1e-4)
