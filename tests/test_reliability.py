@@ -542,7 +542,7 @@ def test_error_models_from_an_unguarded_script_run_its_top_level_once(tmp_path):
 def test_resume_and_merge_check_the_file_they_continue(tmp_path):
     """Issue 25, class 3: a complete file is not resumed as a part (it stayed complete), a
     part's file only as that part, and a file whose layout differs from its config (an extra
-    entry, a missing variable) is refused by name, in resume and merge alike, instead of a
+    entry, a missing variable) or whose done cells hold only NaN is refused by name, in resume and merge alike, instead of a
     KeyError later; the refused files are unchanged."""
     _, cfg = _sampling_config(tmp_path)
     sampling = studies.get("sampling")
@@ -576,6 +576,21 @@ def test_resume_and_merge_check_the_file_they_continue(tmp_path):
         studies.run_study(sampling, cfg, tmp_path / "extra.nc", resume=True, progress=False)
     with pytest.raises(ValueError, match="variable 'done' missing"):
         studies.run_study(sampling, cfg, tmp_path / "missing.nc", resume=True, progress=False)
+    faked = tree.copy()  # done flags over values that were never computed
+    faked["results"] = xr.DataTree(
+        res.map(lambda v: v.where(v.entry != "g2") if v.dtype.kind == "f" else v)
+    )
+    save_tree(faked, tmp_path / "faked.nc")
+    for run in (
+        lambda: studies.run_study(
+            sampling, cfg, tmp_path / "faked.nc", resume=True, progress=False
+        ),
+        lambda: studies.merge("sampling", cfg, [tmp_path / "faked.nc"], tmp_path / "m.nc"),
+    ):
+        with pytest.raises(
+            ValueError, match=r"marks 1 cell\(s\) done that hold no results .*entry=g2"
+        ):
+            run()
 
 
 def test_messages_name_the_users_argument(tmp_path, capsys):

@@ -370,6 +370,7 @@ def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree,
     history = _json_list(tree.attrs.get("previous_configs"))
     if old == cfg_json:
         _check_structure(path, tree["results"].to_dataset(), study.schema(config), what)
+        _check_done(path, tree["results"].to_dataset(), study.cells(config), what)
         return tree, history
     blocking = _blocking_changes(old, cfg_json, () if what == "merge" else study.analysis_keys)
     if blocking:
@@ -381,6 +382,7 @@ def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree,
         )
     # analysis keys changed: the layout is the file's config's, so only names are compared
     _check_structure(path, tree["results"].to_dataset(), study.schema(config), what, exact=False)
+    _check_done(path, tree["results"].to_dataset(), study.cells(config), what)
     return tree, history + [old]
 
 
@@ -417,6 +419,28 @@ def _check_structure(
             f"outside mcm_prob; cannot {what} it: "
             + "; ".join(problems[:4])
             + ("; ..." if len(problems) > 4 else "")
+        )
+
+
+def _check_done(path: Path, ds: xr.Dataset, cells: list[dict], what: str) -> None:
+    """A cell whose `done` flag is set must hold something: refuse a file in which a done
+    cell's every float result is NaN and none of its flags is set (such a cell was never
+    computed: the file was altered or damaged, and resuming it would report NaN as done)."""
+    empty = []
+    for cell in cells:
+        if not bool(ds["done"][cell].all()):
+            continue
+        inside = [ds[v][cell] for v in ds.data_vars if v != "done" and set(cell) <= set(ds[v].dims)]
+        floats = [a for a in inside if a.dtype.kind in "fc"]
+        flags = [a for a in inside if a.dtype.kind == "b"]
+        if floats and all(bool(a.isnull().all()) for a in floats):
+            if not any(bool(a.any()) for a in flags):
+                empty.append(", ".join(f"{d}={ds[d].values[i]}" for d, i in cell.items()))
+    if empty:
+        raise ValueError(
+            f"{path} marks {len(empty)} cell(s) done that hold no results (every value NaN: "
+            f"{'; '.join(empty[:3])}{'; ...' if len(empty) > 3 else ''}), so it was altered or "
+            f"damaged outside mcm_prob; cannot {what} it: run it again with --overwrite"
         )
 
 
