@@ -39,17 +39,26 @@ deserialises it (milliseconds) instead of tracing. Same program, same results (t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
+from jax.experimental.compilation_cache.compilation_cache import reset_cache
+
+from .results import write_atomic
 
 __all__ = ["enable_compilation_cache", "compilation_cache_dir", "lower_cached"]
 
 OFF = ("off", "0", "false", "no")
 MAX_SIZE = 4 * 2**30  # bytes
+MIN_FREE = 64 * 2**20  # bytes free on the cache's disk for it to be used
+_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry")
 
 
 def compilation_cache_dir() -> str | None:
@@ -59,30 +68,75 @@ def compilation_cache_dir() -> str | None:
 
 def enable_compilation_cache() -> str | None:
     """Turn the persistent compilation cache on (see the module docstring); returns the
-    directory, or None when the user switched it off."""
+    directory, or None when the user switched it off or it is not usable (not a directory,
+    not writable, or less than `MIN_FREE` bytes free: one warning says so and the run goes on
+    without a cache, which is then recorded as off)."""
     current = compilation_cache_dir()
+    if current is None:
+        choice = os.environ.get("MCM_PROB_COMPILATION_CACHE", "")
+        if choice.strip().lower() in OFF:
+            return None
+        if choice:
+            path = Path(choice).expanduser()
+        else:
+            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            path = Path(base) / "mcm_prob" / "jax"
+    else:
+        path = Path(current)
+    problem = _unusable(path)
+    if problem:
+        warnings.warn(
+            f"the compilation cache {path} is not usable ({problem}); running without it (set "
+            "MCM_PROB_COMPILATION_CACHE to a writable directory, or to 'off' to silence this)",
+            stacklevel=2,
+        )
+        jax.config.update("jax_compilation_cache_dir", None)
+        reset_cache()
+        return None
     if current is not None:
         return current
-    choice = os.environ.get("MCM_PROB_COMPILATION_CACHE", "")
-    if choice.strip().lower() in OFF:
-        return None
-    if choice:
-        path = Path(choice).expanduser()
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        path = Path(base) / "mcm_prob" / "jax"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"cannot create the compilation cache directory {path} ({err}); set "
-            "MCM_PROB_COMPILATION_CACHE to a writable directory or to 'off'"
-        ) from err
     if jax.config.jax_compilation_cache_max_size == -1:  # unlimited: JAX would not lock
         jax.config.update("jax_compilation_cache_max_size", MAX_SIZE)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return str(path)
+
+
+def _unusable(path: Path) -> str:
+    """Why `path` cannot hold the cache ("" when it can): created if missing, then written
+    to (a probe file) and its free space measured."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
+            pass
+        free = shutil.disk_usage(path).free
+    except FileExistsError:
+        return "it is a file, not a directory"
+    except OSError as err:
+        return f"{err.strerror or err}"
+    if free < MIN_FREE:
+        return f"{free / 2**20:.0f} MiB free on its disk, less than {MIN_FREE // 2**20} MiB"
+    return ""
+
+
+@contextlib.contextmanager
+def cache_warnings_once():
+    """Within: JAX's warnings about cache entries it cannot read or write (a disk that fills
+    up during a run, a directory made read-only) are shown once, not once per program."""
+    show, shown = warnings.showwarning, []
+
+    def once(message, category, *args, **kwargs):
+        text = str(message)
+        if _CACHE_ERROR.match(text):
+            if shown:
+                return
+            shown.append(text)
+            message = f"{text} (further compilation-cache errors of this run are not shown)"
+        show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = once
+        yield
 
 
 def lower_cached(fn, args: tuple, *, name: str, fingerprint: str) -> jax.stages.Lowered:
@@ -107,10 +161,10 @@ def lower_cached(fn, args: tuple, *, name: str, fingerprint: str) -> jax.stages.
         exported = jax.export.deserialize(bytearray(path.read_bytes()))
     except Exception:  # absent, unreadable or from another format: trace and store
         exported = jax.export.export(fn, platforms=platforms)(*args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-            tmp.write(exported.serialize())
-        os.replace(tmp.name, path)  # atomic: readers see the old file or the whole new one
+        try:
+            write_atomic(path, exported.serialize())  # readers see old or whole new
+        except OSError:  # a read-only or full cache: the program runs, it is not kept
+            pass
     return jax.jit(exported.call).lower(*args)
 
 

@@ -15,6 +15,7 @@ the files' `dtype` attribute says. On a CPU the command gives XLA one device per
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -130,10 +131,15 @@ def _report(args) -> int:
         fig = study.plot(tree)
     except Exception as err:
         return _fail(f"{path}: cannot plot this file ({type(err).__name__}: {err})")
-    try:
-        fig.savefig(png, dpi=120)
+    from .results import write_atomic
+
+    try:  # atomic: a full disk leaves an earlier plot whole, not truncated
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        write_atomic(png, buffer.getbuffer())
     except OSError as err:
-        return _fail(f"could not save the plot {png}: {err.strerror or err} (the table is above)")
+        reason = getattr(err.__cause__, "strerror", None) or err.strerror or err
+        return _fail(f"could not save the plot {png}: {reason} (the table is above)")
     finally:
         plt.close(fig)
     print(f"plot: {png}")

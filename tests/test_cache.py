@@ -1,11 +1,15 @@
 """mcm_prob.cache.lower_cached: traced programs kept on disk give the same results."""
 
+import errno
+import os
+import warnings
+
 import jax
 import numpy as np
 import pytest
 import xarray as xr
 
-from mcm_prob import cache, error_models
+from mcm_prob import cache, error_models, results
 
 
 @jax.jit
@@ -81,3 +85,53 @@ def test_error_model_draws_equal_with_stored_program(cache_dir, monkeypatch):
         fits.append(error_models.fit_error_model(err, "power_law", **kw))
     for fit in fits[1:]:
         xr.testing.assert_equal(fit.posterior.to_dataset(), fits[0].posterior.to_dataset())
+
+
+def test_an_unusable_cache_costs_one_line(tmp_path, monkeypatch):
+    """Issue 25, class 9: a cache path that is a file, or a disk too full for the cache, gives
+    one warning and the run goes on without a cache (recorded as off, not as that path); a
+    cache whose writes fail during a run (JAX warns once per program) shows one line."""
+    from jax._src import compilation_cache as jax_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    try:
+        for setting, match in (
+            (lambda: monkeypatch.setenv("MCM_PROB_COMPILATION_CACHE", str(a_file)), "is a file"),
+            (lambda: jax.config.update("jax_compilation_cache_dir", str(a_file)), "is a file"),
+            (lambda: monkeypatch.setattr(cache, "MIN_FREE", 2**62), "MiB free on its disk"),
+        ):
+            jax.config.update("jax_compilation_cache_dir", None)
+            monkeypatch.setenv("MCM_PROB_COMPILATION_CACHE", str(tmp_path / "ok"))
+            setting()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert cache.enable_compilation_cache() is None
+            assert len(caught) == 1 and match in str(caught[0].message)
+            assert "running without it" in str(caught[0].message)
+            assert cache.compilation_cache_dir() is None
+            prov = results.provenance(config_json="{}", seeds=[0], dtype="float64", wall_time=0.0,
+                                      study="sampling")  # fmt: skip
+            assert prov["compilation_cache"] == "off"
+
+        monkeypatch.setattr(cache, "MIN_FREE", 0)
+        assert cache.enable_compilation_cache() == str(tmp_path / "ok")
+        jax_cache.reset_cache()
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(jax_cache, "put_executable_and_time", full)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with cache.cache_warnings_once():
+                for k in range(5):  # five new programs, five failed writes
+                    jax.jit(lambda x, k=k: x * k + 1.0)(np.arange(3.0 + k))
+                warnings.warn("another warning", stacklevel=1)
+        texts = [str(w.message) for w in caught]
+        assert len(texts) == 2 and "No space left on device" in texts[0], texts
+        assert "further compilation-cache errors of this run are not shown" in texts[0]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax_cache.reset_cache()

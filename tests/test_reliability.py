@@ -275,7 +275,8 @@ def test_info_reads_attributes_only_escapes_and_bounds_them(tmp_path, monkeypatc
 
 def test_report_prints_the_table_before_a_failing_plot(tmp_path, monkeypatch, capsys):
     """Defects: `report` in a read-only folder lost the table (the PNG was saved first); a file
-    the study cannot summarise gave a traceback."""
+    the study cannot summarise gave a traceback; a full disk replaced the earlier plot with a
+    truncated one (issue 25, class 9)."""
     _, cfg = _sampling_config(tmp_path)
     out = tmp_path / "s.nc"
     studies.run_study(studies.get("sampling"), cfg, out, progress=False)
@@ -283,8 +284,20 @@ def test_report_prints_the_table_before_a_failing_plot(tmp_path, monkeypatch, ca
     def no_write(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
+    def no_space():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     import matplotlib.figure
 
+    assert cli.main(["report", str(out)]) == 0
+    png = tmp_path / "s_sampling.png"
+    earlier = png.read_bytes()
+    capsys.readouterr()
+    with monkeypatch.context() as m:  # the disk fills while the new plot is written
+        m.setattr(results.os, "fsync", lambda fd: no_space())
+        assert cli.main(["report", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert png.read_bytes() == earlier and list(tmp_path.glob("*.tmp")) == []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_write)
     assert cli.main(["report", str(out)]) == 1
     captured = capsys.readouterr()

@@ -50,7 +50,7 @@ import numpy as np
 import xarray as xr
 
 from .._checks import number
-from ..cache import enable_compilation_cache
+from ..cache import cache_warnings_once, enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
 from ..locks import writer_lock
 from ..paths import OU, AbstractPath, path_of
@@ -548,44 +548,45 @@ def _run_locked(study, config, out, resume, overwrite, progress, stop_after, par
         previous, history = _previous(out, config, study, "resume")
         _check_part(out, previous, part)
     enable_compilation_cache()
-    start = time.perf_counter()
-    ds = study.schema(config) if previous is None else previous["results"].to_dataset()
-    elapsed = 0.0 if previous is None else float(previous.attrs.get("wall_time_s", 0.0))
-    fixed = {} if part is None else {"part": f"{part[0]}/{part[1]}"}
-    if history:
-        fixed["previous_configs"] = json.dumps(history)
+    with cache_warnings_once():  # a cache that fails mid-run: one line, not one per program
+        start = time.perf_counter()
+        ds = study.schema(config) if previous is None else previous["results"].to_dataset()
+        elapsed = 0.0 if previous is None else float(previous.attrs.get("wall_time_s", 0.0))
+        fixed = {} if part is None else {"part": f"{part[0]}/{part[1]}"}
+        if history:
+            fixed["previous_configs"] = json.dumps(history)
 
-    def save(groups: dict, status: str) -> None:
-        wall = elapsed + time.perf_counter() - start
-        _save(study, config, cfg_json, groups, wall, {"status": status} | fixed, target)
+        def save(groups: dict, status: str) -> None:
+            wall = elapsed + time.perf_counter() - start
+            _save(study, config, cfg_json, groups, wall, {"status": status} | fixed, target)
 
-    cells = study.cells(config)
-    if part is not None:
-        cells = cells[part[0] :: part[1]]
-    todo = [c for c in cells if not bool(ds["done"][c].all())]
-    cache: dict = {}
-    with progress_bar(
-        len(cells), f"{study.name} cells", initial=len(cells) - len(todo), enabled=progress
-    ) as bar:
-        for n, cell in enumerate(todo, 1):
-            study.run_cell(config, ds, cell, cache, progress=progress)
-            ds["done"][cell] = True
+        cells = study.cells(config)
+        if part is not None:
+            cells = cells[part[0] :: part[1]]
+        todo = [c for c in cells if not bool(ds["done"][c].all())]
+        cache: dict = {}
+        with progress_bar(
+            len(cells), f"{study.name} cells", initial=len(cells) - len(todo), enabled=progress
+        ) as bar:
+            for n, cell in enumerate(todo, 1):
+                study.run_cell(config, ds, cell, cache, progress=progress)
+                ds["done"][cell] = True
+                save({"/results": ds}, "partial")
+                bar.update(1)
+                if stop_after is not None and n >= stop_after and n < len(todo):
+                    return load_tree(target)
+        if part is not None:
             save({"/results": ds}, "partial")
-            bar.update(1)
-            if stop_after is not None and n >= stop_after and n < len(todo):
-                return load_tree(target)
-    if part is not None:
-        save({"/results": ds}, "partial")
-    else:
-        save({"/results": ds} | study.finalize(config, ds, progress=progress), "complete")
-    if target != out:
-        try:
-            os.replace(target, out)
-        except OSError as err:
-            raise ResultsWriteError(
-                f"could not move the finished {target} over {out}: {err.strerror or err}"
-            ) from err
-    return load_tree(out)
+        else:
+            save({"/results": ds} | study.finalize(config, ds, progress=progress), "complete")
+        if target != out:
+            try:
+                os.replace(target, out)
+            except OSError as err:
+                raise ResultsWriteError(
+                    f"could not move the finished {target} over {out}: {err.strerror or err}"
+                ) from err
+        return load_tree(out)
 
 
 def _check_part(out: Path, tree: xr.DataTree, part) -> None:
