@@ -33,17 +33,28 @@ def concrete(value, name: str = "value") -> np.ndarray | None:
 
 def real_array(name: str, value, *, ndim: int | None = None) -> np.ndarray:
     """Validate a concrete, finite, real array argument and return it as float64 numpy."""
-    if np.iscomplexobj(value):
-        raise TypeError(f"`{name}` must be real, got a complex array")
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        complex_ = np.iscomplexobj(value)
+        arr = None if complex_ else np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
+        if "inhomogeneous" in str(err):
+            raise ValueError(
+                f"`{name}` must be a rectangular array of numbers; its rows have different "
+                f"lengths: {_short(value)}"
+            ) from None
         raise TypeError(f"`{name}` must be a real array, got {type(value).__name__}") from err
+    if complex_:
+        raise TypeError(f"`{name}` must be real, got a complex array")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"`{name}` must have {ndim} dimension(s), got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` must be finite (no NaN or inf)")
     return arr
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_time(name: str, t, *, positive: bool = False) -> None:
@@ -89,6 +100,7 @@ def check_points(name: str, x, dim: int) -> None:
 
 
 MEMORY_LIMIT_ENV = "MCM_PROB_MEMORY_LIMIT"  # bytes, or with a K, M, G or T suffix
+MAX_ENTRIES_ENV = "MCM_PROB_MAX_ENTRIES"
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -121,6 +133,30 @@ def check_size(name: str, nbytes: float, what: str) -> None:
             f"`{name}` asks for {what}, about {_bytes(nbytes)}, more than the limit of "
             f"{_bytes(limit)} ({source}); lower `{name}`, or set {MEMORY_LIMIT_ENV} (e.g. "
             "=64G) if you know it fits"
+        )
+
+
+def max_entries() -> int:
+    """The guard on counts that multiply a study's work (entries of a config list, the
+    sampling study's `max_steps`): ``MCM_PROB_MAX_ENTRIES`` if set, else 1000."""
+    text = os.environ.get(MAX_ENTRIES_ENV, "").strip()
+    if not text:
+        return 1000
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{MAX_ENTRIES_ENV} must be an integer, got {text!r}") from None
+
+
+def check_count(name: str, n: int, what: str) -> None:
+    """Refuse, before any work, a count that multiplies the work past `max_entries()` (a
+    study that would run for hours or days without a word)."""
+    limit = max_entries()
+    if n > limit:
+        raise ValueError(
+            f"`{name}` has {n} {what}, more than {limit}: each one multiplies the work (hours "
+            f"to days); lower it or split the study (several configs, `--part`), or set {MAX_ENTRIES_ENV} "
+            "if you mean it"
         )
 
 
@@ -194,10 +230,14 @@ def one_of(name: str, value, options):
     return value
 
 
-def distinct(name: str, values, item, *, min_len: int = 1) -> tuple:
-    """A list of at least `min_len` distinct items, each checked by `item(f"{name}[i]", v)`."""
+def distinct(name: str, values, item, *, min_len: int = 1, capped: bool = True) -> tuple:
+    """A list of at least `min_len` distinct items, each checked by `item(f"{name}[i]", v)`;
+    with `capped` (config lists), at most `max_entries()` of them."""
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
         raise ValueError(f"`{name}` must be a list, got {values!r}")
+    values = list(values)
+    if capped:
+        check_count(name, len(values), "entries")
     out = tuple(item(f"{name}[{i}]", v) for i, v in enumerate(values))
     if len(out) < min_len or len(set(out)) != len(out):
         raise ValueError(
@@ -206,9 +246,9 @@ def distinct(name: str, values, item, *, min_len: int = 1) -> tuple:
     return out
 
 
-def seeds(name: str, values) -> tuple[int, ...]:
-    """Distinct integer seeds in [0, 2**32)."""
-    return distinct(name, values, lambda n, v: integer(n, v, ge=0, lt=2**32))
+def seeds(name: str, values, *, capped: bool = True) -> tuple[int, ...]:
+    """Distinct integer seeds in [0, 2**32) (`capped` as `distinct`)."""
+    return distinct(name, values, lambda n, v: integer(n, v, ge=0, lt=2**32), capped=capped)
 
 
 def prng_key(name: str, value, *, stacked: bool = False):

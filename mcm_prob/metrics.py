@@ -97,7 +97,14 @@ def kl_gaussian(p, q) -> float:
     mq, cq = _moments(q, "q")
     if mp_.size != mq.size:
         raise ValueError(f"`p` and `q` must have the same dimension, got {mp_.size} and {mq.size}")
-    lq = np.linalg.cholesky(cq)
+    try:
+        lq = np.linalg.cholesky(cq)
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            "`q` must have a positive-definite covariance; its smallest eigenvalue is "
+            f"{np.linalg.eigvalsh(cq)[0]:.3g} (a law that has collapsed or lost float64 "
+            "precision: shorten the schedule or check its parameters)"
+        ) from None
     lq_inv = np.linalg.solve(lq, np.eye(mq.size))
     u = np.linalg.eigvalsh(lq_inv @ (cp - cq) @ lq_inv.T)
     if np.any(u <= -1):

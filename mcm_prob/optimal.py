@@ -25,6 +25,7 @@ consistency error (`perturbation`) the trade-off changes and the optimum can be 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import equinox as eqx
@@ -207,13 +208,25 @@ def _optimal_schedule(
             history, params = _optimise_product(
                 factors, T, delta, learning_rate, a0, b0, iterations, n_grid
             )
+        collapsed = 0
         for p in params:
             t, s = (np.array(v, np.float64) for v in _times(p, T, delta))
             t[0] = T  # exactly the horizon (the softmax sum can be an ulp above it)
+            if not (np.all(np.diff(t) < 0) and np.all(np.isfinite(s))):
+                collapsed += 1  # times that coincide: the run left the valid schedules
+                continue
             cand = Schedule(t, s, "optimal")
             value = exact(cand)
             if value < best[1]:
                 best = (cand, value)
+        if collapsed:
+            message = (
+                f"`learning_rate`={learning_rate:g} drove {collapsed} of {len(params)} runs to "
+                "schedules whose times coincide; lower it (default 0.05)"
+            )
+            if collapsed == len(params):
+                raise ValueError(message)
+            warnings.warn(message + "; the other runs' best is returned", stacklevel=3)
     return OptimalSchedule(best[0], best[1], history, tuple(starts), start_kl)
 
 

@@ -44,7 +44,8 @@ ECT_MIDDLE_SIGMA = 0.821  # ECT's two-step middle noise level (EDM sigma)
 def _rho(t, path=None):
     """Noise level of time t on `path` (None: OU, in numpy float64)."""
     if path is None:
-        rho = np.sqrt(np.expm1(2.0 * np.asarray(t, np.float64)))
+        with np.errstate(over="ignore"):
+            rho = np.sqrt(np.expm1(2.0 * np.asarray(t, np.float64)))
         if not np.all(np.isfinite(rho)):
             raise ValueError(
                 f"the OU noise level sqrt(e^(2t) - 1) overflows float64 at T = {t}: the "
@@ -146,15 +147,14 @@ class Schedule(eqx.Module):
         r"""The paper's constant step: $t_k = \delta + (K - k)h$ (horizon $\delta + Kh$)."""
         delta, h = number("delta", delta, gt=0), number("h", h, gt=0)
         k = _steps(steps)
+        _check_resolution("h", h, delta + k * h, k)
         t = delta + (k - np.arange(k)) * h
         return cls.from_start_times(t, delta=delta, tau=tau, name="constant")
 
     @classmethod
     def fixed_horizon(cls, *, T: float, delta: float, steps: int, tau: float = 0.0):
         r"""Constant step $h = (T - \delta)/K$ from the fixed horizon $t_0 = T$."""
-        delta = number("delta", delta, gt=0)
-        T = number("T", T, gt=delta)
-        k = _steps(steps)
+        delta, T, k, _ = _horizon(T, delta, steps)
         sched = cls.constant(delta=delta, h=(T - delta) / k, steps=k, tau=tau)
         return cls(sched.t, sched.s, "fixed_horizon")
 
@@ -222,7 +222,20 @@ class Schedule(eqx.Module):
 
 def _horizon(T, delta, steps):
     delta = number("delta", delta, gt=0)
-    return delta, number("T", T, gt=delta), _steps(steps), None
+    T, k = number("T", T, gt=delta), _steps(steps)
+    _check_resolution("T", (T - delta) / k, T, k)
+    return delta, T, k, None
+
+
+def _check_resolution(name: str, step: float, top: float, k: int) -> None:
+    """Refuse K steps of size `step` below `top` that float64 cannot tell apart (a step within
+    4 ulp of `top`): the times would coincide, a degenerate schedule."""
+    if not step > 4 * np.spacing(top):
+        raise ValueError(
+            f"`{name}` gives {k} step(s) of {step:.3g} below {top:.17g}, within float64's "
+            f"resolution there ({np.spacing(top):.3g}): the times would coincide; widen the "
+            "interval between `delta` and the horizon or take fewer steps"
+        )
 
 
 def _steps(steps) -> int:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import equinox as eqx
 import jax
@@ -609,7 +610,9 @@ def test_resume_and_merge_check_the_file_they_continue(tmp_path):
 def test_messages_name_the_users_argument(tmp_path, capsys):
     """Issue 25, class 7: what was refused by a library's message (or hung) now names the
     argument or file: a family that is not a string, an overflowing horizon, no start
-    schedules, an empty group dim, a non-ASCII --part, a FIFO given to report."""
+    schedules, an empty group dim, a non-ASCII --part, a FIFO given to report, a ragged
+    mean, times float64 cannot tell apart, an optimiser whose runs collapse, a Gaussian KL
+    against a singular covariance."""
     with pytest.raises(ValueError, match="data spec key 'family' must be one of"):
         mp.data.from_spec({"family": {"nested": 1}})
     with pytest.raises(ValueError, match="data spec key 'family' must be one of"):
@@ -634,6 +637,49 @@ def test_messages_name_the_users_argument(tmp_path, capsys):
     os.mkfifo(fifo)
     assert cli.main(["report", str(fifo)]) == 1  # returns at once instead of waiting on it
     assert "is not a regular file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`mean` must be a rectangular array of numbers"):
+        mp.data.from_spec({"family": "gaussian", "mean": [[0.0, 1.0], [1.0]], "cov": [[1.0]]})
+    with pytest.raises(ValueError, match="`T` gives 3 step.* within float64's resolution"):
+        mp.Schedule.fixed_horizon(T=np.nextafter(0.01, 1), delta=0.01, steps=3)
+    with pytest.raises(ValueError, match="`h` gives 2 step.* within float64's resolution"):
+        mp.Schedule.constant(delta=1.0, h=1e-17, steps=2)
+    with pytest.raises(ValueError, match="`learning_rate`=1000 drove 3 of 3 runs"):
+        mp.optimal_schedule(GAUSS, 3, T=2.0, delta=0.01, learning_rate=1e3, iterations=20,
+                            n_random=0)  # fmt: skip
+    singular = types.SimpleNamespace(mean=np.zeros(2), covariance_matrix=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="`q` must have a positive-definite covariance"):
+        mp.metrics.kl_gaussian(GAUSS.marginal(0.1), singular)
+
+
+def test_counts_that_multiply_the_work_are_refused_up_front(tmp_path, capsys, monkeypatch):
+    """Issue 25, class 1 (work, not memory): a config list of more than 1000 entries (seeds,
+    steps), the sampling study's max_steps = 1e12 and a fit_grid of more models than memory
+    holds are refused by name before any work; MCM_PROB_MAX_ENTRIES lifts the count cap."""
+    many = "[" + ", ".join(str(i) for i in range(1001)) + "]"
+    for study, text, name in (
+        ("estimation", f"[estimation]\nseeds = {many}\n", "seeds"),
+        (
+            "error_injection",
+            f"[error_injection]\nsteps = {[i + 1 for i in range(1001)]}\n",
+            "steps",
+        ),
+        ("sampling", "[sampling]\nmax_steps = 1000000000000\nh = 1e-13\n", "max_steps"),
+    ):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(text)
+        out = tmp_path / f"{name}.nc"
+        assert cli.main(["run", study, "--config", str(cfg), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"`{name}` has " in err and "more than 1000" in err and err.count("\n") == 1, err
+        assert not out.exists()
+    monkeypatch.setenv("MCM_PROB_MAX_ENTRIES", "2000")
+    cfg = studies.load_config(tmp_path / "steps.toml", studies.get("error_injection"))
+    assert len(cfg.steps) == 1001
+    monkeypatch.setenv("MCM_PROB_MEMORY_LIMIT", "1G")
+    with pytest.raises(
+        ValueError, match=r"`steps` x `seeds` asks for 100,000 models \(2 steps x 50000 seeds\)"
+    ):
+        mp.fit_grid(GAUSS, mp.TrainConfig(progress=False), steps=[0.1, 0.2], seeds=range(50_000))
 
 
 def test_valid_looking_calls_that_would_give_wrong_answers_are_refused():

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-from .._checks import distinct, integer, number, one_of
+from .._checks import check_count, distinct, integer, number, one_of
 from ..accuracy import first_reaching, kl_of_steps, steps_to_accuracy
 from ..data import ClosedFormGaussian, ProductData
 from ..diffusion import BASELINES
@@ -94,7 +94,7 @@ class SamplingConfig(StudyConfig):
             "baselines",
             distinct("baselines", self.baselines, lambda n, v: one_of(n, v, _BASELINES), min_len=0),
         )
-        integer("max_steps", self.max_steps)
+        check_count("max_steps", integer("max_steps", self.max_steps), "steps (K = 1..max_steps)")
         integer("n_grid", self.n_grid, ge=101)
         for name in ("h", "delta_smooth", "delta_nonsmooth"):
             number(name, getattr(self, name), gt=0)

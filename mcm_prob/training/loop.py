@@ -362,6 +362,22 @@ def fit(data: DataDistribution, objective, key: jax.Array, *, step=None, setting
     return first(models), history | {"objective": first(objectives)}
 
 
+def _check_grid_size(ns: int, nk: int, dim: int, settings) -> None:
+    """The resource guard on a grid's models, all trained in one program: per model its
+    parameters, gradients, two Adam moments and an EMA copy, and a batch's activations
+    (forward, backward and a tangent pass), in the network's dtype."""
+    net = settings.network
+    inputs = dim + 2 * (1 + 2 * net.n_freq)
+    params = (inputs + 1) * net.width + max(net.depth - 1, 0) * (net.width + 1) * net.width
+    params += (net.width + 1) * dim
+    activations = settings.batch_size * (inputs + net.width * max(net.depth, 1) + dim)
+    _checks.check_size(
+        "steps` x `seeds",
+        ns * nk * np.dtype(net.dtype).itemsize * (5 * params + 3 * activations),
+        f"{ns * nk:,} models ({ns} steps x {nk} seeds) of {params:,} parameters",
+    )
+
+
 class TrainedModel(eqx.Module):
     """A fitted consistency function with what it was trained on: the network, its
     `TrainConfig` and (optionally) the data spec, as `mcm_prob.load_model` returns it.
@@ -469,8 +485,9 @@ def fit_grid(
             f"`checkpoints` must lie in 1..iterations = {settings.iterations}, got {list(checkpoints)}"
         )
     steps = _steps(objective, settings, steps)
-    seeds = _checks.seeds("seeds", np.atleast_1d(seeds).tolist())
+    seeds = _checks.seeds("seeds", np.atleast_1d(seeds).tolist(), capped=False)
     ns, nk = len(steps), len(seeds)
+    _check_grid_size(ns, nk, data.dim, settings)
     flat_steps = np.repeat(np.array(steps), nk)
     keys = jax.vmap(jax.random.key)(jnp.tile(jnp.asarray(seeds, jnp.uint32), ns))
     models, losses, failed_at, wall, snaps, objectives, per_iteration = _train(
