@@ -100,12 +100,22 @@ def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
     return w
 
 
+N_FOCUS = 2000  # focused points of the default grid
+
+
+def check_grid_size(n_grid: int, kernels: int = 1) -> None:
+    """The resource guard of the grid laws: `kernels` transition kernels (and one working
+    copy) of (n_grid + N_FOCUS)^2 float64 values."""
+    size = n_grid + N_FOCUS
+    check_size("n_grid", 8 * size**2 * (kernels + 1), f"{kernels} kernel(s) of {size}^2 values")
+
+
 def grid_points(
     data: DataDistribution,
     delta: float,
     n_grid: int = 4001,
     half_width: float | None = None,
-    n_focus: int = 2000,
+    n_focus: int = N_FOCUS,
 ) -> np.ndarray:
     """The grid of the 1-d grid laws: `n_grid` uniform points on [-half_width, half_width]
     (default: 8 plus the data's extent) merged with the images under Phi_{10 -> delta} of
@@ -217,10 +227,7 @@ def grid_law_1d(
     t, s, c_t, c_s, start_std = _ou_schedule(path, sched)
     gap = t[1:] - s[:-1]
     kernels_kept = max(1, len(set(gap[gap > 0].tolist())))
-    size = (n_grid + 2000) if grid is None else np.size(grid)
-    check_size(
-        "n_grid", 8 * size**2 * (kernels_kept + 1), f"{kernels_kept} kernel(s) of {size}^2 values"
-    )
+    check_grid_size(n_grid if grid is None else np.size(grid) - N_FOCUS, kernels_kept)
     if grid is None:
         x = grid_points(data, s[-1], n_grid, half_width)
     else:

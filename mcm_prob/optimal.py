@@ -132,10 +132,13 @@ def optimal_schedule(
         )
 
 
-def _float64(data: ClosedFormGaussian) -> Gaussian:
+def _float64(data: ClosedFormGaussian) -> ClosedFormGaussian:
     """Gaussian `data` in float64 (called with x64 on): a float32-mode family's parameters as
     they are, its eigenvectors re-orthonormalised (QR), so that its exact KLs are float64
     arithmetic, not float32's round-off floor (about 1e-8 where float64 gives 1e-12)."""
+    arrays = (data.mean, data.eigvals) + (() if data.eigvecs is None else (data.eigvecs,))
+    if all(jnp.asarray(a).dtype == jnp.float64 for a in arrays):
+        return data  # already float64: unchanged
     m, lam, u = gaussian_parts(data)
     if u is not None:
         q, r = np.linalg.qr(u)

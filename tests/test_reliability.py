@@ -653,24 +653,22 @@ def test_messages_name_the_users_argument(tmp_path, capsys):
 
 def test_counts_that_multiply_the_work_are_refused_up_front(tmp_path, capsys, monkeypatch):
     """Issue 25, class 1 (work, not memory): a config list of more than 1000 entries (seeds,
-    steps), the sampling study's max_steps = 1e12 and a fit_grid of more models than memory
-    holds are refused by name before any work; MCM_PROB_MAX_ENTRIES lifts the count cap."""
+    steps), the sampling study's max_steps = 1e12, a config's n_grid = 1e6 and a fit_grid of
+    more models than memory holds are refused by name before any work; MCM_PROB_MAX_ENTRIES
+    lifts the count cap."""
     many = "[" + ", ".join(str(i) for i in range(1001)) + "]"
-    for study, text, name in (
-        ("estimation", f"[estimation]\nseeds = {many}\n", "seeds"),
-        (
-            "error_injection",
-            f"[error_injection]\nsteps = {[i + 1 for i in range(1001)]}\n",
-            "steps",
-        ),
-        ("sampling", "[sampling]\nmax_steps = 1000000000000\nh = 1e-13\n", "max_steps"),
-    ):
+    for study, text, name, said in (
+        ("estimation", f"[estimation]\nseeds = {many}\n", "seeds", "has 1001 entries, more than 1000"),
+        ("error_injection", f"[error_injection]\nsteps = {[i + 1 for i in range(1001)]}\n", "steps", "more than 1000"),
+        ("sampling", "[sampling]\nmax_steps = 1000000000000\nh = 1e-13\n", "max_steps", "more than 1000"),
+        ("schedules", "[schedules]\nn_grid = 1000000\n", "n_grid", "asks for 1 kernel(s) of 1002000^2"),
+    ):  # fmt: skip
         cfg = tmp_path / f"{name}.toml"
         cfg.write_text(text)
         out = tmp_path / f"{name}.nc"
         assert cli.main(["run", study, "--config", str(cfg), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"`{name}` has " in err and "more than 1000" in err and err.count("\n") == 1, err
+        assert f"`{name}` " in err and said in err and err.count("\n") == 1, err
         assert not out.exists()
     monkeypatch.setenv("MCM_PROB_MAX_ENTRIES", "2000")
     cfg = studies.load_config(tmp_path / "steps.toml", studies.get("error_injection"))

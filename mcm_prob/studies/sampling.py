@@ -24,7 +24,7 @@ from .._checks import check_count, distinct, integer, number, one_of
 from ..accuracy import first_reaching, kl_of_steps, steps_to_accuracy
 from ..data import ClosedFormGaussian, ProductData
 from ..diffusion import BASELINES
-from ..gridlaw import grid_points
+from ..gridlaw import check_grid_size, grid_points
 from .driver import Study, StudyConfig
 
 __all__ = ["SamplingConfig", "SamplingStudy", "default_sampling_data"]
@@ -95,7 +95,7 @@ class SamplingConfig(StudyConfig):
             distinct("baselines", self.baselines, lambda n, v: one_of(n, v, _BASELINES), min_len=0),
         )
         check_count("max_steps", integer("max_steps", self.max_steps), "steps (K = 1..max_steps)")
-        integer("n_grid", self.n_grid, ge=101)
+        check_grid_size(integer("n_grid", self.n_grid, ge=101))
         for name in ("h", "delta_smooth", "delta_nonsmooth"):
             number(name, getattr(self, name), gt=0)
         path = self.path

@@ -31,6 +31,7 @@ import xarray as xr
 from .._checks import distinct, integer, number
 from ..accuracy import first_reaching, schedule_kl, start_error
 from ..data import ClosedFormGaussian, ProductData
+from ..gridlaw import check_grid_size
 from ..optimal import optimal_schedule
 from ..paths import OU
 from ..schedules import Schedule
@@ -123,7 +124,7 @@ class SchedulesConfig(StudyConfig):
         integer("iterations", self.iterations)
         integer("n_random", self.n_random, ge=0)
         integer("seed", self.seed, ge=0, lt=2**32)
-        integer("n_grid", self.n_grid, ge=101)
+        check_grid_size(integer("n_grid", self.n_grid, ge=101))
         if not isinstance(self.optimise_products, bool):
             raise ValueError(
                 f"`optimise_products` must be true or false, got {self.optimise_products!r}"
