@@ -28,9 +28,18 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _run(args) -> int:
-    from .devices import use_every_cpu_core
+    from .devices import initialize_distributed, use_every_cpu_core
 
     use_every_cpu_core()  # before JAX starts: fit_grid spreads its models over the cores
+    if getattr(args, "distributed", False):
+        try:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as err:
+            return _fail(f"--distributed: {err}", 2)
+    elif any(
+        getattr(args, k, None) is not None for k in ("coordinator", "num_processes", "process_id")
+    ):
+        return _fail("--coordinator, --num-processes and --process-id go with --distributed", 2)
     import jax
 
     from . import studies
@@ -74,9 +83,10 @@ def _run(args) -> int:
         else:
             return _fail("interrupted before the first cell finished; nothing was saved.", 130)
         return _fail(f"interrupted; finished cells are saved in {where}.", 130)
-    print(
-        f"wrote {out} ({tree.attrs.get('status')}, wall time {tree.attrs.get('wall_time_s', float('nan')):.1f} s)"
-    )
+    if jax.process_index() == 0:
+        print(
+            f"wrote {out} ({tree.attrs.get('status')}, wall time {tree.attrs.get('wall_time_s', float('nan')):.1f} s)"
+        )
     return 0
 
 
@@ -248,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="I/N: run only every N-th cell from cell I (process I of N, e.g. one per host); "
         "combine the N files with `mcm-prob merge`",
     )
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of several processes of one run (jax.distributed, docs/scaling.md): the "
+        "cluster's settings (SLURM, Open MPI) or the three options below; process 0 writes",
+    )
+    run.add_argument("--coordinator", help="HOST:PORT of process 0 (with --distributed)")
+    run.add_argument("--num-processes", type=int, help="the process count (with --distributed)")
+    run.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
     run.set_defaults(func=_run)
     merge = sub.add_parser(
         "merge", help="combine the part files of a split run (--part I/N) into one file"

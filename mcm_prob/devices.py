@@ -1,6 +1,6 @@
 """Devices: one XLA CPU device per core for the `mcm-prob` command, and how files name them.
 
-`fit_grid` shards its model axis over every local device (`jax.local_devices()`). On a GPU
+`fit_grid` shards its model axis over every device (`jax.devices()`; one process: the local ones). On a GPU
 machine these are the GPUs. On a CPU, XLA shows one device that splits single operations over
 the cores, which the small matrices of a consistency net use poorly (a 40-model grid of the
 main job trains 1.5x faster on 2 cores as 2 devices of 20 models than as 1 device of 40); the
@@ -12,6 +12,12 @@ script, do the same before the first JAX computation:
     import jax
 
 A device count already in ``XLA_FLAGS`` is left as it is (set it to 1 to opt out).
+
+**Several processes** (JAX's multi-controller runtime, docs/scaling.md): every process runs
+the same program after `initialize_distributed()`, which calls `jax.distributed.initialize`
+with what the cluster provides (SLURM, Open MPI) or an explicit coordinator; `fit_grid` then
+shards its models over `jax.devices()`, every device of every process, and a study is written
+by process 0 only.
 """
 
 from __future__ import annotations
@@ -20,7 +26,15 @@ import os
 
 import jax
 
-__all__ = ["use_every_cpu_core", "describe_devices", "cpu_cores"]
+from ._checks import integer
+
+__all__ = [
+    "use_every_cpu_core",
+    "describe_devices",
+    "cpu_cores",
+    "initialize_distributed",
+    "is_writer",
+]
 
 _FLAG = "--xla_force_host_platform_device_count"
 
@@ -36,18 +50,67 @@ def use_every_cpu_core() -> bool:
     """Ask XLA for one CPU device per available core (see the module docstring). Returns True
     when the flag was set; False when ``XLA_FLAGS`` already names a count, there is one core,
     or JAX's backends are already running (then the flag would have no effect)."""
-    try:  # a private helper of JAX; without it assume the backends are not running yet
-        from jax._src.xla_bridge import backends_are_initialized
-
-        started = backends_are_initialized()
-    except (ImportError, AttributeError):
-        started = False
+    started = _backends_started()
     flags = os.environ.get("XLA_FLAGS", "")
     n = cpu_cores()
     if _FLAG in flags or n < 2 or started:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
     return True
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_seconds: int = 100,
+) -> tuple[int, int]:
+    """Join a multi-controller run (`jax.distributed.initialize`) before any JAX computation;
+    returns (this process's index, the process count).
+
+    `coordinator` ``"HOST:PORT"`` (process 0's address), `num_processes` and `process_id`:
+    all three, or none to let JAX read them from the cluster (SLURM, Open MPI). On CPUs the
+    processes exchange data through Gloo (set here). A process that stops answering for
+    `heartbeat_timeout_seconds` ends the others' runs."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "pass `coordinator`, `num_processes` and `process_id` together (or none of them, "
+            "to take them from SLURM or Open MPI)"
+        )
+    if all(given):
+        if not isinstance(coordinator, str) or coordinator.rpartition(":")[2].isdigit() is False:
+            raise ValueError(f"`coordinator` must look like HOST:PORT, got {coordinator!r}")
+        num_processes = integer("num_processes", num_processes)
+        process_id = integer("process_id", process_id, ge=0, lt=num_processes)
+    if _backends_started():
+        raise RuntimeError(
+            "initialize_distributed() must run before the first JAX computation of this "
+            "process (call it at the top of the script or notebook)"
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator,
+        num_processes,
+        process_id,
+        heartbeat_timeout_seconds=integer("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def is_writer() -> bool:
+    """Whether this process writes the results (process 0; the only process when alone)."""
+    return jax.process_index() == 0
+
+
+def _backends_started() -> bool:
+    try:  # a private helper of JAX; without it assume the backends are not running yet
+        from jax._src.xla_bridge import backends_are_initialized
+
+        return backends_are_initialized()
+    except (ImportError, AttributeError):
+        return False
 
 
 def describe_devices() -> str:

@@ -447,7 +447,8 @@ def _lower(errors, model: str, options: dict, device=None) -> _Run:
     lane_y = np.concatenate([lane_y, np.repeat(lane_y[-1:], pad, axis=0)])
     # NUTS on these small models is latency-bound: the host CPU beats an accelerator
     lane_y, keys = jax.device_put(
-        (jnp.asarray(lane_y), keys), jax.devices("cpu")[0] if device is None else device
+        (jnp.asarray(lane_y), keys),
+        jax.local_devices(backend="cpu")[0] if device is None else device,
     )
     fingerprint = _fingerprint(model, x, options)
     states = lower_cached(
@@ -594,7 +595,7 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
     # means E[u_j | y_j, theta] = tau^2 / (sigma^2 + S tau^2) sum_i (y_ij - m_i)
     mean = spec.curve(th, x, x)  # (N, G, S)
     y_seed = np.swapaxes(y, -1, -2)  # (G, J, S)
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         loglik, y_rep = (
             np.asarray(a)  # (N, G, J) and (N, G, J, S)
             for a in _predictive(
@@ -961,7 +962,7 @@ def _compiled_runs(errors, models, options: dict) -> dict:
     where there are several (one program runs at a time on a device). Compiling in two
     threads gains little, and the CI aborts once blamed on it were the test worker's memory
     mappings running out (see tests/conftest.py)."""
-    cpus = jax.devices("cpu")
+    cpus = jax.local_devices(backend="cpu")  # every process fits on its own devices
     runs = {}
     for i, m in enumerate(sorted(models, key=_SLOWEST_FIRST.index)):
         device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]

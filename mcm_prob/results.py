@@ -73,6 +73,8 @@ def provenance(*, config_json: str, seeds, dtype: str, wall_time: float, study: 
         "dtype": dtype,
         "device": str(jax.devices()[0]),
         "devices": describe_devices(),
+        "process_count": int(jax.process_count()),
+        "device_count": int(jax.device_count()),
         "jax_x64": int(bool(jax.config.jax_enable_x64)),
         "compilation_cache": jax.config.jax_compilation_cache_dir or "off",
         "python": platform.python_version(),

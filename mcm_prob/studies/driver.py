@@ -48,10 +48,12 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 import xarray as xr
+from jax.experimental import multihost_utils
 
 from .._checks import number
 from ..cache import cache_warnings_once, enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
+from ..devices import is_writer
 from ..locks import writer_lock
 from ..paths import OU, AbstractPath, path_of
 from ..paths import describe as describe_path
@@ -522,14 +524,19 @@ def run_study(
         raise ValueError("pass at most one of `resume` and `overwrite`")
     _require_x64()
     out = Path(out)
+    if not is_writer():  # a multi-controller run: process 0 checks, locks and writes
+        return _run_locked(study, config, out, resume, overwrite, False, stop_after, part)
     _check_output(out)
     with writer_lock(out):
         return _run_locked(study, config, out, resume, overwrite, progress, stop_after, part)
 
 
 def _run_locked(study, config, out, resume, overwrite, progress, stop_after, part):
-    """`run_study` while holding the output's writer lock."""
-    remove_stale_temps(out)
+    """`run_study` while holding the output's writer lock (process 0 of a multi-controller
+    run; the other processes compute the same cells and write nothing)."""
+    writer = is_writer()
+    if writer:
+        remove_stale_temps(out)
     cfg_json = config.to_json()
     target, previous, history = out, None, []
     if out.exists() and not (resume or overwrite):
@@ -548,6 +555,7 @@ def _run_locked(study, config, out, resume, overwrite, progress, stop_after, par
         previous, history = _previous(out, config, study, "resume")
         _check_part(out, previous, part)
     enable_compilation_cache()
+    _sync("mcm_prob: the previous file is read")  # before process 0 writes anything
     with cache_warnings_once():  # a cache that fails mid-run: one line, not one per program
         start = time.perf_counter()
         ds = study.schema(config) if previous is None else previous["results"].to_dataset()
@@ -557,8 +565,9 @@ def _run_locked(study, config, out, resume, overwrite, progress, stop_after, par
             fixed["previous_configs"] = json.dumps(history)
 
         def save(groups: dict, status: str) -> None:
-            wall = elapsed + time.perf_counter() - start
-            _save(study, config, cfg_json, groups, wall, {"status": status} | fixed, target)
+            if writer:
+                wall = elapsed + time.perf_counter() - start
+                _save(study, config, cfg_json, groups, wall, {"status": status} | fixed, target)
 
         cells = study.cells(config)
         if part is not None:
@@ -574,19 +583,27 @@ def _run_locked(study, config, out, resume, overwrite, progress, stop_after, par
                 save({"/results": ds}, "partial")
                 bar.update(1)
                 if stop_after is not None and n >= stop_after and n < len(todo):
+                    _sync("mcm_prob: stopped")
                     return load_tree(target)
         if part is not None:
             save({"/results": ds}, "partial")
         else:
             save({"/results": ds} | study.finalize(config, ds, progress=progress), "complete")
-        if target != out:
+        if target != out and writer:
             try:
                 os.replace(target, out)
             except OSError as err:
                 raise ResultsWriteError(
                     f"could not move the finished {target} over {out}: {err.strerror or err}"
                 ) from err
+        _sync("mcm_prob: written")
         return load_tree(out)
+
+
+def _sync(name: str) -> None:
+    """Wait for every process of a multi-controller run (nothing to wait for when alone)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _check_part(out: Path, tree: xr.DataTree, part) -> None:

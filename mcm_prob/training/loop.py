@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jaxtyping import Array, ArrayLike
 
 from .. import _checks
@@ -198,12 +199,14 @@ def _init(dim: int, cfg: FitConfig, objective: AbstractObjective, keys: jax.Arra
 
 
 def _spread(steps: np.ndarray, keys: jax.Array):
-    """Pad the model axis to a multiple of the local device count (repeating the last model)
-    and return `place`, which shards a pytree's leading model axis over the devices (a 1-d
-    mesh ``"models"``); with one device nothing is padded or moved. Models never interact,
-    so the partitioned program computes the single-device models, up to round-off (XLA may
-    vectorise another number of models per device differently)."""
-    devices = jax.local_devices()
+    """Pad the model axis to a multiple of the device count (repeating the last model) and
+    return `place`, which shards a pytree's leading model axis over every device of every
+    process (a 1-d mesh ``"models"`` over `jax.devices()`); with one device nothing is
+    padded or moved. Models never interact, so the partitioned program computes the
+    single-device models, up to round-off (XLA may vectorise another number of models per
+    device differently). With several processes every process passes the same host values
+    and `place` builds the global arrays from them (`gather` brings results back)."""
+    devices = jax.devices()
     if len(devices) == 1:
         return steps, keys, lambda tree: tree
     pad = -len(steps) % len(devices)
@@ -212,11 +215,19 @@ def _spread(steps: np.ndarray, keys: jax.Array):
         keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad)])
     mesh = jax.sharding.Mesh(np.array(devices), ("models",))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
+    several = jax.process_count() > 1
+
+    def put(a):
+        if not several or not getattr(a, "is_fully_addressable", True):  # already global
+            return jax.device_put(a, rows)
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):  # keys travel as their data
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(a)), impl=jax.random.key_impl(a)
+            )
+        return jax.device_put(np.asarray(a), rows)  # the same host values on every process
 
     def place(tree):
-        return jax.tree_util.tree_map(
-            lambda a: jax.device_put(a, rows) if eqx.is_array(a) and a.ndim else a, tree
-        )
+        return jax.tree_util.tree_map(lambda a: put(a) if eqx.is_array(a) and a.ndim else a, tree)
 
     return steps, place(keys), place
 
@@ -224,6 +235,24 @@ def _spread(steps: np.ndarray, keys: jax.Array):
 def _first(tree, n: int):
     """The first n models of a stacked pytree (drops the padding of `_spread`)."""
     return jax.tree_util.tree_map(lambda a: a[:n] if eqx.is_array(a) and a.ndim else a, tree)
+
+
+def gather(tree):
+    """A pytree's arrays as arrays of this process (a multi-process run's sharded results
+    gathered from every process; unchanged otherwise)."""
+    if jax.process_count() == 1:
+        return tree
+
+    def one(a):
+        if not eqx.is_array(a) or a.is_fully_addressable:
+            return a
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                one(jax.random.key_data(a)), impl=jax.random.key_impl(a)
+            )
+        return jnp.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def _train(
@@ -250,7 +279,8 @@ def _train(
     bounds = np.unique(np.concatenate([bounds, np.asarray(checkpoints, int)]))
 
     def evaluation(st):
-        return _first(eqx.combine(st.ema if cfg.ema_decay > 0 else st.params[0], static), n_models)
+        chosen = st.ema if cfg.ema_decay > 0 else st.params[0]
+        return _first(eqx.combine(gather(chosen), static), n_models)
 
     timed = []  # (seconds, iterations) of the chunks after the first (compiled by then)
     with progress_bar(cfg.iterations, desc, enabled=cfg.progress, leave=False) as bar:
@@ -260,7 +290,7 @@ def _train(
             state, chunk_loss = _run_chunk(
                 state, data, static, obj_static, run_cfg, steps_arr, train_keys, pools, its
             )
-            chunk_loss = np.asarray(chunk_loss)
+            chunk_loss = np.asarray(gather(chunk_loss))
             if lo > 0 and hi - lo == bounds[1] - bounds[0]:  # same length: no new compilation
                 timed.append((time.perf_counter() - tick, hi - lo))
             losses.append(chunk_loss)
@@ -270,7 +300,7 @@ def _train(
             last = chunk_loss[:, -1]
             if np.any(np.isfinite(last)):
                 bar.set_postfix(loss=f"{np.nanmean(last):.3g}")
-    objectives = _first(eqx.combine(state.params[1], obj_static), n_models)
+    objectives = _first(eqx.combine(gather(state.params[1]), obj_static), n_models)
     per_iteration = np.nan
     if timed:  # steady state, per model (the models run together, padding included)
         seconds, count = np.sum(timed, axis=0)
@@ -278,7 +308,7 @@ def _train(
     return (
         evaluation(state),
         np.concatenate(losses, axis=1)[:n_models],
-        np.asarray(state.failed_at)[:n_models],
+        np.asarray(gather(state.failed_at))[:n_models],
         time.perf_counter() - start,
         snapshots,
         objectives,
