@@ -33,13 +33,31 @@ def _run(args) -> int:
     use_every_cpu_core()  # before JAX starts: fit_grid spreads its models over the cores
     if getattr(args, "distributed", False):
         try:
-            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+            index, count = initialize_distributed(
+                args.coordinator, args.num_processes, args.process_id
+            )
         except (ValueError, RuntimeError) as err:
             return _fail(f"--distributed: {err}", 2)
+        try:
+            return _run_study(args)  # JAX shuts the run down with every process at exit
+        except BaseException as err:  # a process of the run stopped, or this one failed
+            code = _fail(
+                f"process {index} of {count}: the run stopped ({type(err).__name__}: "
+                f"{str(err)[:500]}); the cells finished before are saved in {args.out}: start "
+                "every process again with --resume"
+            )
+        # leave at once: JAX's shutdown would wait for the lost process, then abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     elif any(
         getattr(args, k, None) is not None for k in ("coordinator", "num_processes", "process_id")
     ):
         return _fail("--coordinator, --num-processes and --process-id go with --distributed", 2)
+    return _run_study(args)
+
+
+def _run_study(args) -> int:
     import jax
 
     from . import studies

@@ -141,3 +141,53 @@ def test_estimation_study_over_two_processes_equals_one_process(tmp_path):
         xr.testing.assert_allclose(two[node.path].to_dataset().drop_vars(timings),
                                    want.drop_vars(timings))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.nc", "tiny.toml", "two.nc"]
+
+
+@pytest.mark.heavy(90)
+def test_a_lost_process_ends_the_run_and_resume_completes_it(tmp_path):
+    """Killing process 1 after the first saved cell ends process 0 at its next collective
+    with one message (exit 1, no abort), leaves the saved cell in the file, and the same
+    command with --resume on both processes completes it."""
+    import signal
+    import time
+
+    from mcm_prob.results import load_tree
+
+    cfg, out = tmp_path / "two.toml", tmp_path / "x.nc"
+    second = '[estimation.data.g2]\nfamily = "gaussian"\nmean = [-0.5]\ncov = [[0.3]]\n'
+    cfg.write_text(TINY_TOML + second)
+    argv = ["--config", str(cfg), "--out", str(out), "--distributed", "--num-processes", "2"]
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                        "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # fmt: skip
+
+    def start(port, resume=False):
+        extra = ["--resume"] if resume else []
+        return [
+            subprocess.Popen(
+                _cli(*argv, "--coordinator", f"localhost:{port}", "--process-id", str(i), *extra),
+                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for i in range(2)
+        ]  # fmt: skip
+
+    procs = start(free_port())
+    deadline = time.monotonic() + 240
+    while not out.exists():
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=240)
+    procs[1].wait()
+    assert procs[0].returncode == 1, err[-3000:]
+    message = [line for line in err.splitlines() if line.startswith("mcm-prob:")]
+    assert len(message) == 1 and "process 0 of 2: the run stopped" in message[0], err[-3000:]
+    assert f"saved in {out}" in message[0] and "--resume" in message[0]
+    partial = load_tree(out)
+    cells = partial["results"]["done"].all("step")  # a cell: one (entry, method, size)
+    assert partial.attrs["status"] == "partial" and int(cells.sum()) == 1
+    procs = start(free_port(), resume=True)
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    done = load_tree(out)
+    assert done.attrs["status"] == "complete" and bool(done["results"]["done"].all())
