@@ -7,6 +7,16 @@ run is timed after a compiling call (best of `--repeats`).
 
     for d in 0 0,1 0,1,2,3; do CUDA_VISIBLE_DEVICES=$d python benchmarks/bench_scaling.py; done
 
+Several processes (JAX's multi-controller runtime, docs/scaling.md): start N copies with
+``--coordinator HOST:PORT --num-processes N --process-id I``; the grid is then sharded over
+every process's devices and process 0 prints the line. On one CPU host, e.g. 2 processes of
+one device each against 1 process of 2 devices (same total work):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/bench_scaling.py --models 64
+    for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=1 python \
+        benchmarks/bench_scaling.py --models 64 --coordinator localhost:12355 \
+        --num-processes 2 --process-id $i & done; wait
+
 Prints one JSON line; efficiency = (rate on N devices) / (N x rate on 1 device), computed in
 benchmarks/README.md from these lines.
 """
@@ -28,7 +38,12 @@ def main():
     parser.add_argument("--models", type=int, default=1024)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 (several processes)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
     args = parser.parse_args()
+    if args.num_processes is not None:
+        mp.devices.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     data = mp.data.Gaussian(MEAN, COV)
     steps = np.geomspace(0.05, 0.4, args.models)
     cfg = config(args.iterations)
@@ -38,10 +53,14 @@ def main():
         jax.block_until_ready(grid.models)
 
     sec = timed(run, args.repeats)
+    if jax.process_index() > 0:
+        return
     print(
         json.dumps(
             {
                 "devices": mp.devices.describe_devices(),
+                "processes": jax.process_count(),
+                "global_devices": jax.device_count(),
                 "models": args.models,
                 "iterations": args.iterations,
                 "seconds": round(sec, 3),
