@@ -72,6 +72,7 @@ import functools
 import hashlib
 import json
 import math
+import pickle
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -86,6 +87,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import xarray as xr
+from jax.experimental import multihost_utils
 from jax.scipy.special import gammaln
 from numpyro.distributions import constraints
 from numpyro.infer.hmc import HMCState, hmc
@@ -904,6 +906,31 @@ def fit_error_models(
     check_size("draws", 8 * kept, f"{kept:,.0f} stored values of the posterior draws")
     if not isinstance(progress, bool):
         raise TypeError(f"`progress` must be True or False, got {progress!r}")
+    if jax.process_count() > 1:
+        return _spread_over_processes(errors, models, workers, refits, progress, options)
+    return _fit_here(errors, models, workers, refits, progress, options)
+
+
+def _spread_over_processes(errors, models, workers, refits, progress, options) -> dict:
+    """A multi-controller run (docs/scaling.md): process i fits models i, i + n, ... and every
+    process gets every fit (the trees exchanged between the processes, pickled: they are this
+    program's own objects). The fits are those of one process (same programs, same keys)."""
+    index, count = jax.process_index(), jax.process_count()
+    mine = models[index::count]
+    local = _fit_here(errors, mine, workers, refits, progress, options) if mine else {}
+    payload = np.frombuffer(pickle.dumps(local), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size]))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    fits = {}
+    for row, size in zip(every, sizes, strict=True):
+        fits |= pickle.loads(row[: int(size)].tobytes())
+    return {m: fits[m] for m in models}
+
+
+def _fit_here(errors, models, workers, refits, progress, options) -> dict:
+    """`fit_error_models` in this process (validated arguments)."""
     per_model = options["warmup"] + options["draws"]
     desc = "error models, NUTS iterations per chain"
     with progress_bar(len(models) * per_model, desc, enabled=progress) as bar:

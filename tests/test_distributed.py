@@ -108,11 +108,12 @@ def _cli(*args):
 def test_estimation_study_over_two_processes_equals_one_process(tmp_path):
     """`mcm-prob run estimation --distributed` as 2 processes of 2 CPU devices writes one
     file (process 0; process 1 writes nothing) whose results equal a single process's on the
-    same 4 devices, and which records the process and device counts."""
+    same 4 devices (the error models split between the processes and exchanged), and which
+    records the process and device counts."""
     from mcm_prob.results import load_tree
 
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY_TOML)
+    cfg = tmp_path / "tiny.toml"  # two error models: one fitted by each process
+    cfg.write_text(TINY_TOML.replace('["power_law"]', '["power_law", "two_term"]'))
     code = "import sys; from mcm_prob.cli import main; sys.exit(main(sys.argv[3:]))"
     results = run_processes(
         code,
