@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from jax.experimental import multihost_utils
 from jaxtyping import Array
 
 from ._checks import check_size, finite_or_raise, integer, number, prng_key, real_array
@@ -189,11 +190,34 @@ def sample_grid(
         raise ValueError(f"`skip` must have the grid's shape {(rows, cols)}, got {skip.shape}")
     split = jax.vmap(jax.random.split)(keys)
     x0 = jax.vmap(lambda k: _initial(path, sched, None, k, n, dim))(split[:, 0])
-    y = _run_sampler_grid(grid.models, split[:, 1], x0, *_times(path, sched))
+    times = _times(path, sched)
+    if jax.process_count() == 1:
+        y = _run_sampler_grid(grid.models, split[:, 1], x0, *times)
+    else:
+        y = _rows_across_processes(grid.models, rows, split[:, 1], x0, times)
     mask = jnp.asarray(skip)[:, :, None, None]
     if not bool(jnp.all(jnp.isfinite(y) | mask)):
         raise FloatingPointError("the sampler produced non-finite values; check the models")
     return jnp.where(mask, jnp.nan, y)
+
+
+def _rows_across_processes(models, rows: int, keys, x0, times) -> Array:
+    """`_run_sampler_grid` in a multi-controller run (docs/scaling.md): process p samples the
+    grid rows p, p + n, ... and every process gets every row (gathered; the same draws as one
+    process)."""
+    index, count = jax.process_index(), jax.process_count()
+    mine = np.arange(index, rows, count)
+    per = -(-rows // count)  # rows per process, padded
+    shape = (per, keys.shape[0], x0.shape[1], x0.shape[2])
+    y = jnp.zeros(shape, x0.dtype)
+    if mine.size:
+        part = jax.tree_util.tree_map(lambda a: a[mine] if eqx.is_array(a) else a, models)
+        y = y.at[: mine.size].set(_run_sampler_grid(part, keys, x0, *times))
+    every = np.asarray(multihost_utils.process_allgather(y))  # (count, per, cols, n, dim)
+    order = np.argsort(np.concatenate([np.arange(p, rows, count) for p in range(count)]))
+    return jnp.asarray(
+        np.concatenate([every[p, : len(range(p, rows, count))] for p in range(count)])[order]
+    )
 
 
 @eqx.filter_jit

@@ -19,17 +19,37 @@ from tests.test_training import sharding_case
 ROOT = Path(__file__).resolve().parents[1]
 
 _FIT = """
-import sys, equinox as eqx, jax, numpy as np
+import pickle, sys, equinox as eqx, jax, numpy as np
 jax.config.update("jax_enable_x64", True)
 from mcm_prob.devices import initialize_distributed
 index, count = initialize_distributed(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
 assert (count, jax.device_count(), jax.local_device_count()) == (2, 4, 2), jax.devices()
-from tests.test_training import sharding_case
-grid, history = sharding_case()
-leaves = jax.tree_util.tree_leaves(eqx.filter(grid.models, eqx.is_array))
-np.savez(sys.argv[3], loss=history["loss"], failed_at=history["failed_at"],
-         **{f"w{i}": np.asarray(a) for i, a in enumerate(leaves)})
+from tests.test_distributed import spread_case
+with open(sys.argv[3], "wb") as f:
+    pickle.dump(spread_case(), f)
 """
+
+
+def spread_case():
+    """What a multi-controller run spreads over its processes: a fit_grid (6 models padded to
+    8 devices), the draws of its samplers (`sample_grid`: 3 rows over 2 processes) and two
+    error models (one per process). Returns numpy arrays and the fitted trees."""
+    import mcm_prob as mp
+    from tests.test_statistics import synthetic
+
+    grid, history = sharding_case()
+    leaves = jax.tree_util.tree_leaves(eqx.filter(grid.models, eqx.is_array))
+    draws = mp.sample_grid(grid, jax.random.split(jax.random.key(3), 2), 16, dim=2,
+                           schedule=mp.Schedule.constant(delta=0.05, h=0.3, steps=2))  # fmt: skip
+    errors = synthetic([2.0, 1.0], rng=np.random.default_rng(5))
+    fits = mp.fit_error_models(errors, ("power_law", "two_term"), chains=2, warmup=50, draws=50)
+    return {
+        "loss": history["loss"],
+        "failed_at": history["failed_at"],
+        "weights": [np.asarray(a) for a in leaves],
+        "draws": np.asarray(draws),
+        "fits": fits,
+    }
 
 
 def free_port() -> int:
@@ -61,21 +81,29 @@ def run_processes(code: str, args, tmp_path, n: int = 2, timeout: float = 300):
     return out
 
 
-@pytest.mark.heavy(30)
-def test_fit_grid_over_two_processes_equals_one_process(tmp_path):
-    """`fit_grid` on the global mesh of 2 processes x 2 devices (6 models padded to 8) gives
-    every process the single-process models and losses (float64, up to round-off)."""
-    results = run_processes(_FIT, [str(tmp_path / "p{i}.npz")], tmp_path)
+@pytest.mark.heavy(120)
+def test_fit_grid_samplers_and_error_models_over_two_processes_equal_one_process(tmp_path):
+    """On the global mesh of 2 processes x 2 devices every process gets the single-process
+    `fit_grid` models and losses (float64, rtol 1e-12), the same sampler draws (`sample_grid`
+    split by rows) and the same error-model fits (split by model, exchanged)."""
+    import pickle
+
+    results = run_processes(_FIT, [str(tmp_path / "p{i}.pkl")], tmp_path)
     for code, _, err in results:
         assert code == 0, err[-3000:]
-    grid, history = sharding_case()
-    want = jax.tree_util.tree_leaves(eqx.filter(grid.models, eqx.is_array))
+    want = spread_case()
     for i in range(2):
-        got = np.load(tmp_path / f"p{i}.npz")
-        np.testing.assert_array_equal(got["failed_at"], history["failed_at"])
-        np.testing.assert_allclose(got["loss"], history["loss"], rtol=1e-12)
-        for k, a in enumerate(want):
-            np.testing.assert_allclose(got[f"w{k}"], np.asarray(a), rtol=1e-12, atol=1e-14)
+        with open(tmp_path / f"p{i}.pkl", "rb") as f:
+            got = pickle.load(f)
+        np.testing.assert_array_equal(got["failed_at"], want["failed_at"])
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-12)
+        for a, b in zip(got["weights"], want["weights"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got["draws"], want["draws"], rtol=1e-10, atol=1e-12)
+        for m, fit in want["fits"].items():
+            for group in ("posterior", "log_likelihood", "checks"):
+                xr.testing.assert_identical(got["fits"][m][group].to_dataset(),
+                                            fit[group].to_dataset())  # fmt: skip
 
 
 TINY_TOML = """[estimation]
@@ -104,51 +132,14 @@ def _cli(*args):
     return [sys.executable, "-m", "mcm_prob.cli", "run", "estimation", *args, "--no-progress"]
 
 
-@pytest.mark.heavy(90)
-def test_estimation_study_over_two_processes_equals_one_process(tmp_path):
-    """`mcm-prob run estimation --distributed` as 2 processes of 2 CPU devices writes one
-    file (process 0; process 1 writes nothing) whose results equal a single process's on the
-    same 4 devices (the error models split between the processes and exchanged), and which
-    records the process and device counts."""
-    from mcm_prob.results import load_tree
-
-    cfg = tmp_path / "tiny.toml"  # two error models: one fitted by each process
-    cfg.write_text(TINY_TOML.replace('["power_law"]', '["power_law", "two_term"]'))
-    code = "import sys; from mcm_prob.cli import main; sys.exit(main(sys.argv[3:]))"
-    results = run_processes(
-        code,
-        ["run", "estimation", "--config", str(cfg), "--out", str(tmp_path / "two.nc"),
-         "--no-progress", "--distributed", "--coordinator", "localhost:{port}",
-         "--num-processes", "2", "--process-id", "{i}"],
-        tmp_path,
-    )  # fmt: skip
-    for code_, _, err in results:
-        assert code_ == 0, err[-3000:]
-    assert "wrote" in results[0][1] and "wrote" not in results[1][1]
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                        "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    one = subprocess.run(
-        _cli("--config", str(cfg), "--out", str(tmp_path / "one.nc")),
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two, ref = load_tree(tmp_path / "two.nc"), load_tree(tmp_path / "one.nc")
-    assert (two.attrs["process_count"], two.attrs["device_count"]) == (2, 4)
-    assert (ref.attrs["process_count"], ref.attrs["device_count"]) == (1, 4)
-    assert sorted(n.path for n in two.subtree) == sorted(n.path for n in ref.subtree)
-    for node in ref.subtree:  # every result; the timings (wall time, s/iteration) aside
-        want = node.to_dataset()
-        timings = [v for v in want.data_vars if "wall_time" in v or "seconds" in v]
-        xr.testing.assert_allclose(two[node.path].to_dataset().drop_vars(timings),
-                                   want.drop_vars(timings))  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.nc", "tiny.toml", "two.nc"]
-
-
-@pytest.mark.heavy(90)
-def test_a_lost_process_ends_the_run_and_resume_completes_it(tmp_path):
-    """Killing process 1 after the first saved cell ends process 0 at its next collective
-    with one message (exit 1, no abort), leaves the saved cell in the file, and the same
-    command with --resume on both processes completes it."""
+@pytest.mark.heavy(160)
+def test_a_study_over_two_processes_survives_a_lost_process_and_equals_one_process(tmp_path):
+    """`mcm-prob run estimation --distributed` as 2 processes of 2 CPU devices: killing
+    process 1 after the first saved cell ends process 0 at its next collective with one
+    message (exit 1, no abort) and leaves the saved cell in the file (written by process 0
+    only); the same command with --resume on both completes it, and the file's results equal
+    an uninterrupted single process's on the same 4 devices (every variable of every group,
+    timings aside); it records the process and device counts."""
     import signal
     import time
 
@@ -187,8 +178,27 @@ def test_a_lost_process_ends_the_run_and_resume_completes_it(tmp_path):
     cells = partial["results"]["done"].all("step")  # a cell: one (entry, method, size)
     assert partial.attrs["status"] == "partial" and int(cells.sum()) == 1
     procs = start(free_port(), resume=True)
+    said = []
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        stdout, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    done = load_tree(out)
-    assert done.attrs["status"] == "complete" and bool(done["results"]["done"].all())
+        said.append("wrote" in stdout)
+    assert said == [True, False]  # process 0 writes, process 1 says nothing
+    two = load_tree(out)
+    assert two.attrs["status"] == "complete" and bool(two["results"]["done"].all())
+    one = subprocess.run(
+        _cli("--config", str(cfg), "--out", str(tmp_path / "one.nc")),
+        env=env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    ref = load_tree(tmp_path / "one.nc")
+    assert (two.attrs["process_count"], two.attrs["device_count"]) == (2, 4)
+    assert (ref.attrs["process_count"], ref.attrs["device_count"]) == (1, 4)
+    assert sorted(n.path for n in two.subtree) == sorted(n.path for n in ref.subtree)
+    for node in ref.subtree:  # every result; the timings (wall time, s/iteration) aside
+        want = node.to_dataset()
+        timings = [v for v in want.data_vars if "wall_time" in v or "seconds" in v]
+        xr.testing.assert_allclose(two[node.path].to_dataset().drop_vars(timings),
+                                   want.drop_vars(timings))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.nc", "two.toml", "x.nc"]
