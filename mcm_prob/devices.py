@@ -1,7 +1,7 @@
 """Devices: one XLA CPU device per core for the `mcm-prob` command, and how files name them.
 
-`fit_grid` shards its model axis over every device (`jax.devices()`; one process: the local ones). On a GPU
-machine these are the GPUs. On a CPU, XLA shows one device that splits single operations over
+`fit_grid` shards its model axis over every device (`jax.devices()`; with one process the
+local ones). On a GPU machine these are the GPUs. On a CPU, XLA shows one device that splits single operations over
 the cores, which the small matrices of a consistency net use poorly (a 40-model grid of the
 main job trains 1.5x faster on 2 cores as 2 devices of 20 models than as 1 device of 40); the
 command therefore asks XLA for one CPU device per core before JAX starts. In a notebook or
@@ -80,7 +80,7 @@ def initialize_distributed(
             "to take them from SLURM or Open MPI)"
         )
     if all(given):
-        if not isinstance(coordinator, str) or coordinator.rpartition(":")[2].isdigit() is False:
+        if not isinstance(coordinator, str) or not coordinator.rpartition(":")[2].isdigit():
             raise ValueError(f"`coordinator` must look like HOST:PORT, got {coordinator!r}")
         num_processes = integer("num_processes", num_processes)
         process_id = integer("process_id", process_id, ge=0, lt=num_processes)

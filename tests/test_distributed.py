@@ -202,3 +202,19 @@ def test_a_study_over_two_processes_survives_a_lost_process_and_equals_one_proce
         xr.testing.assert_allclose(two[node.path].to_dataset().drop_vars(timings),
                                    want.drop_vars(timings))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.nc", "two.toml", "x.nc"]
+
+
+def test_initialize_distributed_checks_its_arguments_first():
+    """Bad settings are refused by name before JAX is asked to join anything; a call after
+    this process's first JAX computation is refused with what to do."""
+    from mcm_prob.devices import initialize_distributed
+
+    with pytest.raises(ValueError, match="`coordinator` must look like HOST:PORT"):
+        initialize_distributed("localhost", 2, 0)
+    with pytest.raises(ValueError, match="pass `coordinator`, `num_processes` and `process_id`"):
+        initialize_distributed(None, 2, None)
+    with pytest.raises(ValueError, match=r"`process_id` must be an integer in \[0, 2\)"):
+        initialize_distributed("localhost:1234", 2, 2)
+    jax.numpy.zeros(1).block_until_ready()
+    with pytest.raises(RuntimeError, match="must run before the first JAX computation"):
+        initialize_distributed("localhost:1234", 2, 0)
