@@ -214,10 +214,10 @@ def _rows_across_processes(models, rows: int, keys, x0, times) -> Array:
         part = jax.tree_util.tree_map(lambda a: a[mine] if eqx.is_array(a) else a, models)
         y = y.at[: mine.size].set(_run_sampler_grid(part, keys, x0, *times))
     every = np.asarray(multihost_utils.process_allgather(y))  # (count, per, cols, n, dim)
-    order = np.argsort(np.concatenate([np.arange(p, rows, count) for p in range(count)]))
-    return jnp.asarray(
-        np.concatenate([every[p, : len(range(p, rows, count))] for p in range(count)])[order]
-    )
+    out = np.empty((rows,) + shape[1:], every.dtype)
+    for p in range(count):  # process p drew rows p, p + count, ...
+        out[p::count] = every[p, : len(range(p, rows, count))]
+    return jnp.asarray(out)
 
 
 @eqx.filter_jit
