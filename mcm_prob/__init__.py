@@ -1,6 +1,6 @@
 """mcm_prob: multi-step consistency models with exact ground truth.
 
-Pipeline: Gaussian paths (`mcm_prob.paths`; default `OU`) -> data (`mcm_prob.data`) -> forward process (`joint_model`) -> exact flow maps
+Pipeline: Gaussian paths (`mcm_prob.paths`; default `OU`) -> data (`mcm_prob.data`; real data sets in `mcm_prob.datasets`) -> forward process (`joint_model`) -> exact flow maps
 (`flow_map`, `ExactFlow`) -> objectives and training (`mcm_prob.training`: `CD`, `CT`, `ContinuousConsistency`, `MeanFlow`, `Shortcut`,
 `FlowMapMatching`, your own `AbstractObjective`; `fit`, `fit_grid`; `save_model`, `load_model`) -> sampling on any schedule (`sample`, `Schedule`, `optimal_schedule`) -> metrics
 -> statistics (`bootstrap_rates`, `fit_error_model`, `compare_error_models`) -> studies (`mcm_prob.studies`: run on your own data, one driver, netCDF results).
@@ -10,6 +10,7 @@ from . import (
     accuracy,
     cache,
     data,
+    datasets,
     densities,
     devices,
     diffusion,
@@ -19,6 +20,7 @@ from . import (
     metrics,
     optimal,
     paths,
+    plots,
     schedules,
     statistics,
     studies,
@@ -69,11 +71,13 @@ __all__ = [
     "OU",
     "OrnsteinUhlenbeck",
     "paths",
+    "plots",
     "laws",
     "alpha",
     "sigma",
     "joint_model",
     "data",
+    "datasets",
     "densities",
     "flow_map",
     "pf_flow",

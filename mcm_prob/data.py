@@ -48,6 +48,7 @@ from ._checks import (
     concrete,
     finite_or_raise,
     integer,
+    number,
     prng_key,
     real_array,
 )
@@ -75,6 +76,7 @@ __all__ = [
 ]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
+_GRAM_ATOMS = 64  # Dirac mixtures with more atoms evaluate the score in the Gram form
 
 
 def _eigh_psd(name: str, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -312,13 +314,19 @@ def from_spec(spec: Mapping) -> DataDistribution:
 
     Families: ``"gaussian"`` (mean, cov; singular cov allowed), ``"gaussian_mixture"``
     (weights, means, covs), ``"dirac_mixture"`` (atoms, optional weights), ``"uniform_box"``
-    (low, high), and any registered with `register_family`. Unknown families, unknown or
+    (low, high), and any registered with `register_family`; or a named data set,
+    ``{"dataset": "digits", "kind": "empirical" | "gaussian", ...}`` (`mcm_prob.datasets`).
+    Unknown families, unknown or
     missing keys and bad values raise `ValueError` naming the key and what is accepted.
     """
     if not isinstance(spec, Mapping):
         raise TypeError(
             f"a data spec must be a dict with a 'family' key, got {type(spec).__name__}"
         )
+    if "dataset" in spec and "family" not in spec:
+        from .datasets import dataset_from_spec  # a named data set (mcm_prob.datasets)
+
+        return dataset_from_spec(spec)
     family = spec.get("family")
     if not isinstance(family, str) or family not in FAMILIES:
         raise ValueError(
@@ -476,6 +484,22 @@ class Gaussian(ClosedFormGaussian, ClosedFormCDF):
         self.mean, self.eigvals = jnp.asarray(m), jnp.asarray(lam)
         self.eigvecs = None if vecs is None else jnp.asarray(vecs)
         self.regime = regime
+
+    @classmethod
+    def fit(cls, x: ArrayLike, *, min_eigenvalue: float = 0.0) -> Gaussian:
+        r"""The Gaussian with the sample mean and covariance of x, shape (n, dim), n >= 2:
+        $\hat\Sigma = rac{1}{n-1}\sum_i (x_i - ar x)(x_i - ar x)^	op$ (`numpy.cov`),
+        built in the eigenvalue form. Eigenvalues below `min_eigenvalue` are raised to it (> 0
+        makes a rank-deficient fit, e.g. images with constant pixels, smooth); with 0 the
+        numerically zero ones are exactly 0 and the fit is non-smooth."""
+        x = real_array("x", x, ndim=2)
+        if x.shape[0] < 2 or x.shape[1] == 0:
+            raise ValueError(f"`x` must have shape (n, dim) with n >= 2, dim >= 1, got {x.shape}")
+        floor = number("min_eigenvalue", min_eigenvalue, ge=0)
+        lam, vecs = _eigh_psd(
+            "the sample covariance", np.cov(x, rowvar=False).reshape(x.shape[1], -1)
+        )
+        return cls(x.mean(0), eigvals=np.maximum(lam, floor), eigvecs=vecs)
 
     @property
     def dim(self) -> int:
@@ -638,8 +662,25 @@ class DiracMixture(ClosedFormCDF):
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
     def noised_score(self, x, a, b):
-        zeros = jnp.zeros_like(self.atoms)
-        return _mixture_score(x, a, b, jnp.log(self.weights), self.atoms, zeros, None)
+        if self.atoms.shape[0] <= _GRAM_ATOMS:
+            zeros = jnp.zeros_like(self.atoms)
+            return _mixture_score(x, a, b, jnp.log(self.weights), self.atoms, zeros, None)
+        # many atoms (an empirical measure): |x - a x_k|^2 = |x|^2 - 2a x.x_k + a^2 |x_k|^2,
+        # whose first term cancels in the softmax: two (n, K) x (K, d) products, no (n, K, d)
+        # array (float64 error in the logits ~ eps |x|^2 / b^2)
+        a, b = jnp.asarray(a)[..., None], jnp.asarray(b)[..., None]
+        logits = (
+            jnp.log(self.weights)
+            + (a * (x @ self.atoms.T) - 0.5 * a**2 * jnp.sum(self.atoms**2, -1)) / b**2
+        )
+        resp = jax.nn.softmax(logits, axis=-1)
+        return (a * (resp @ self.atoms) - x) / b**2
+
+    @classmethod
+    def from_samples(cls, x: ArrayLike) -> DiracMixture:
+        r"""The empirical measure $rac1n\sum_i \delta_{x_i}$ of samples x, shape (n, dim) (a
+        training set: its exact flow returns training points, the memorising limit)."""
+        return cls(real_array("x", x, ndim=2))
 
 
 @register_family
@@ -992,7 +1033,7 @@ def rebuild(description: Mapping) -> DataDistribution:
     the recorded value. Otherwise `ValueError` saying what is missing."""
     if not isinstance(description, Mapping):
         raise TypeError(f"`description` must be a dict, got {type(description).__name__}")
-    if "family" in description:
+    if "family" in description or "dataset" in description:
         return from_spec(description)
     name = description.get("class")
     if not isinstance(name, str) or "." not in name:

@@ -5,7 +5,8 @@ O(d), when both laws are `EigenNormal`s in one basis (the exact laws of Gaussian
 eigenvalues), with dense matrices otherwise.
 
 Sample-based, each with a standard error: `kl_knn` (KL(q || p) from samples of q and the exact
-log p), `energy_distance` and `mmd2` (unbiased two-sample U-statistics).
+log p), `energy_distance` and `mmd2` (unbiased two-sample U-statistics), and `memorisation`
+(how close samples come to the training set, relative to its own spacing).
 
 Consistency error of any f(x, t, s):
 
@@ -39,6 +40,7 @@ __all__ = [
     "kl_knn",
     "energy_distance",
     "mmd2",
+    "memorisation",
     "ConsistencyError",
     "consistency_error",
     "reference_flows",
@@ -442,3 +444,52 @@ def mmd2(x, y, *, bandwidth: float | None = None) -> Estimate:
     ell = 0.0 if bandwidth is None else number("bandwidth", bandwidth, gt=0)
     value, stderr = _mmd2(jnp.asarray(x), jnp.asarray(y), jnp.asarray(ell, jnp.float64))
     return Estimate(float(value), float(stderr))
+
+
+@jax.jit
+def _nearest_distances(x: jax.Array, train: jax.Array) -> jax.Array:
+    """(B, n, d), (K, d) -> (B, n): each point's distance to its nearest training point (chosen
+    on squared distances, recomputed from the difference: exact 0 for a copy)."""
+
+    def one(xi):
+        def block(b, _):
+            near = jnp.argmin(_sq_dists(b, train), 1)
+            return jnp.sqrt(jnp.sum((b - train[near]) ** 2, -1))
+
+        return _by_blocks(block, xi).reshape(-1)[: xi.shape[0]]
+
+    return _over_sets(one, x)
+
+
+@jax.jit
+def _spacing(train: jax.Array) -> jax.Array:
+    """Mean distance of each training point to its nearest other training point."""
+    return jnp.mean(jnp.sqrt(jnp.sum((train - train[_kth_neighbour(train, 1)]) ** 2, -1)))
+
+
+def memorisation(samples, train) -> Estimate:
+    r"""How far samples are from the training set, relative to the set's own spacing:
+
+    $$r = \frac{\frac1n\sum_i \min_j \|x_i - a_j\|}{\frac1K\sum_j \min_{k\ne j}\|a_j - a_k\|}$$
+
+    for samples $x_i$ (shape (n, d), or (..., n, d) for a grid of sample sets) and training
+    points $a_j$ (shape (K, d), K >= 2). r is about 1 for new samples from the training
+    distribution (a held-out image is as far from the training set as a training image from
+    the others) and 0 for copies of training points (the exact flow of an empirical measure
+    returns them). Standard error: that of the numerator's mean over the n samples (the
+    training set is fixed), divided by the denominator. Distances are exact for copies (the
+    nearest point is chosen on squared distances, the distance recomputed from the difference).
+    """
+    train = _points("train", train)
+    if train.ndim != 2:
+        raise ValueError(f"`train` must have shape (K, dim), got {train.shape}")
+    x = _points("samples", samples, train.shape[-1])
+    batch = x.shape[:-2]
+    near = np.asarray(_nearest_distances(jnp.asarray(x.reshape(-1, *x.shape[-2:])), train))
+    spacing = float(_spacing(jnp.asarray(train)))
+    if spacing == 0:
+        raise ValueError("`train` has no two distinct points: its spacing is 0")
+    n = near.shape[-1]
+    value = near.mean(-1) / spacing
+    stderr = near.std(-1, ddof=1) / math.sqrt(n) / spacing
+    return _estimate(value, stderr, tuple(batch))

@@ -127,7 +127,7 @@ def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
                 raise ValueError(f"config key `{where}`: {err}") from err
         else:
             raise TypeError(
-                f"config key `{where}` must be a data spec (a dict with 'family') or a "
+                f"config key `{where}` must be a data spec (a dict with 'family' or 'dataset') or a "
                 f"mcm_prob.data.DataDistribution, got {type(value).__name__}"
             )
         out[label] = Entry(dist, describe(dist), delta)
