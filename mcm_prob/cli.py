@@ -154,23 +154,26 @@ def _report(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    png = path.with_name(f"{path.stem}_{study.name}.png")
     try:
-        fig = study.plot(tree)
+        figures = {"": study.plot(tree)} | {f"_{k}": v for k, v in study.figures(tree).items()}
     except Exception as err:
+        plt.close("all")
         return _fail(f"{path}: cannot plot this file ({type(err).__name__}: {err})")
     from .results import write_atomic
 
-    try:  # atomic: a full disk leaves an earlier plot whole, not truncated
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        write_atomic(png, buffer.getbuffer())
-    except OSError as err:
-        reason = getattr(err.__cause__, "strerror", None) or err.strerror or err
-        return _fail(f"could not save the plot {png}: {reason} (the table is above)")
+    try:
+        for suffix, fig in figures.items():
+            png = path.with_name(f"{path.stem}_{study.name}{suffix}.png")
+            try:  # atomic: a full disk leaves an earlier plot whole, not truncated
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png", dpi=120)
+                write_atomic(png, buffer.getbuffer())
+            except OSError as err:
+                reason = getattr(err.__cause__, "strerror", None) or err.strerror or err
+                return _fail(f"could not save the plot {png}: {reason} (the table is above)")
+            print(f"plot: {png}")
     finally:
-        plt.close(fig)
-    print(f"plot: {png}")
+        plt.close("all")
     return 0
 
 

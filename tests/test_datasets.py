@@ -2,6 +2,7 @@
 exact scores and flows against independent numpy/scipy computations, specs that name the data
 set, the memorisation measure and the image grids."""
 
+import json
 import sys
 
 import numpy as np
@@ -170,3 +171,100 @@ def test_image_grid_shows_the_images():
     with pytest.raises(ValueError, match="`limits`"):
         mp.plots.image_grid(X[:3], limits=(1, 1))
     matplotlib.pyplot.close("all")
+
+
+DIGITS_STUDIES = """
+[sampling]
+max_steps = 2
+h = 1.5
+taus = [0.0]
+baselines = []
+sample_size = 40
+{entries_sampling}
+[estimation]
+methods = ["cd-euler", "meanflow"]
+steps = [0.1, 0.2, 0.4]
+seeds = [0, 1]
+budgets = [20]
+sampler_ks = [1, 2]
+eval_samples = 32
+sample_size = 40
+n_boot = 100
+error_models = ["power_law"]
+chains = 2
+warmup = 50
+draws = 100
+refits = 0
+[estimation.train]
+width = 16
+batch_size = 32
+{entries_estimation}
+"""
+ENTRIES = """
+[{study}.data.digits]
+dataset = "digits"
+kind = "empirical"
+train = 300
+delta = 0.01
+[{study}.data.digits_gauss]
+dataset = "digits"
+kind = "gaussian"
+"""
+
+
+@pytest.mark.heavy(60)
+def test_studies_on_both_digits_entries_from_toml(tmp_path, capsys, undescribed):
+    """`mcm-prob run sampling|estimation --config digits.toml` with both entries, then
+    `report`: exact KLs of the fitted Gaussian at d = 64, draws of the empirical measure's
+    exact-flow sampler, memorisation and the image grids; the files rebuild the data."""
+    from mcm_prob import cli
+    from mcm_prob.results import load_tree
+
+    toml = tmp_path / "digits.toml"
+    toml.write_text(
+        DIGITS_STUDIES.format(
+            entries_sampling=ENTRIES.format(study="sampling"),
+            entries_estimation=ENTRIES.format(study="estimation"),
+        )
+    )
+    gauss = mp.datasets.digits("gaussian")
+    for study in ("sampling", "estimation"):
+        out = tmp_path / f"{study}.nc"
+        argv = ["run", study, "--config", str(toml), "--out", str(out), "--no-progress"]
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        assert cli.main(["report", str(out)]) == 0
+        text = capsys.readouterr().out
+        for entry in ("digits", "digits_gauss"):
+            assert (tmp_path / f"{study}_{study}_images_{entry}.png").exists(), (study, entry)
+        tree = load_tree(out)
+        assert undescribed(tree) == []
+        res = tree["results"].to_dataset()
+        spec = json.loads(res.attrs["spec:digits"])
+        assert spec["dataset"] == "digits" and spec["train"] == 300
+        rebuilt = mp.data.from_spec({k: v for k, v in spec.items() if k != "delta"})
+        np.testing.assert_array_equal(np.asarray(rebuilt.atoms), X[:300])
+        if study == "sampling":
+            assert "entries without exact laws" in text
+            for k in (1, 2):  # the stored KL is the exact law's at d = 64
+                law = mp.sampler_law(gauss, delta=0.01, h=1.5, steps=k)
+                want = mp.metrics.kl_gaussian(law, gauss.marginal(0.01))
+                got = float(res["kl"].sel(entry="digits_gauss", tau=0.0, steps=k))
+                assert got == pytest.approx(want, rel=1e-10)
+            emp = res.sel(entry="digits", tau=0.0)
+            assert np.all(np.isfinite(emp["energy_distance"])) and np.all(np.isnan(emp["kl"]))
+            # draws at delta = 0.01 are training images plus p_delta's noise (0.14 per pixel)
+            assert np.all((emp["memorisation"] > 0.1) & (emp["memorisation"] < 0.8))
+            assert np.all(np.isnan(res["energy_distance"].sel(entry="digits_gauss")))
+            images = res["images"].values
+        else:
+            assert "memorisation at budget 20" in text and "digits (empirical)" in text
+            flow = res["memorisation_k_exact_flow"]
+            assert np.all((flow.sel(entry="digits") > 0.1) & (flow.sel(entry="digits") < 0.8))
+            assert np.all(np.isnan(flow.sel(entry="digits_gauss")))
+            learned = res["memorisation_k"].sel(entry="digits")
+            assert np.isfinite(learned).sum() == 2 * (3 + 1) * 2  # (CD steps + MeanFlow) x seeds x K
+            images = np.concatenate(
+                [res["images"].values.ravel(), res["images_exact_flow"].values.ravel()]
+            )
+        assert np.all(np.isfinite(images)) and np.abs(images).max() < 10

@@ -53,6 +53,7 @@ from jax.experimental import multihost_utils
 from .._checks import number
 from ..cache import cache_warnings_once, enable_compilation_cache
 from ..data import DataDistribution, describe, from_spec
+from ..datasets import image_shape
 from ..devices import is_writer
 from ..locks import writer_lock
 from ..paths import OU, AbstractPath, path_of
@@ -66,6 +67,7 @@ __all__ = [
     "StudyExists",
     "Entry",
     "data_entries",
+    "image_variables",
     "describe",
     "run_study",
     "merge_parts",
@@ -132,6 +134,27 @@ def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
             )
         out[label] = Entry(dist, describe(dist), delta)
     return out
+
+
+def image_variables(entries) -> dict:
+    """``image_height`` and ``image_width`` per entry (0: not images) as data variables, for a
+    study whose entries include images (`mcm_prob.datasets.image_shape`); else empty."""
+    shapes = [image_shape(e.data) for e in entries]
+    if all(sh is None for sh in shapes):
+        return {}
+    shapes = [sh or (0, 0) for sh in shapes]
+    return {
+        "image_height": (
+            ("entry",),
+            np.array([h for h, _ in shapes]),
+            {"long_name": "image rows (0: not images)"},
+        ),
+        "image_width": (
+            ("entry",),
+            np.array([w for _, w in shapes]),
+            {"long_name": "image columns (0: not images)"},
+        ),
+    }
 
 
 # ------------------------------------------------------------------ configs
@@ -342,6 +365,11 @@ class Study(abc.ABC):
     @abc.abstractmethod
     def plot(self, tree: xr.DataTree):
         """A matplotlib Figure of the results."""
+
+    def figures(self, tree: xr.DataTree) -> dict:
+        """Further figures, name -> matplotlib Figure (e.g. pictures of image entries' draws);
+        `mcm-prob report FILE.nc` saves each as FILE_STUDY_NAME.png. None by default."""
+        return {}
 
 
 def _blocking_changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -> list[str]:

@@ -45,6 +45,8 @@ import xarray as xr
 
 from .. import metrics
 from .._checks import check_size, distinct, integer, number, seeds
+from ..data import DiracMixture
+from ..datasets import image_shape
 from ..error_models import (
     ALIASES,
     ERROR_MODELS,
@@ -67,7 +69,7 @@ from ..training import (
     objective_from_spec,
     teacher_map,
 )
-from .driver import Study, StudyConfig
+from .driver import Study, StudyConfig, image_variables
 
 __all__ = ["EstimationConfig", "EstimationStudy", "DEFAULT_DATA", "DEFAULT_TRAIN", "METHODS"]
 
@@ -439,6 +441,55 @@ _BY_K = {
 }
 
 
+# entries whose points are images (`mcm_prob.datasets.image_shape`): the sampler's draws are
+# kept for pictures, and for empirical measures (Dirac mixtures) their memorisation measured
+N_IMAGES = 10  # draws stored per (entry, method, K)
+_MEMO = (
+    "mean distance of the sampler's draws to the nearest training image (atom) over the atoms' "
+    "mean nearest-neighbour distance: ~1 new images, 0 copies (metrics.memorisation; NaN: "
+    "entry not an empirical measure)"
+)
+_IMAGE_VARIABLES = {
+    "memorisation": (_Q, _MEMO, None),
+    "memorisation_stderr": (_Q, "standard error of memorisation", None),
+    "memorisation_exact_flow": (("entry",), _MEMO + ", exact-flow sampler", None),
+    "images": (
+        ("entry", "fit_method", "image_k", "image", "pixel"),
+        "first draws of the sampler with K steps (the method's smallest step, first seed, "
+        "largest budget, last training-set size; NaN: entry not images, or pixels beyond its "
+        "size)",
+        "data units",
+    ),
+    "images_exact_flow": (
+        ("entry", "image_k", "image", "pixel"),
+        "first draws of the exact-flow sampler with K steps",
+        "data units",
+    ),
+}
+_IMAGE_BY_K = {
+    "memorisation_k": (_K, _MEMO + ", K steps", None),
+    "memorisation_k_exact_flow": (
+        ("entry", "sampler_k"),
+        _MEMO + ", exact-flow sampler, K steps",
+        None,
+    ),
+}
+
+
+def _has_images(cfg: EstimationConfig) -> bool:
+    return any(image_shape(e.data) is not None for e in cfg.entries.values())
+
+
+def _image_ks(cfg: EstimationConfig) -> tuple[int, ...]:
+    """The step counts K whose draws are kept as pictures: `sampler_ks`, else `sampler_steps`."""
+    return cfg.sampler_ks or (cfg.sampler_steps,)
+
+
+def _atoms(data) -> np.ndarray | None:
+    """The training images of an empirical measure (its atoms), else None."""
+    return np.asarray(data.atoms, np.float64) if isinstance(data, DiracMixture) else None
+
+
 def _select(grid: FittedGrid, i: int, n_steps: int) -> FittedGrid:
     """Rows i, i + n_steps, ... of a (budget x step, seed) grid: step i at every budget."""
     rows = slice(i, None, n_steps)
@@ -487,7 +538,7 @@ def _quality(x: np.ndarray, ref: np.ndarray, data, cfg: EstimationConfig, label:
 
 
 def _sample_quality(f, data, cfg: EstimationConfig, label: str, key, steps=None):
-    """k-NN KL and energy distance of `sample_size` draws of the sampler with f."""
+    """k-NN KL and energy distance of `sample_size` draws of the sampler with f, and the draws."""
     x = sample(
         f,
         jax.random.split(key)[0],
@@ -497,7 +548,13 @@ def _sample_quality(f, data, cfg: EstimationConfig, label: str, key, steps=None)
         path=cfg.path,
     ).samples
     ref = _reference_draws(data, cfg, label, key)
-    return _quality(np.asarray(x, np.float64), ref, data, cfg, label)
+    x = np.asarray(x, np.float64)
+    return (*_quality(x, ref, data, cfg, label), x)
+
+
+def _keep_images(ds: xr.Dataset, name: str, where: dict, x: np.ndarray) -> None:
+    """The first `N_IMAGES` draws of x (n, dim) into `name` at `where`."""
+    ds[name][where | {"pixel": slice(0, x.shape[-1])}] = x[:N_IMAGES]
 
 
 class EstimationStudy(Study):
@@ -518,9 +575,15 @@ class EstimationStudy(Study):
             "seed": len(cfg.seeds),
             "pair": len(cfg.pairs(labels[0])),
             "sampler_k": len(cfg.sampler_ks),
+            "image_k": len(_image_ks(cfg)),
+            "image": N_IMAGES,
+            "pixel": max(e.data.dim for e in cfg.entries.values()),
         }
         data_vars = {}
         variables = _VARIABLES | (_BY_K if cfg.sampler_ks else {})
+        if _has_images(cfg):
+            variables |= _IMAGE_VARIABLES | (_IMAGE_BY_K if cfg.sampler_ks else {})
+            data_vars |= image_variables(cfg.entries.values())
         for name, (dims, long_name, units) in variables.items():
             attrs = {"long_name": long_name} | ({} if units is None else {"units": units})
             data_vars[name] = (dims, np.full([sizes[d] for d in dims], np.nan), attrs)
@@ -536,60 +599,72 @@ class EstimationStudy(Study):
         )
         pairs = np.array([cfg.pairs(g) for g in labels])
         coords, specs = cfg.entry_coords()
-        return xr.Dataset(
-            data_vars,
-            coords=coords
-            | {
-                "fit_method": (
-                    "fit_method",
-                    list(cfg.labels),
-                    {"long_name": "fitting method (objective label)"},
-                ),
-                "train_size": (
-                    "train_size",
-                    np.array(cfg.train_sizes, float),
-                    {
-                        "long_name": "training-set size n (inf: fresh draws every iteration)",
-                        "units": "draws of x_0",
-                    },
-                ),
-                "budget": (
-                    "budget",
-                    np.array(cfg.budgets),
-                    {"long_name": "training budget", "units": "iterations"},
-                ),
-                "step": (
-                    "step",
-                    np.array(cfg.step_axis),
-                    {
-                        "long_name": "discretization step Delta (0: continuous-time objectives)",
-                        "units": cfg.time_units,
-                    },
-                ),
-                "seed": ("seed", np.array(cfg.seeds), {"long_name": "training seed"}),
-                "pair": ("pair", np.arange(sizes["pair"]), {"long_name": "(t, s) evaluation pair"}),
-                "t": (
-                    ("entry", "pair"),
-                    pairs[..., 0],
-                    {"long_name": "start time t", "units": cfg.time_units},
-                ),
-                "s": (
-                    ("entry", "pair"),
-                    pairs[..., 1],
-                    {"long_name": "target time s", "units": cfg.time_units},
-                ),
-            },
-            attrs=specs,
-        ).assign_coords(
-            {
-                "sampler_k": (
-                    "sampler_k",
-                    np.array(cfg.sampler_ks, int),
-                    {"long_name": "sampler steps K"},
-                )
-            }
-            if cfg.sampler_ks
-            else {}
+        return (
+            xr.Dataset(
+                data_vars,
+                coords=coords
+                | {
+                    "fit_method": (
+                        "fit_method",
+                        list(cfg.labels),
+                        {"long_name": "fitting method (objective label)"},
+                    ),
+                    "train_size": (
+                        "train_size",
+                        np.array(cfg.train_sizes, float),
+                        {
+                            "long_name": "training-set size n (inf: fresh draws every iteration)",
+                            "units": "draws of x_0",
+                        },
+                    ),
+                    "budget": (
+                        "budget",
+                        np.array(cfg.budgets),
+                        {"long_name": "training budget", "units": "iterations"},
+                    ),
+                    "step": (
+                        "step",
+                        np.array(cfg.step_axis),
+                        {
+                            "long_name": "discretization step Delta (0: continuous-time objectives)",
+                            "units": cfg.time_units,
+                        },
+                    ),
+                    "seed": ("seed", np.array(cfg.seeds), {"long_name": "training seed"}),
+                    "pair": (
+                        "pair",
+                        np.arange(sizes["pair"]),
+                        {"long_name": "(t, s) evaluation pair"},
+                    ),
+                    "t": (
+                        ("entry", "pair"),
+                        pairs[..., 0],
+                        {"long_name": "start time t", "units": cfg.time_units},
+                    ),
+                    "s": (
+                        ("entry", "pair"),
+                        pairs[..., 1],
+                        {"long_name": "target time s", "units": cfg.time_units},
+                    ),
+                },
+                attrs=specs,
+            )
+            .assign_coords(
+                {
+                    "sampler_k": (
+                        "sampler_k",
+                        np.array(cfg.sampler_ks, int),
+                        {"long_name": "sampler steps K"},
+                    )
+                }
+                if cfg.sampler_ks
+                else {}
+            )
+            .assign_coords(
+                {"image_k": ("image_k", np.array(_image_ks(cfg)), {"long_name": "sampler steps K"})}
+                if _has_images(cfg)
+                else {}
+            )
         )
 
     def cells(self, cfg: EstimationConfig) -> list[dict[str, int]]:
@@ -607,17 +682,26 @@ class EstimationStudy(Study):
         reference = metrics.reference_flows(data, pairs, key=key, n=cfg.eval_samples, path=cfg.path)
         if np.isnan(ds["kl_estimate_exact_flow"].values[r]):
             flow = ExactFlow(data, rtol=1e-8, atol=1e-8, path=cfg.path)
-            kl, en = _sample_quality(flow, data, cfg, label, jax.random.fold_in(key, 999))
+            images, atoms = image_shape(data) is not None, _atoms(data)
+            kl, en, x = _sample_quality(flow, data, cfg, label, jax.random.fold_in(key, 999))
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
             ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label)
             ds["energy_distance_exact_flow"][r] = en.value
+            if images and atoms is not None:
+                ds["memorisation_exact_flow"][r] = metrics.memorisation(x, atoms).value
+            if images and not cfg.sampler_ks:
+                _keep_images(ds, "images_exact_flow", dict(entry=r, image_k=0), x)
             for k_index, n_steps in enumerate(cfg.sampler_ks):
                 q = dict(entry=r, sampler_k=k_index)
-                kl, _ = _sample_quality(
+                kl, _, x = _sample_quality(
                     flow, data, cfg, label, jax.random.fold_in(key, 999), n_steps
                 )
                 ds["kl_estimate_k_exact_flow"][q] = kl[0]
                 ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps)
+                if images and atoms is not None:
+                    ds["memorisation_k_exact_flow"][q] = metrics.memorisation(x, atoms).value
+                if images:
+                    _keep_images(ds, "images_exact_flow", dict(entry=r, image_k=k_index), x)
         return {"label": label, "data": data, "key": key, "reference": reference}
 
     def run_cell(self, cfg, ds, cell, cache, *, progress):
@@ -736,9 +820,17 @@ class EstimationStudy(Study):
             ok = np.argwhere(~failed)  # (model, 2) indices of the models that trained
             if not len(ok):
                 continue
-            kl, en = _quality(
-                np.asarray(draws, np.float64)[~failed], refs[ok[:, 1]], data, cfg, label
-            )
+            x = np.asarray(draws, np.float64)[~failed]
+            kl, en = _quality(x, refs[ok[:, 1]], data, cfg, label)
+            memo = None
+            if image_shape(data) is not None:
+                if _atoms(data) is not None:
+                    memo = metrics.memorisation(x, _atoms(data))
+                first = int(np.argmin(steps))  # the method's smallest step, first seed
+                kept = (n_steps is None) == (not cfg.sampler_ks) and n == len(cfg.train_sizes) - 1
+                if kept and not failed[first, 0]:
+                    where = dict(entry=r, fit_method=at["fit_method"], image_k=max(k_index - 1, 0))
+                    _keep_images(ds, "images", where, np.asarray(draws[first, 0], np.float64))
             for m, (i, j) in enumerate(ok):
                 grid_kl = _grid_kl(final[i, j], data, cfg, label, n_steps)
                 q = at | {"step": rows[i], "seed": j}
@@ -746,11 +838,16 @@ class EstimationStudy(Study):
                     ds["kl_estimate"][q], ds["kl_stderr"][q] = kl.value[m], kl.stderr[m]
                     ds["kl_grid"][q] = grid_kl
                     ds["energy_distance"][q], ds["energy_stderr"][q] = en.value[m], en.stderr[m]
+                    if memo is not None:
+                        ds["memorisation"][q] = memo.value[m]
+                        ds["memorisation_stderr"][q] = memo.stderr[m]
                 else:
                     q = q | {"sampler_k": k_index - 1}
                     ds["kl_estimate_k"][q], ds["kl_stderr_k"][q] = kl.value[m], kl.stderr[m]
                     ds["kl_grid_k"][q] = grid_kl
                     ds["energy_distance_k"][q] = en.value[m]
+                    if memo is not None:
+                        ds["memorisation_k"][q] = memo.value[m]
         ds["cell_wall_time"][at] = time.perf_counter() - start
 
     def finalize(self, cfg: EstimationConfig, ds: xr.Dataset, *, progress) -> dict[str, xr.Dataset]:
@@ -764,6 +861,9 @@ class EstimationStudy(Study):
 
     def plot(self, tree: xr.DataTree):
         return _plot(tree)
+
+    def figures(self, tree: xr.DataTree) -> dict:
+        return _image_figures(tree)
 
 
 NONE = "none"  # /summary's preferred model where no model is usable
@@ -1251,6 +1351,8 @@ def _report(tree: xr.DataTree) -> str:
                 )
     if "objectives" in tree.children:
         lines += _objectives_report(tree["objectives"].to_dataset())
+    if "memorisation_exact_flow" in res:
+        lines += _memorisation_report(res)
     lines.append("")
     last = res.isel(budget=-1)
     lines.append(
@@ -1292,6 +1394,8 @@ def _report(tree: xr.DataTree) -> str:
         r = res.sel(entry=e)
         spec = json.loads(res.attrs.get(f"spec:{e}", "{}"))
         what = spec.get("family") or spec.get("class", "?")
+        if "dataset" in spec:
+            what = f"{spec['dataset']} ({spec.get('kind', '?')})"
         lines.append(
             f"{e:<12} {str(r['regime'].values):<10} {int(r['dim']):>4} {float(r['delta']):>6g}  {what}"
         )
@@ -1308,6 +1412,69 @@ def _kl_cells(knn: xr.DataArray, grid: xr.DataArray, ks, floor=None) -> str:
         below = np.nan if floor is None else floor.sel(sampler_k=k)
         cells.append(f"{_kl(knn.sel(sampler_k=k), below):>9}{exact}")
     return " ".join(cells)
+
+
+def _memorisation_report(res: xr.Dataset) -> list[str]:
+    """Per empirical-measure image entry, method and K: the memorisation of the sampler's
+    draws (mean +- se over seeds; largest budget and training set, the method's smallest
+    step), and the exact-flow sampler's (which returns training images)."""
+    by_k = "memorisation_k" in res
+    ks = res["sampler_k"].values if by_k else res["image_k"].values
+    last = res.isel(budget=-1, train_size=-1)
+    lines = [
+        "",
+        f"memorisation at budget {int(last['budget'])} (1: new images, 0: copies of training "
+        "images; the method's smallest step, mean +- se over seeds)",
+        f"  {'entry':<12} {'method':<18} " + " ".join(f"{'K=' + str(int(k)):>15}" for k in ks),
+    ]
+    for e in res["entry"].values:
+        flow = res.sel(entry=e)[("memorisation_k" if by_k else "memorisation") + "_exact_flow"]
+        if not np.any(np.isfinite(flow)):
+            continue
+        for m in res["fit_method"].values:
+            v = last["memorisation_k" if by_k else "memorisation"].sel(entry=e, fit_method=m)
+            v = v if by_k else v.expand_dims(sampler_k=1, axis=-1)
+            finite = np.isfinite(v).any(["seed", "sampler_k"]).values
+            if not finite.any():
+                continue
+            v = v.isel(step=int(np.argmax(finite)))  # the smallest step with results
+            n = np.isfinite(v).sum("seed")
+            mean, se = v.mean("seed"), v.std("seed", ddof=1) / np.sqrt(n)
+            cells = " ".join(
+                f"{_fmt(a, 2):>6} +- {_fmt(b, 2):<5}"
+                for a, b in zip(mean.values, se.values, strict=True)
+            )
+            lines.append(f"  {e:<12} {m:<18} {cells}")
+        cells = " ".join(f"{_fmt(a, 2):>15}" for a in np.atleast_1d(flow.values))
+        lines.append(f"  {e:<12} {'exact flow':<18} {cells}")
+    return lines
+
+
+def _image_figures(tree: xr.DataTree) -> dict:
+    """Per image entry: the kept draws, a row per (K, sampler), the exact flow's first."""
+    from ..plots import image_grid
+
+    res = tree["results"].to_dataset()
+    if "images_exact_flow" not in res:
+        return {}
+    out = {}
+    for e in res["entry"].values:
+        r = res.sel(entry=e)
+        h, w = int(r["image_height"]), int(r["image_width"])
+        if h == 0:
+            continue
+        rows = {}
+        for k in r["image_k"].values:
+            flow = r["images_exact_flow"].sel(image_k=k).values[:, : h * w]
+            rows[f"exact flow, K={int(k)}"] = flow
+            for m in r["fit_method"].values:
+                imgs = r["images"].sel(image_k=k, fit_method=m).values[:, : h * w]
+                if np.all(np.isfinite(imgs)):
+                    rows[f"{m}, K={int(k)}"] = imgs
+        flow = r["images_exact_flow"].values[..., : h * w]  # grey scale: the exact draws'
+        low, high = float(np.nanmin(flow)), float(np.nanmax(flow))
+        out[f"images_{e}"] = image_grid(rows, (h, w), limits=(low, high) if low < high else None)
+    return out
 
 
 def _objectives_report(obj: xr.Dataset) -> list[str]:

@@ -2,7 +2,12 @@ r"""Sampling study: exact KL of the multi-step sampler with the exact flow versu
 
 Entries with exact sampler laws: Gaussian data (any mean and covariance; exact Gaussian laws)
 and product targets (``uniform_box``: exact 1-d grid laws summed over coordinates, identical
-coordinates computed once). For Gaussian entries also the exact KL of the fixed-step diffusion
+coordinates computed once). Any other entry (an empirical measure such as the digits,
+`mcm_prob.datasets`) is judged from `sample_size` draws of the sampler with its exact flow: the
+energy distance to exact draws of p_delta and, for an empirical measure, the memorisation of
+the draws (`mcm_prob.metrics.memorisation`); no KL, so no steps-to-eps. Entries whose points
+are images keep their first draws (the exact sampler law's for Gaussians) for pictures
+(`mcm-prob report` draws them). For Gaussian entries also the exact KL of the fixed-step diffusion
 baselines from T, and for all entries steps-to-eps tables. `finalize` fits
 steps ~ a + b log(d / eps) per regime and tau over the entries (the paper bounds the steps by
 O(log(d/eps)) for smooth and O(d log(d/eps)) for non-smooth data) and stores it in ``/fits``.
@@ -17,15 +22,20 @@ import json
 import math
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 import xarray as xr
 
+from .. import metrics
 from .._checks import check_count, distinct, integer, number, one_of
 from ..accuracy import first_reaching, kl_of_steps, steps_to_accuracy
-from ..data import ClosedFormGaussian, ProductData
+from ..data import ClosedFormGaussian, DiracMixture, ProductData
+from ..datasets import image_shape
 from ..diffusion import BASELINES
+from ..flow import ExactFlow
 from ..gridlaw import check_grid_size, grid_points
-from .driver import Study, StudyConfig
+from ..sampling import sample, sampler_law
+from .driver import Study, StudyConfig, image_variables
 
 __all__ = ["SamplingConfig", "SamplingStudy", "default_sampling_data"]
 
@@ -53,12 +63,14 @@ _BASELINES = BASELINES[:-1]  # the fixed-step ones (exact laws)
 class SamplingConfig(StudyConfig):
     """Settings of the sampling study (TOML table ``[sampling]``).
 
-    - `data`: entries label -> Gaussian or uniform-box spec (optional ``delta``) or object.
+    - `data`: entries label -> data spec (optional ``delta``) or object: Gaussian and
+      uniform-box entries have exact laws, others are judged from `sample_size` draws.
     - `max_steps`, `h`, `taus`: the constant-step sampler, K = 1..max_steps, each tau (inf:
       Song et al.'s Algorithm 1).
     - `delta_smooth`, `delta_nonsmooth`: stop time of entries without their own.
     - `T`, `baselines`, `baseline_steps`: the diffusion baselines (Gaussian entries).
     - `eps`: accuracy targets KL <= eps^2; `n_grid`: grid points of the 1-d grid laws.
+    - `sample_size`: draws per (entry, tau, K) for entries without exact laws.
     """
 
     data: Mapping = dataclasses.field(default_factory=default_sampling_data)
@@ -72,16 +84,11 @@ class SamplingConfig(StudyConfig):
     baseline_steps: tuple = (4, 8, 16, 32, 64, 128, 256)
     eps: tuple = (0.1, 0.03, 0.01)
     n_grid: int = 2001
+    sample_size: int = 500
 
     def __post_init__(self):
         super().__post_init__()
-        for label, entry in self.entries.items():
-            if not isinstance(entry.data, (ClosedFormGaussian, ProductData)):
-                raise ValueError(
-                    f"config key `data.{label}`: the sampling study needs exact sampler laws, "
-                    "i.e. a 'gaussian' (any mean and covariance) or a 'uniform_box' (product "
-                    f"target); got {type(entry.data).__name__}"
-                )
+        integer("sample_size", self.sample_size, ge=3)
         pos = lambda n, v: number(n, v, gt=0)  # noqa: E731
         taus = distinct("taus", self.taus, lambda n, v: number(n, v, ge=0, allow_inf=True))
         object.__setattr__(self, "taus", taus)
@@ -124,6 +131,79 @@ QUICK = dict(
     baseline_steps=(4, 16, 64),
     n_grid=1001,
 )
+
+
+N_IMAGES = 10  # draws kept per (entry, tau, K) of image entries
+
+
+def _exact(data) -> bool:
+    """Whether the entry's sampler laws are exact (else judged from draws)."""
+    return isinstance(data, (ClosedFormGaussian, ProductData))
+
+
+def _sample_variables(c: SamplingConfig) -> dict:
+    """The draw-based variables, present when some entry needs them."""
+    entries = [e.data for e in c.entries.values()]
+    n, nt, K = len(entries), len(c.taus), c.max_steps
+    out = {}
+    if not all(_exact(d) for d in entries):
+        dims = ("entry", "tau", "steps")
+        out["energy_distance"] = (
+            dims,
+            np.full((n, nt, K), np.nan),
+            {
+                "long_name": "energy distance of sample_size draws of the exact-flow sampler "
+                "to exact draws of p_delta (entries without exact laws; NaN otherwise)",
+                "units": "data units",
+            },
+        )
+        out["energy_stderr"] = (
+            dims,
+            np.full((n, nt, K), np.nan),
+            {"long_name": "jackknife standard error of energy_distance", "units": "data units"},
+        )
+        out["memorisation"] = (
+            dims,
+            np.full((n, nt, K), np.nan),
+            {
+                "long_name": "mean distance of the draws to the nearest atom over the atoms' mean "
+                "nearest-neighbour distance: ~1 new points, 0 copies (empirical measures only)"
+            },
+        )
+    if any(image_shape(d) is not None for d in entries):
+        pixels = max(d.dim for d in entries)
+        out["images"] = (
+            ("entry", "tau", "steps", "image", "pixel"),
+            np.full((n, nt, K, N_IMAGES, pixels), np.nan),
+            {
+                "long_name": "first draws of the sampler with the exact flow (image entries; "
+                "NaN otherwise or pixels beyond the entry's size)",
+                "units": "data units",
+            },
+        )
+    return out
+
+
+def _draws_report(res: xr.Dataset) -> list[str]:
+    """Entries without exact laws: energy distance (+- se) and memorisation per tau and K."""
+    lines = [
+        "entries without exact laws: energy distance of the exact-flow sampler's draws to "
+        "exact draws of p_delta (+- se) [memorisation: 1 new points, 0 copies of atoms]"
+    ]
+    lines.append(f"{'entry':<14} {'tau':>6} {'K':>3} {'energy':>10} {'se':>9} {'memorisation':>13}")
+    for g in res["entry"].values:
+        r = res.sel(entry=g)
+        if not np.isfinite(r["energy_distance"]).any():
+            continue
+        for tau in res["tau"].values:
+            for k in res["steps"].values:
+                c = r.sel(tau=tau, steps=k)
+                memo = float(c["memorisation"])
+                lines.append(
+                    f"{g:<14} {tau:>6g} {int(k):>3} {float(c['energy_distance']):>10.4g} "
+                    f"{float(c['energy_stderr']):>9.2g} {'-' if np.isnan(memo) else format(memo, '.3g'):>13}"
+                )
+    return lines
 
 
 class SamplingStudy(Study):
@@ -169,7 +249,9 @@ class SamplingStudy(Study):
                     {"long_name": "why nfe_to_eps_baseline is NaN (empty when reached)"},
                 ),
                 "done": ("entry", np.zeros(n, bool), {"long_name": "cell finished and saved"}),
-            },
+            }
+            | _sample_variables(c)
+            | image_variables(entries),
             coords=coords
             | {
                 "family": (
@@ -218,6 +300,9 @@ class SamplingStudy(Study):
         label = list(c.entries)[i]
         data, delta = c.entries[label].data, c.entry_delta(label)
         steps = np.arange(1, c.max_steps + 1)
+        if not _exact(data):
+            self._from_draws(c, ds, i, data, delta)
+            return
         for j, tau in enumerate(c.taus):
             if isinstance(data, ClosedFormGaussian):
                 kl = kl_of_steps(data, delta=delta, h=c.h, tau=tau, path=c.path)
@@ -231,6 +316,13 @@ class SamplingStudy(Study):
             ds["steps_to_eps"][i, j] = first_reaching(row, steps, c.eps)
         if not isinstance(data, ClosedFormGaussian):
             return
+        if image_shape(data) is not None:  # pictures: draws of the exact sampler laws
+            key = jax.random.fold_in(jax.random.key(0), i)
+            for j, tau in enumerate(c.taus):
+                for k in steps:
+                    law = sampler_law(data, delta=delta, h=c.h, steps=int(k), tau=tau, path=c.path)
+                    x = law.sample(jax.random.fold_in(key, j * len(steps) + k), (N_IMAGES,))
+                    ds["images"][i, j, k - 1, :, : data.dim] = np.asarray(x, np.float64)
         for m, method in enumerate(c.baselines):
             kl = kl_of_steps(data, sampler=method, delta=delta, T=c.T, path=c.path)
             ds["kl_baseline"][m, i] = [kl(int(k)) for k in c.baseline_steps]
@@ -242,6 +334,36 @@ class SamplingStudy(Study):
                 np.nan if r["nfe"] is None else r["nfe"] for r in found
             ]
             ds["reason_baseline"][m, i] = [r["reason"] or "" for r in found]
+
+    @staticmethod
+    def _from_draws(c: SamplingConfig, ds: xr.Dataset, i: int, data, delta: float) -> None:
+        """An entry without exact laws: `sample_size` draws of the sampler with the exact flow
+        per (tau, K) against as many exact draws of p_delta (energy distance), their
+        memorisation (empirical measures) and, for images, the first draws kept."""
+        flow = ExactFlow(data, rtol=1e-8, atol=1e-8, path=c.path)
+        key = jax.random.fold_in(jax.random.key(0), i)
+        ref = data.marginal(delta, c.path).sample(jax.random.fold_in(key, 10**6), (c.sample_size,))
+        atoms = np.asarray(data.atoms, np.float64) if isinstance(data, DiracMixture) else None
+        for j, tau in enumerate(c.taus):
+            for k in range(1, c.max_steps + 1):
+                x = sample(
+                    flow,
+                    jax.random.fold_in(key, j * c.max_steps + k),
+                    c.sample_size,
+                    dim=data.dim,
+                    delta=delta,
+                    h=c.h,
+                    steps=k,
+                    tau=tau,
+                    path=c.path,
+                ).samples
+                x = np.asarray(x, np.float64)
+                en = metrics.energy_distance(x, np.asarray(ref, np.float64))
+                ds["energy_distance"][i, j, k - 1], ds["energy_stderr"][i, j, k - 1] = en
+                if atoms is not None:
+                    ds["memorisation"][i, j, k - 1] = metrics.memorisation(x, atoms).value
+                if "images" in ds and image_shape(data) is not None:
+                    ds["images"][i, j, k - 1, :, : data.dim] = x[:N_IMAGES]
 
     @staticmethod
     def _factor_row(c, cache: dict, factor, delta: float, tau: float, steps) -> list[float]:
@@ -296,6 +418,8 @@ class SamplingStudy(Study):
         )
         for g in res["entry"].values:
             r = res.sel(entry=g)
+            if "energy_distance" in res and np.isfinite(r["energy_distance"]).any():
+                continue  # no exact law: its draws are reported below
             for tau in res["tau"].values:
                 row = r["steps_to_eps"].sel(tau=tau).values
                 lines.append(
@@ -325,6 +449,8 @@ class SamplingStudy(Study):
                         )
         else:
             lines.append("study is partial: no fits yet (resume it to finish)")
+        if "energy_distance" in res:
+            lines += _draws_report(res)
         gauss = [g for g in res["entry"].values if res["family"].sel(entry=g) == "gaussian"]
         if gauss and res.sizes["baseline"]:
             lines.append(
@@ -341,6 +467,30 @@ class SamplingStudy(Study):
                         if str(text):
                             lines.append(f"  '-' for {m}, {g}, eps = {e:g}: {text}")
         return "\n".join(lines)
+
+    def figures(self, tree: xr.DataTree) -> dict:
+        """Per image entry: its kept draws at K = 1, 2, 4 (those up to max_steps), each tau."""
+        from ..plots import image_grid
+
+        res = tree["results"].to_dataset()
+        if "images" not in res:
+            return {}
+        out = {}
+        for e in res["entry"].values:
+            r = res.sel(entry=e)
+            h, w = int(r["image_height"]), int(r["image_width"])
+            if h == 0 or not np.isfinite(r["images"].values[..., : h * w]).any():
+                continue
+            rows = {
+                f"tau={tau:g}, K={k}": r["images"].sel(tau=tau, steps=k).values[:, : h * w]
+                for tau in res["tau"].values
+                for k in (1, 2, 4)
+                if k <= res.sizes["steps"]
+            }
+            out[f"images_{e}"] = image_grid(
+                {k: v for k, v in rows.items() if np.isfinite(v).all()}, (h, w)
+            )
+        return out
 
     def plot(self, tree: xr.DataTree):
         import matplotlib.pyplot as plt
