@@ -496,8 +496,10 @@ def test_sampling_study_and_cli(tmp_path, capsys, monkeypatch, undescribed):
     assert not (tmp_path / "m2.nc").exists() and not (tmp_path / "m3.nc").exists()
     assert cli.main(["run", "sampling", "--part", "2/2", "--out", str(tmp_path / "x.nc")]) == 1
     assert "`part` must be (i, n) with integers 0 <= i < n" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="data.dirac.*needs exact sampler laws"):
-        studies.SamplingConfig(data={"dirac": {"family": "dirac_mixture", "atoms": [[0.0]]}})
+    # an entry without exact laws is judged from draws of the exact-flow sampler (issue 27)
+    dirac = studies.SamplingConfig(data={"dirac": {"family": "dirac_mixture", "atoms": [[0.0]]}})
+    schema = studies.get("sampling").schema(dirac)
+    assert {"energy_distance", "memorisation"} <= set(schema) and "images" not in schema
 
 
 def test_error_injection_kl_is_order_eps_squared(tmp_path, capsys, undescribed):
