@@ -57,8 +57,12 @@ def run_claim(doc: str, study: str, small: dict, full: dict, out: str, *, argv=N
     print(report)
     path.with_name(path.stem + "_report.txt").write_text(report + "\n")
     studies.plot(tree).savefig(path.with_suffix(".png"), dpi=120)
+    extra = studies.get(study).figures(tree)  # e.g. image grids of image entries' draws
+    for name, fig in extra.items():
+        fig.savefig(path.with_name(f"{path.stem}_{name}.png"), dpi=120)
     print(
-        f"wrote {path}, {path.stem}_report.txt, {path.stem}.png "
-        f"(wall time {tree.attrs['wall_time_s']:.1f} s)"
+        f"wrote {path}, {path.stem}_report.txt, {path.stem}.png"
+        + "".join(f", {path.stem}_{name}.png" for name in extra)
+        + f" (wall time {tree.attrs['wall_time_s']:.1f} s)"
     )
     return tree, path
