@@ -258,7 +258,7 @@ def test_studies_on_both_digits_entries_from_toml(tmp_path, capsys, undescribed)
             assert np.all(np.isnan(res["energy_distance"].sel(entry="digits_gauss")))
             images = res["images"].values
         else:
-            assert "memorisation at budget 20" in text and "digits (empirical)" in text
+            assert "quality against memorisation at budget 20" in text and "digits (empirical)" in text
             flow = res["memorisation_k_exact_flow"]
             assert np.all((flow.sel(entry="digits") > 0.1) & (flow.sel(entry="digits") < 0.8))
             assert np.all(np.isnan(flow.sel(entry="digits_gauss")))

@@ -468,6 +468,11 @@ _IMAGE_VARIABLES = {
 }
 _IMAGE_BY_K = {
     "memorisation_k": (_K, _MEMO + ", K steps", None),
+    "energy_distance_k_exact_flow": (
+        ("entry", "sampler_k"),
+        "energy distance to exact samples of p_delta, exact-flow sampler with K steps",
+        "data units",
+    ),
     "memorisation_k_exact_flow": (
         ("entry", "sampler_k"),
         _MEMO + ", exact-flow sampler, K steps",
@@ -693,10 +698,12 @@ class EstimationStudy(Study):
                 _keep_images(ds, "images_exact_flow", dict(entry=r, image_k=0), x)
             for k_index, n_steps in enumerate(cfg.sampler_ks):
                 q = dict(entry=r, sampler_k=k_index)
-                kl, _, x = _sample_quality(
+                kl, en, x = _sample_quality(
                     flow, data, cfg, label, jax.random.fold_in(key, 999), n_steps
                 )
                 ds["kl_estimate_k_exact_flow"][q] = kl[0]
+                if images:
+                    ds["energy_distance_k_exact_flow"][q] = en.value
                 ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps)
                 if images and atoms is not None:
                     ds["memorisation_k_exact_flow"][q] = metrics.memorisation(x, atoms).value
@@ -1415,38 +1422,54 @@ def _kl_cells(knn: xr.DataArray, grid: xr.DataArray, ks, floor=None) -> str:
 
 
 def _memorisation_report(res: xr.Dataset) -> list[str]:
-    """Per empirical-measure image entry, method and K: the memorisation of the sampler's
-    draws (mean +- se over seeds; largest budget and training set, the method's smallest
-    step), and the exact-flow sampler's (which returns training images)."""
+    """Per empirical-measure image entry, method and K: the quality of the sampler's draws
+    (energy distance to exact draws of p_delta) and their memorisation, mean +- se over seeds
+    (largest budget and training set, the method's smallest step), and the exact-flow
+    sampler's (which returns training images up to p_delta's noise)."""
     by_k = "memorisation_k" in res
+    suffix = "_k" if by_k else ""
     ks = res["sampler_k"].values if by_k else res["image_k"].values
     last = res.isel(budget=-1, train_size=-1)
     lines = [
         "",
-        f"memorisation at budget {int(last['budget'])} (1: new images, 0: copies of training "
-        "images; the method's smallest step, mean +- se over seeds)",
-        f"  {'entry':<12} {'method':<18} " + " ".join(f"{'K=' + str(int(k)):>15}" for k in ks),
+        f"quality against memorisation at budget {int(last['budget'])}: energy distance to "
+        "exact draws of p_delta / memorisation (1: new images, 0: copies of training images); "
+        "the method's smallest step, mean +- se over seeds",
+        f"  {'entry':<12} {'method':<12} " + " ".join(f"{'K=' + str(int(k)):>27}" for k in ks),
     ]
+
+    def over_seeds(v):  # (step, seed[, sampler_k]) -> mean, se at the smallest step with data
+        v = v if by_k else v.expand_dims(sampler_k=1, axis=-1)
+        finite = np.isfinite(v).any(["seed", "sampler_k"]).values
+        v = v.isel(step=int(np.argmax(finite)))
+        return v.mean("seed").values, (v.std("seed", ddof=1) / np.sqrt(v.sizes["seed"])).values
+
     for e in res["entry"].values:
-        flow = res.sel(entry=e)[("memorisation_k" if by_k else "memorisation") + "_exact_flow"]
-        if not np.any(np.isfinite(flow)):
+        flow_memo = res["memorisation" + suffix + "_exact_flow"].sel(entry=e)
+        if not np.any(np.isfinite(flow_memo)):
             continue
         for m in res["fit_method"].values:
-            v = last["memorisation_k" if by_k else "memorisation"].sel(entry=e, fit_method=m)
-            v = v if by_k else v.expand_dims(sampler_k=1, axis=-1)
-            finite = np.isfinite(v).any(["seed", "sampler_k"]).values
-            if not finite.any():
+            c = last.sel(entry=e, fit_method=m)
+            if not np.isfinite(c["memorisation" + suffix]).any():
                 continue
-            v = v.isel(step=int(np.argmax(finite)))  # the smallest step with results
-            n = np.isfinite(v).sum("seed")
-            mean, se = v.mean("seed"), v.std("seed", ddof=1) / np.sqrt(n)
-            cells = " ".join(
-                f"{_fmt(a, 2):>6} +- {_fmt(b, 2):<5}"
-                for a, b in zip(mean.values, se.values, strict=True)
+            (en, en_se), (me, me_se) = (
+                over_seeds(c[v + suffix]) for v in ("energy_distance", "memorisation")
             )
-            lines.append(f"  {e:<12} {m:<18} {cells}")
-        cells = " ".join(f"{_fmt(a, 2):>15}" for a in np.atleast_1d(flow.values))
-        lines.append(f"  {e:<12} {'exact flow':<18} {cells}")
+            cells = " ".join(
+                f"{_fmt(a, 2):>6}+-{_fmt(b, 1):<5} / {_fmt(x, 2):>4}+-{_fmt(y, 1):<5}"
+                for a, b, x, y in zip(en, en_se, me, me_se, strict=True)
+            )
+            lines.append(f"  {e:<12} {m:<12} {cells}")
+        flow_en = res["energy_distance_k_exact_flow" if by_k else "energy_distance_exact_flow"]
+        cells = " ".join(
+            f"{_fmt(a, 2):>13} / {_fmt(b, 2):>11}"
+            for a, b in zip(
+                np.atleast_1d(flow_en.sel(entry=e).values),
+                np.atleast_1d(flow_memo.values),
+                strict=True,
+            )
+        )
+        lines.append(f"  {e:<12} {'exact flow':<12} {cells}")
     return lines
 
 
