@@ -32,6 +32,10 @@ precision)  # the main job cold then warm; PyTorch and fit_grid at matched preci
   python3 benchmarks/profile_main_job.py 2>$OUT/pwarm.err | tee $OUT/warm.json
   timeout 300 python3 benchmarks/bench_pytorch.py --models 64 256 --iterations 200 --variants torch-vmap torch-compile --precision float32 tf32 2>$OUT/torch.err | tee $OUT/torch.json
   timeout 120 python3 benchmarks/bench_training.py --models 64 256 --iterations 2000 --precision default float32 tf32 2>$OUT/train.err | tee $OUT/train.json ;;
+digits)  # issue 27: the digits rebuilt from their spec by this host's scikit-learn; analysis/digits.py --full, the learned part
+  export CUDA_VISIBLE_DEVICES=0
+  python3 -c "import sklearn, jax; jax.config.update('jax_enable_x64', True); import mcm_prob as mp; d = mp.data.from_spec({'dataset': 'digits', 'kind': 'gaussian', 'sha256': '20def7f70a702f0af9732fbba4375e147a7d54fe70d8c45569b8e7c1c7010c10'}); print('scikit-learn', sklearn.__version__, 'digits rebuilt, hash checked:', d.dim, d.regime)" 2>&1 | tee $OUT/rebuild.txt
+  cd analysis && timeout 500 python3 -c "import digits; digits.objectives(['--full'])" > $OUT/digits.log 2>$OUT/digits.err; tail -40 $OUT/digits.log; cp digits_* $OUT/ ;;
 esac
 # analysis/objectives.py small default on one GPU (both paths): files under $OUT
 if [ "$1" = analysis ]; then
