@@ -604,73 +604,64 @@ class EstimationStudy(Study):
         )
         pairs = np.array([cfg.pairs(g) for g in labels])
         coords, specs = cfg.entry_coords()
-        return (
-            xr.Dataset(
-                data_vars,
-                coords=coords
-                | {
-                    "fit_method": (
-                        "fit_method",
-                        list(cfg.labels),
-                        {"long_name": "fitting method (objective label)"},
-                    ),
-                    "train_size": (
-                        "train_size",
-                        np.array(cfg.train_sizes, float),
-                        {
-                            "long_name": "training-set size n (inf: fresh draws every iteration)",
-                            "units": "draws of x_0",
-                        },
-                    ),
-                    "budget": (
-                        "budget",
-                        np.array(cfg.budgets),
-                        {"long_name": "training budget", "units": "iterations"},
-                    ),
-                    "step": (
-                        "step",
-                        np.array(cfg.step_axis),
-                        {
-                            "long_name": "discretization step Delta (0: continuous-time objectives)",
-                            "units": cfg.time_units,
-                        },
-                    ),
-                    "seed": ("seed", np.array(cfg.seeds), {"long_name": "training seed"}),
-                    "pair": (
-                        "pair",
-                        np.arange(sizes["pair"]),
-                        {"long_name": "(t, s) evaluation pair"},
-                    ),
-                    "t": (
-                        ("entry", "pair"),
-                        pairs[..., 0],
-                        {"long_name": "start time t", "units": cfg.time_units},
-                    ),
-                    "s": (
-                        ("entry", "pair"),
-                        pairs[..., 1],
-                        {"long_name": "target time s", "units": cfg.time_units},
-                    ),
-                },
-                attrs=specs,
+        by_k = {}  # the K axes, where present
+        if cfg.sampler_ks:
+            by_k["sampler_k"] = (
+                "sampler_k",
+                np.array(cfg.sampler_ks, int),
+                {"long_name": "sampler steps K"},
             )
-            .assign_coords(
-                {
-                    "sampler_k": (
-                        "sampler_k",
-                        np.array(cfg.sampler_ks, int),
-                        {"long_name": "sampler steps K"},
-                    )
-                }
-                if cfg.sampler_ks
-                else {}
+        if _has_images(cfg):
+            by_k["image_k"] = (
+                "image_k",
+                np.array(_image_ks(cfg)),
+                {"long_name": "sampler steps K"},
             )
-            .assign_coords(
-                {"image_k": ("image_k", np.array(_image_ks(cfg)), {"long_name": "sampler steps K"})}
-                if _has_images(cfg)
-                else {}
-            )
-        )
+        return xr.Dataset(
+            data_vars,
+            coords=coords
+            | {
+                "fit_method": (
+                    "fit_method",
+                    list(cfg.labels),
+                    {"long_name": "fitting method (objective label)"},
+                ),
+                "train_size": (
+                    "train_size",
+                    np.array(cfg.train_sizes, float),
+                    {
+                        "long_name": "training-set size n (inf: fresh draws every iteration)",
+                        "units": "draws of x_0",
+                    },
+                ),
+                "budget": (
+                    "budget",
+                    np.array(cfg.budgets),
+                    {"long_name": "training budget", "units": "iterations"},
+                ),
+                "step": (
+                    "step",
+                    np.array(cfg.step_axis),
+                    {
+                        "long_name": "discretization step Delta (0: continuous-time objectives)",
+                        "units": cfg.time_units,
+                    },
+                ),
+                "seed": ("seed", np.array(cfg.seeds), {"long_name": "training seed"}),
+                "pair": ("pair", np.arange(sizes["pair"]), {"long_name": "(t, s) evaluation pair"}),
+                "t": (
+                    ("entry", "pair"),
+                    pairs[..., 0],
+                    {"long_name": "start time t", "units": cfg.time_units},
+                ),
+                "s": (
+                    ("entry", "pair"),
+                    pairs[..., 1],
+                    {"long_name": "target time s", "units": cfg.time_units},
+                ),
+            },
+            attrs=specs,
+        ).assign_coords(by_k)
 
     def cells(self, cfg: EstimationConfig) -> list[dict[str, int]]:
         """One cell per training program: (entry, fit_method, train_size), all steps."""
@@ -702,13 +693,12 @@ class EstimationStudy(Study):
                     flow, data, cfg, label, jax.random.fold_in(key, 999), n_steps
                 )
                 ds["kl_estimate_k_exact_flow"][q] = kl[0]
+                ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps)
                 if images:
                     ds["energy_distance_k_exact_flow"][q] = en.value
-                ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps)
-                if images and atoms is not None:
-                    ds["memorisation_k_exact_flow"][q] = metrics.memorisation(x, atoms).value
-                if images:
                     _keep_images(ds, "images_exact_flow", dict(entry=r, image_k=k_index), x)
+                    if atoms is not None:
+                        ds["memorisation_k_exact_flow"][q] = metrics.memorisation(x, atoms).value
         return {"label": label, "data": data, "key": key, "reference": reference}
 
     def run_cell(self, cfg, ds, cell, cache, *, progress):
