@@ -41,7 +41,7 @@ NOTEBOOK_SECONDS = {
     "01_data_and_forward_process": 40,
     "02_fit_and_sample": 40,
     "05_schedules": 20,
-    "07_real_data": 40,
+    "07_real_data": 55,
 }
 
 
