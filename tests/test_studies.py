@@ -726,3 +726,27 @@ def test_posterior_probability_between_fits_of_different_draw_counts():
     a, b = rng.normal(0.2, 1.0, 4800).round(1), rng.normal(0.0, 1.0, 2400).round(1)  # ties
     assert _p_greater(a, b) == pytest.approx((a[:, None] > b[None, :]).mean(), abs=1e-15)
     assert _p_greater(b, a) == pytest.approx((b[:, None] > a[None, :]).mean(), abs=1e-15)
+
+
+def test_a_file_from_before_a_config_key_existed_resumes_at_its_default(tmp_path):
+    """A file written before `sample_size` was a sampling key (its config lacks the key)
+    resumes with the key at its default, the earlier behaviour, and is refused with another
+    value, naming the key."""
+
+    cfg = studies.SamplingConfig(
+        data={"g": {"family": "gaussian", "mean": [0.5], "cov": [[0.5]]}},
+        max_steps=2,
+        baselines=(),
+        taus=(0.0,),
+    )
+    out = tmp_path / "s.nc"
+    tree = studies.run("sampling", cfg, out, progress=False)
+    older = json.loads(tree.attrs["config"])
+    del older["sample_size"]
+    tree.attrs["config"] = json.dumps(older, sort_keys=True)
+    save_tree(tree, out)
+    again = studies.run("sampling", cfg, out, resume=True, progress=False)
+    xr.testing.assert_identical(again["results"].to_dataset(), tree["results"].to_dataset())
+    other = dataclasses.replace(cfg, sample_size=100)
+    with pytest.raises(ValueError, match=r"sample_size: 500 in the file, 100 now"):
+        studies.run("sampling", other, out, resume=True, progress=False)

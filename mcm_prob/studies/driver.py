@@ -384,6 +384,22 @@ def _blocking_changes(old_json: str, new_json: str, analysis: tuple[str, ...]) -
 _MERGE_HINT = "Pass the --config (and --quick) the parts were run with"
 
 
+def _with_new_keys(old_json, config_type: type) -> str:
+    """The file's config with the top-level keys added to `config_type` since it was written
+    set to their defaults: a key's default keeps the behaviour from before the key existed,
+    so such a file resumes and merges as before (the same key at another value differs)."""
+    try:
+        old = json.loads(old_json)
+    except (TypeError, ValueError):
+        return old_json
+    if not isinstance(old, dict):
+        return old_json
+    for f in dataclasses.fields(config_type):
+        if f.name not in old and f.default is not dataclasses.MISSING:
+            old[f.name] = _jsonable(f.default)
+    return json.dumps(old, sort_keys=True)
+
+
 def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree, list]:
     """The tree in `path` if it holds `study` with `config` up to the study's analysis keys
     (every key when `what` is ``"merge"``: parts are merged only with their own config) and
@@ -396,7 +412,8 @@ def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree,
         raise ValueError(f"cannot read {path} to {what} it: {err}") from err
     if tree.attrs.get("study") != study.name or "results" not in tree.children:
         raise ValueError(f"{path} holds a {tree.attrs.get('study')!r} study, not {study.name!r}")
-    old = tree.attrs.get("config")
+    written = tree.attrs.get("config")
+    old = _with_new_keys(written, type(config))
     history = _json_list(tree.attrs.get("previous_configs"))
     if old == cfg_json:
         _check_structure(path, tree["results"].to_dataset(), study.schema(config), what)
@@ -413,7 +430,7 @@ def _previous(path: Path, config, study: Study, what: str) -> tuple[xr.DataTree,
     # analysis keys changed: the layout is the file's config's, so only names are compared
     _check_structure(path, tree["results"].to_dataset(), study.schema(config), what, exact=False)
     _check_done(path, tree["results"].to_dataset(), study.cells(config), what)
-    return tree, history + [old]
+    return tree, history + [written]
 
 
 def _check_structure(
