@@ -488,7 +488,7 @@ class Gaussian(ClosedFormGaussian, ClosedFormCDF):
     @classmethod
     def fit(cls, x: ArrayLike, *, min_eigenvalue: float = 0.0) -> Gaussian:
         r"""The Gaussian with the sample mean and covariance of x, shape (n, dim), n >= 2:
-        $\hat\Sigma = rac{1}{n-1}\sum_i (x_i - ar x)(x_i - ar x)^	op$ (`numpy.cov`),
+        $\hat\Sigma = \frac{1}{n-1}\sum_i (x_i - \bar x)(x_i - \bar x)^\top$ (`numpy.cov`),
         built in the eigenvalue form. Eigenvalues below `min_eigenvalue` are raised to it (> 0
         makes a rank-deficient fit, e.g. images with constant pixels, smooth); with 0 the
         numerically zero ones are exactly 0 and the fit is non-smooth."""
@@ -678,7 +678,7 @@ class DiracMixture(ClosedFormCDF):
 
     @classmethod
     def from_samples(cls, x: ArrayLike) -> DiracMixture:
-        r"""The empirical measure $rac1n\sum_i \delta_{x_i}$ of samples x, shape (n, dim) (a
+        r"""The empirical measure $\frac1n\sum_i \delta_{x_i}$ of samples x, shape (n, dim) (a
         training set: its exact flow returns training points, the memorising limit)."""
         return cls(real_array("x", x, ndim=2))
 
