@@ -39,6 +39,20 @@ def steps_settings(family: str) -> tuple[dict, dict]:
     return small, full
 
 
+def full_estimation(small: dict, **train) -> dict:
+    """The `--full` setting of an estimation-study claim from its small one: 8 seeds, budgets
+    2000 and 8000, the larger samples and analysis, and the network/batch keys `train`."""
+    return small | {
+        "seeds": list(range(8)),
+        "budgets": [2000, 8000],
+        "eval_samples": 2048,
+        "sample_size": 2000,
+        "n_boot": 2000,
+        "draws": 600,
+        "train": small["train"] | train,
+    }
+
+
 def run_claim(doc: str, study: str, small: dict, full: dict, out: str, *, argv=None):
     """Parse ``--full --out FILE --resume --overwrite`` and run `study`; returns (tree, path)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -22,7 +22,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from _claim import run_claim
+from _claim import full_estimation, run_claim
 
 _TOML = tomllib.loads((Path(__file__).parent / "digits.toml").read_text())
 GAUSS = _TOML["sampling"]["data"]["digits_gauss"]
@@ -54,15 +54,7 @@ def steps_config(path: str, h: float, max_steps: int, T: float, *, full: bool) -
 
 
 SMALL = _TOML["estimation"] | {"sampler_ks": [1, 2, 4, 8]}
-FULL = SMALL | {
-    "seeds": list(range(8)),
-    "budgets": [2000, 8000],
-    "eval_samples": 2048,
-    "sample_size": 2000,
-    "n_boot": 2000,
-    "draws": 600,
-    "train": SMALL["train"] | {"width": 256, "depth": 3, "batch_size": 256},
-}
+FULL = full_estimation(SMALL, width=256, depth=3, batch_size=256)
 
 
 def steps(argv) -> None:

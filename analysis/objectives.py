@@ -17,19 +17,11 @@ import sys
 import tomllib
 from pathlib import Path
 
-from _claim import run_claim
+from _claim import full_estimation, run_claim
 
 _TOML = tomllib.loads((Path(__file__).parent / "objectives.toml").read_text())["estimation"]
 SMALL = _TOML
-FULL = _TOML | {
-    "seeds": list(range(8)),
-    "budgets": [2000, 8000],
-    "eval_samples": 2048,
-    "sample_size": 2000,
-    "n_boot": 2000,
-    "draws": 600,
-    "train": _TOML["train"] | {"width": 128, "depth": 3, "batch_size": 256},
-}
+FULL = full_estimation(_TOML, width=128, depth=3, batch_size=256)
 # the linear interpolant lives on [0, 1]: steps such that delta + 8 x the largest <= 1
 PATHS = {"ou": {}, "linear": {"path": "linear", "steps": [0.025, 0.05, 0.1]}}
 

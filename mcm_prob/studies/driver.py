@@ -68,6 +68,8 @@ __all__ = [
     "Entry",
     "data_entries",
     "image_variables",
+    "image_entries",
+    "N_IMAGES",
     "describe",
     "run_study",
     "merge_parts",
@@ -134,6 +136,21 @@ def data_entries(data: Mapping, *, name: str = "data") -> dict[str, Entry]:
             )
         out[label] = Entry(dist, describe(dist), delta)
     return out
+
+
+N_IMAGES = 10  # draws of each sampler kept as pictures for image entries
+
+
+def image_entries(res: xr.Dataset):
+    """(label, the entry's results, (height, width)) for each image entry of a results
+    dataset made with `image_variables`; none for other files."""
+    if "image_height" not in res:
+        return
+    for e in res["entry"].values:
+        r = res.sel(entry=e)
+        shape = int(r["image_height"]), int(r["image_width"])
+        if shape[0]:
+            yield e, r, shape
 
 
 def image_variables(entries) -> dict:

@@ -69,7 +69,7 @@ from ..training import (
     objective_from_spec,
     teacher_map,
 )
-from .driver import Study, StudyConfig, image_variables
+from .driver import N_IMAGES, Study, StudyConfig, image_entries, image_variables
 
 __all__ = ["EstimationConfig", "EstimationStudy", "DEFAULT_DATA", "DEFAULT_TRAIN", "METHODS"]
 
@@ -443,7 +443,6 @@ _BY_K = {
 
 # entries whose points are images (`mcm_prob.datasets.image_shape`): the sampler's draws are
 # kept for pictures, and for empirical measures (Dirac mixtures) their memorisation measured
-N_IMAGES = 10  # draws stored per (entry, method, K)
 _MEMO = (
     "mean distance of the sampler's draws to the nearest training image (atom) over the atoms' "
     "mean nearest-neighbour distance: ~1 new images, 0 copies (metrics.memorisation; NaN: "
@@ -804,6 +803,7 @@ class EstimationStudy(Study):
         final = history["checkpoints"][cfg.budgets[-1]]
         seed_keys = _seed_keys(key, len(cfg.seeds))
         refs = np.stack([_reference_draws(data, cfg, label, k) for k in seed_keys])
+        atoms = _atoms(data)
         for k_index, n_steps in enumerate((None, *cfg.sampler_ks)):
             draws = sample_grid(
                 final,
@@ -821,8 +821,8 @@ class EstimationStudy(Study):
             kl, en = _quality(x, refs[ok[:, 1]], data, cfg, label)
             memo = None
             if image_shape(data) is not None:
-                if _atoms(data) is not None:
-                    memo = metrics.memorisation(x, _atoms(data))
+                if atoms is not None:
+                    memo = metrics.memorisation(x, atoms)
                 first = int(np.argmin(steps))  # the method's smallest step, first seed
                 kept = (n_steps is None) == (not cfg.sampler_ks) and n == len(cfg.train_sizes) - 1
                 if kept and not failed[first, 0]:
@@ -1467,15 +1467,8 @@ def _image_figures(tree: xr.DataTree) -> dict:
     """Per image entry: the kept draws, a row per (K, sampler), the exact flow's first."""
     from ..plots import image_grid
 
-    res = tree["results"].to_dataset()
-    if "images_exact_flow" not in res:
-        return {}
     out = {}
-    for e in res["entry"].values:
-        r = res.sel(entry=e)
-        h, w = int(r["image_height"]), int(r["image_width"])
-        if h == 0:
-            continue
+    for e, r, (h, w) in image_entries(tree["results"].to_dataset()):
         rows = {}
         for k in r["image_k"].values:
             flow = r["images_exact_flow"].sel(image_k=k).values[:, : h * w]

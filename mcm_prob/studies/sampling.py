@@ -35,7 +35,7 @@ from ..diffusion import BASELINES
 from ..flow import ExactFlow
 from ..gridlaw import check_grid_size, grid_points
 from ..sampling import sample, sampler_law
-from .driver import Study, StudyConfig, image_variables
+from .driver import N_IMAGES, Study, StudyConfig, image_entries, image_variables
 
 __all__ = ["SamplingConfig", "SamplingStudy", "default_sampling_data"]
 
@@ -131,9 +131,6 @@ QUICK = dict(
     baseline_steps=(4, 16, 64),
     n_grid=1001,
 )
-
-
-N_IMAGES = 10  # draws kept per (entry, tau, K) of image entries
 
 
 def _exact(data) -> bool:
@@ -473,13 +470,9 @@ class SamplingStudy(Study):
         from ..plots import image_grid
 
         res = tree["results"].to_dataset()
-        if "images" not in res:
-            return {}
         out = {}
-        for e in res["entry"].values:
-            r = res.sel(entry=e)
-            h, w = int(r["image_height"]), int(r["image_width"])
-            if h == 0 or not np.isfinite(r["images"].values[..., : h * w]).any():
+        for e, r, (h, w) in image_entries(res):
+            if not np.isfinite(r["images"].values[..., : h * w]).any():
                 continue
             rows = {
                 f"tau={tau:g}, K={k}": r["images"].sel(tau=tau, steps=k).values[:, : h * w]
