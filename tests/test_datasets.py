@@ -256,6 +256,16 @@ def test_studies_on_both_digits_entries_from_toml(tmp_path, capsys, undescribed)
             # draws at delta = 0.01 are training images plus p_delta's noise (0.14 per pixel)
             assert np.all((emp["memorisation"] > 0.1) & (emp["memorisation"] < 0.8))
             assert np.all(np.isnan(res["energy_distance"].sel(entry="digits_gauss")))
+            # the plot: KL of the entry with exact laws, energy +- se of the one without
+            fig = mp.studies.get("sampling").plot(tree)
+            kl_ax, energy_ax = fig.axes
+            (kl_line,) = kl_ax.lines
+            np.testing.assert_array_equal(
+                kl_line.get_ydata(), res["kl"].sel(entry="digits_gauss", tau=0.0)
+            )
+            (bars,) = energy_ax.containers
+            np.testing.assert_array_equal(bars.lines[0].get_ydata(), emp["energy_distance"])
+            assert "tau=0" in energy_ax.get_legend().get_texts()[0].get_text()
             images = res["images"].values
         else:
             assert (

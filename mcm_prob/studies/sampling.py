@@ -486,13 +486,18 @@ class SamplingStudy(Study):
         return out
 
     def plot(self, tree: xr.DataTree):
+        """One panel of KL(law || p_delta) against K per regime (entries with exact laws),
+        and one of the energy distance (+- its standard error) for entries without them."""
         import matplotlib.pyplot as plt
 
         res = tree["results"].to_dataset()
-        regimes = sorted(set(res["regime"].values.tolist()))
-        fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
-        for ax, g in zip(axes[0], regimes, strict=True):
-            for e in res["entry"].values[res["regime"].values == g]:
+        exact = res["kl"].notnull().any(("tau", "steps")).values
+        regimes = sorted(set(res["regime"].values[exact].tolist()))
+        energy = "energy_distance" in res and not exact.all()
+        n = len(regimes) + energy
+        fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+        for ax, g in zip(axes[0], regimes, strict=False):
+            for e in res["entry"].values[exact & (res["regime"].values == g)]:
                 for tau in res["tau"].values:
                     ax.semilogy(
                         res["steps"],
@@ -504,6 +509,20 @@ class SamplingStudy(Study):
                 xlabel="steps K",
                 ylabel="KL(law || p_delta)",
                 title=f"{g}: multi-step sampler, exact flow",
+            )
+            ax.legend(fontsize=6)
+        if energy:
+            ax = axes[0, -1]
+            for e in res["entry"].values[~exact]:
+                for tau in res["tau"].values:
+                    c = res.sel(entry=e, tau=tau)
+                    ax.errorbar(res["steps"], c["energy_distance"], yerr=c["energy_stderr"],
+                                marker=".", capsize=2, label=f"{e}, tau={tau:g}")  # fmt: skip
+            ax.axhline(0.0, color="0.6", lw=0.8)
+            ax.set(
+                xlabel="steps K",
+                ylabel="energy distance to exact p_delta draws",
+                title="no exact law: exact-flow sampler draws",
             )
             ax.legend(fontsize=6)
         fig.tight_layout()
