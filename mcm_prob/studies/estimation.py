@@ -490,8 +490,11 @@ def _image_ks(cfg: EstimationConfig) -> tuple[int, ...]:
 
 
 def _atoms(data) -> np.ndarray | None:
-    """The training images of an empirical measure (its atoms), else None."""
-    return np.asarray(data.atoms, np.float64) if isinstance(data, DiracMixture) else None
+    """The training images of an empirical measure of images (its atoms), against which
+    draws' memorisation is measured; None for every other entry (no host copy made)."""
+    if isinstance(data, DiracMixture) and image_shape(data) is not None:
+        return np.asarray(data.atoms, np.float64)
+    return None
 
 
 def _select(grid: FittedGrid, i: int, n_steps: int) -> FittedGrid:
@@ -682,7 +685,7 @@ class EstimationStudy(Study):
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
             ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label)
             ds["energy_distance_exact_flow"][r] = en.value
-            if images and atoms is not None:
+            if atoms is not None:
                 ds["memorisation_exact_flow"][r] = metrics.memorisation(x, atoms).value
             if images and not cfg.sampler_ks:
                 _keep_images(ds, "images_exact_flow", dict(entry=r, image_k=0), x)
@@ -819,10 +822,8 @@ class EstimationStudy(Study):
                 continue
             x = np.asarray(draws, np.float64)[~failed]
             kl, en = _quality(x, refs[ok[:, 1]], data, cfg, label)
-            memo = None
+            memo = None if atoms is None else metrics.memorisation(x, atoms)
             if image_shape(data) is not None:
-                if atoms is not None:
-                    memo = metrics.memorisation(x, atoms)
                 first = int(np.argmin(steps))  # the method's smallest step, first seed
                 kept = (n_steps is None) == (not cfg.sampler_ks) and n == len(cfg.train_sizes) - 1
                 if kept and not failed[first, 0]:
