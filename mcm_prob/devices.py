@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from ._checks import integer
 
@@ -34,6 +36,7 @@ __all__ = [
     "cpu_cores",
     "initialize_distributed",
     "is_writer",
+    "rows_over_processes",
 ]
 
 _FLAG = "--xla_force_host_platform_device_count"
@@ -102,6 +105,32 @@ def initialize_distributed(
 def is_writer() -> bool:
     """Whether this process writes the results (process 0; the only process when alone)."""
     return jax.process_index() == 0
+
+
+def rows_over_processes(fn, rows: int):
+    """``fn(np.arange(rows))``, computed in parts in a multi-controller run: process p of n
+    computes the rows p, p + n, ... (as many on every process, a part short of rows repeating
+    its last one) and every process gets every row, gathered in order. One process computes
+    them all in one call.
+
+    `fn` maps an integer index array (k,) to a pytree of arrays of leading axis k (numpy or
+    JAX; returned as numpy in a multi-controller run), and must give row i the same value
+    whichever other rows it is called with: then the result is the single-process one."""
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return fn(np.arange(rows))
+    per = -(-rows // count)  # rows per process
+    mine = np.arange(index, rows, count)
+    mine = np.concatenate([mine, np.full(per - mine.size, mine[-1] if mine.size else 0)])
+    every = multihost_utils.process_allgather(jax.tree_util.tree_map(np.asarray, fn(mine)))
+
+    def in_order(a):  # (count, per, ...) -> (rows, ...): process p computed rows p, p + count, ..
+        out = np.empty((rows, *a.shape[2:]), a.dtype)
+        for p in range(count):
+            out[p::count] = a[p, : len(range(p, rows, count))]
+        return out
+
+    return jax.tree_util.tree_map(lambda a: in_order(np.asarray(a)), every)
 
 
 def _backends_started() -> bool:

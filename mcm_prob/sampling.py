@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from jax.experimental import multihost_utils
 from jaxtyping import Array
 
 from ._checks import check_size, finite_or_raise, integer, number, prng_key, real_array
 from .data import Gaussian
+from .devices import rows_over_processes
 from .laws import EigenNormal, eigen_law_moments, gaussian_law_moments, gaussian_parts
 from .paths import OU, AbstractPath, as_path
 from .schedules import Schedule, as_schedule
@@ -193,31 +193,21 @@ def sample_grid(
     times = _times(path, sched)
     if jax.process_count() == 1:
         y = _run_sampler_grid(grid.models, split[:, 1], x0, *times)
-    else:
-        y = _rows_across_processes(grid.models, rows, split[:, 1], x0, times)
+    else:  # the grid's rows spread over the processes (docs/scaling.md); the same draws
+        y = jnp.asarray(
+            rows_over_processes(
+                lambda i: _run_sampler_grid(_rows(grid.models, i), split[:, 1], x0, *times), rows
+            )
+        )
     mask = jnp.asarray(skip)[:, :, None, None]
     if not bool(jnp.all(jnp.isfinite(y) | mask)):
         raise FloatingPointError("the sampler produced non-finite values; check the models")
     return jnp.where(mask, jnp.nan, y)
 
 
-def _rows_across_processes(models, rows: int, keys, x0, times) -> Array:
-    """`_run_sampler_grid` in a multi-controller run (docs/scaling.md): process p samples the
-    grid rows p, p + n, ... and every process gets every row (gathered; the same draws as one
-    process)."""
-    index, count = jax.process_index(), jax.process_count()
-    mine = np.arange(index, rows, count)
-    per = -(-rows // count)  # rows per process, padded
-    shape = (per, keys.shape[0], x0.shape[1], x0.shape[2])
-    y = jnp.zeros(shape, x0.dtype)
-    if mine.size:
-        part = jax.tree_util.tree_map(lambda a: a[mine] if eqx.is_array(a) else a, models)
-        y = y.at[: mine.size].set(_run_sampler_grid(part, keys, x0, *times))
-    every = np.asarray(multihost_utils.process_allgather(y))  # (count, per, cols, n, dim)
-    out = np.empty((rows,) + shape[1:], every.dtype)
-    for p in range(count):  # process p drew rows p, p + count, ...
-        out[p::count] = every[p, : len(range(p, rows, count))]
-    return jnp.asarray(out)
+def _rows(models, i):
+    """The models of grid rows `i` (index array)."""
+    return jax.tree_util.tree_map(lambda a: a[i] if eqx.is_array(a) else a, models)
 
 
 @eqx.filter_jit

@@ -35,6 +35,8 @@ def spread_case():
     8 devices), the draws of its samplers (`sample_grid`: 3 rows over 2 processes) and two
     error models (one per process). Returns numpy arrays and the fitted trees."""
     import mcm_prob as mp
+    from mcm_prob.devices import rows_over_processes
+    from mcm_prob.metrics import energy_distance
     from tests.test_statistics import synthetic
 
     grid, history = sharding_case()
@@ -43,12 +45,17 @@ def spread_case():
                            schedule=mp.Schedule.constant(delta=0.05, h=0.3, steps=2))  # fmt: skip
     errors = synthetic([2.0, 1.0], rng=np.random.default_rng(5))
     fits = mp.fit_error_models(errors, ("power_law", "two_term"), chains=2, warmup=50, draws=50)
+    sets = np.asarray(draws).reshape(6, 16, 2)  # the estimators of a study, spread by rows
+    energy = rows_over_processes(lambda i: energy_distance(sets[i], sets[(i + 1) % 6]), 6)
+    rows = rows_over_processes(lambda i: (i, np.full(i.shape, jax.process_index())), 5)
     return {
         "loss": history["loss"],
         "failed_at": history["failed_at"],
         "weights": [np.asarray(a) for a in leaves],
         "draws": np.asarray(draws),
         "fits": fits,
+        "energy": energy,
+        "rows": rows,
     }
 
 
@@ -85,13 +92,17 @@ def run_processes(code: str, args, tmp_path, n: int = 2, timeout: float = 300):
 def test_fit_grid_samplers_and_error_models_over_two_processes_equal_one_process(tmp_path):
     """On the global mesh of 2 processes x 2 devices every process gets the single-process
     `fit_grid` models and losses (float64, rtol 1e-12), the same sampler draws (`sample_grid`
-    split by rows) and the same error-model fits (split by model, exchanged)."""
+    split by rows), the same error-model fits (split by model, exchanged) and the same
+    estimates computed by rows (`rows_over_processes`: process p computes rows p, p + 2, ...;
+    5 rows, the second process's part padded)."""
     import pickle
 
     results = run_processes(_FIT, [str(tmp_path / "p{i}.pkl")], tmp_path)
     for code, _, err in results:
         assert code == 0, err[-3000:]
     want = spread_case()
+    np.testing.assert_array_equal(want["rows"][0], np.arange(5))
+    np.testing.assert_array_equal(want["rows"][1], np.zeros(5))  # one process: all rows
     for i in range(2):
         with open(tmp_path / f"p{i}.pkl", "rb") as f:
             got = pickle.load(f)
@@ -100,6 +111,10 @@ def test_fit_grid_samplers_and_error_models_over_two_processes_equal_one_process
         for a, b in zip(got["weights"], want["weights"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(got["draws"], want["draws"], rtol=1e-10, atol=1e-12)
+        for a, b in zip(got["energy"], want["energy"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+        np.testing.assert_array_equal(got["rows"][0], np.arange(5))
+        np.testing.assert_array_equal(got["rows"][1], [0, 1, 0, 1, 0])
         for m, fit in want["fits"].items():
             for group in ("posterior", "log_likelihood", "checks"):
                 xr.testing.assert_identical(got["fits"][m][group].to_dataset(),

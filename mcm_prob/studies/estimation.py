@@ -47,6 +47,7 @@ from .. import metrics
 from .._checks import check_size, distinct, integer, number, seeds
 from ..data import DiracMixture
 from ..datasets import image_shape
+from ..devices import rows_over_processes
 from ..error_models import (
     ALIASES,
     ERROR_MODELS,
@@ -559,6 +560,21 @@ def _sample_quality(f, data, cfg: EstimationConfig, label: str, key, steps=None)
     return (*_quality(x, ref, data, cfg, label), x)
 
 
+def _estimates(x, refs, ok, final, atoms, data, cfg: EstimationConfig, label: str, n_steps):
+    """k-NN KL, energy distance (`_quality`), grid-law KL (`_grid_kl`) and memorisation
+    against `atoms` (None without them, `_atoms`) of the trained models' draws x (models, n,
+    dim), model m being the grid's model ``final[ok[m]]``; spread over the processes of a
+    multi-controller run (every process has every draw), each model's numbers the same."""
+
+    def rows(m):
+        kl, en = _quality(x[m], refs[ok[m, 1]], data, cfg, label)
+        grid_kl = [_grid_kl(final[i, j], data, cfg, label, n_steps) for i, j in ok[m]]
+        memo = None if atoms is None else metrics.memorisation(x[m], atoms)
+        return kl, en, np.array(grid_kl), memo
+
+    return rows_over_processes(rows, len(ok))
+
+
 def _keep_images(ds: xr.Dataset, name: str, where: dict, x: np.ndarray) -> None:
     """The first `N_IMAGES` draws of x (n, dim) into `name` at `where`."""
     ds[name][where | {"pixel": slice(0, x.shape[-1])}] = x[:N_IMAGES]
@@ -821,8 +837,9 @@ class EstimationStudy(Study):
             if not len(ok):
                 continue
             x = np.asarray(draws, np.float64)[~failed]
-            kl, en = _quality(x, refs[ok[:, 1]], data, cfg, label)
-            memo = None if atoms is None else metrics.memorisation(x, atoms)
+            kl, en, grid_kls, memo = _estimates(
+                x, refs, ok, final, atoms, data, cfg, label, n_steps
+            )
             if image_shape(data) is not None:
                 first = int(np.argmin(steps))  # the method's smallest step, first seed
                 kept = (n_steps is None) == (not cfg.sampler_ks) and n == len(cfg.train_sizes) - 1
@@ -830,11 +847,10 @@ class EstimationStudy(Study):
                     where = dict(entry=r, fit_method=at["fit_method"], image_k=max(k_index - 1, 0))
                     _keep_images(ds, "images", where, np.asarray(draws[first, 0], np.float64))
             for m, (i, j) in enumerate(ok):
-                grid_kl = _grid_kl(final[i, j], data, cfg, label, n_steps)
                 q = at | {"step": rows[i], "seed": j}
                 if n_steps is None:
                     ds["kl_estimate"][q], ds["kl_stderr"][q] = kl.value[m], kl.stderr[m]
-                    ds["kl_grid"][q] = grid_kl
+                    ds["kl_grid"][q] = grid_kls[m]
                     ds["energy_distance"][q], ds["energy_stderr"][q] = en.value[m], en.stderr[m]
                     if memo is not None:
                         ds["memorisation"][q] = memo.value[m]
@@ -842,7 +858,7 @@ class EstimationStudy(Study):
                 else:
                     q = q | {"sampler_k": k_index - 1}
                     ds["kl_estimate_k"][q], ds["kl_stderr_k"][q] = kl.value[m], kl.stderr[m]
-                    ds["kl_grid_k"][q] = grid_kl
+                    ds["kl_grid_k"][q] = grid_kls[m]
                     ds["energy_distance_k"][q] = en.value[m]
                     if memo is not None:
                         ds["memorisation_k"][q] = memo.value[m]
