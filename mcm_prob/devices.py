@@ -124,7 +124,7 @@ def rows_over_processes(fn, rows: int):
     mine = np.concatenate([mine, np.full(per - mine.size, mine[-1] if mine.size else 0)])
     every = multihost_utils.process_allgather(jax.tree_util.tree_map(np.asarray, fn(mine)))
 
-    def in_order(a):  # (count, per, ...) -> (rows, ...): process p computed rows p, p + count, ..
+    def in_order(a):  # (count, per, ...) -> (rows, ...); process p computed rows p, p + count, ...
         out = np.empty((rows, *a.shape[2:]), a.dtype)
         for p in range(count):
             out[p::count] = a[p, : len(range(p, rows, count))]

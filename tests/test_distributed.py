@@ -32,8 +32,10 @@ with open(sys.argv[3], "wb") as f:
 
 def spread_case():
     """What a multi-controller run spreads over its processes: a fit_grid (6 models padded to
-    8 devices), the draws of its samplers (`sample_grid`: 3 rows over 2 processes) and two
-    error models (one per process). Returns numpy arrays and the fitted trees."""
+    8 devices), the draws of its samplers (`sample_grid`: 3 rows over 2 processes), two
+    error models (one per process) and estimates by rows (`rows_over_processes`: 6 energy
+    distances; 5 rows that record which process computed them). Returns numpy arrays and the
+    fitted trees."""
     import mcm_prob as mp
     from mcm_prob.devices import rows_over_processes
     from mcm_prob.metrics import energy_distance
