@@ -36,6 +36,11 @@ digits)  # issue 27: the digits rebuilt from their spec by this host's scikit-le
   export CUDA_VISIBLE_DEVICES=0
   python3 -c "import sklearn, jax; jax.config.update('jax_enable_x64', True); import mcm_prob as mp; d = mp.data.from_spec({'dataset': 'digits', 'kind': 'gaussian', 'sha256': '20def7f70a702f0af9732fbba4375e147a7d54fe70d8c45569b8e7c1c7010c10'}); print('scikit-learn', sklearn.__version__, 'digits rebuilt, hash checked:', d.dim, d.regime)" 2>&1 | tee $OUT/rebuild.txt
   cd analysis && timeout 500 python3 -c "import digits; digits.objectives(['--full'])" > $OUT/digits.log 2>$OUT/digits.err; tail -40 $OUT/digits.log; cp digits_* $OUT/ ;;
+scaling-runs)  # issue 28 on a multi-GPU kind: benchmarks/scaling_runs.py with the arguments after the mode, e.g.
+  # strong --models 4096 --devices 1 2 4 8 | weak --per-device 256 --devices 1 2 4 8 | study --config analysis/gpu_estimation.toml --devices 4
+  shift; nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1
+  python3 -c "import jax; print('jax', jax.__version__, jax.device_count(), 'devices')"
+  timeout 570 python3 benchmarks/scaling_runs.py "$@" --out $OUT/study 2>$OUT/runs.err | tee $OUT/runs.jsonl ;;
 esac
 # analysis/objectives.py small default on one GPU (both paths): files under $OUT
 if [ "$1" = analysis ]; then
