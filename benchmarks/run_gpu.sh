@@ -40,7 +40,7 @@ scaling-runs)  # issue 28 on a multi-GPU kind: benchmarks/scaling_runs.py with t
   # strong --models 4096 --devices 1 2 4 8 | weak --per-device 256 --devices 1 2 4 8 | study --config analysis/gpu_estimation.toml --devices 4
   shift; nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1
   python3 -c "import jax; print('jax', jax.__version__, jax.device_count(), 'devices')"
-  timeout 570 python3 benchmarks/scaling_runs.py "$@" --out $OUT/study 2>$OUT/runs.err | tee $OUT/runs.jsonl ;;
+  timeout 570 python3 benchmarks/scaling_runs.py "$@" --out /tmp/scaling_study 2>$OUT/runs.err | tee $OUT/runs.jsonl ;;  # study files stay on the (warm) machine: too large to return
 esac
 # analysis/objectives.py small default on one GPU (both paths): files under $OUT
 if [ "$1" = analysis ]; then

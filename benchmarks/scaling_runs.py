@@ -3,15 +3,15 @@ in few device calls, single- and multi-controller side by side.
 
     python benchmarks/scaling_runs.py strong --models 1024 4096 --devices 1 2 4 8
     python benchmarks/scaling_runs.py weak --per-device 256 --devices 1 2 4 8
-    python benchmarks/scaling_runs.py study --config analysis/gpu_estimation.toml --devices 4 --out DIR
+    python benchmarks/scaling_runs.py study --devices 4 --out DIR       # the default main job
 
 Every `fit_grid` figure is one run of `bench_scaling.py` (its workload, timed after a
 compiling call): **single-controller** = one process seeing the first N GPUs
 (``CUDA_VISIBLE_DEVICES=0,...,N-1``), **multi-controller** = N processes of one GPU each,
 joined by `jax.distributed` on localhost (docs/scaling.md). One JSON line per run: the
 model-iterations per second and the efficiency = rate / (N x the one-GPU rate of the same
-grid; for weak scaling, of the per-device grid). `study`: `mcm-prob run estimation --config
-FILE` on one GPU ("one"), on N GPUs in one process ("single") and as N processes of one GPU
+grid; for weak scaling, of the per-device grid). `study`: `mcm-prob run estimation [--config
+FILE]` (default: the main job) on one GPU ("one"), on N GPUs in one process ("single") and as N processes of one GPU
 each ("multi"); prints each run's wall times (cells, analysis) and compares the files
 (timings aside): single and multi use the same devices, so every group must be allclose; one
 GPU trains with other round-off (a grid split over other devices), so against it the
@@ -155,19 +155,22 @@ def study(args) -> None:
     for run in args.runs:
         devices, multi = shapes[run]
         path = out / f"study_{run}.nc"
-        argv = ["-m", "mcm_prob.cli", "run", "estimation", "--config", args.config,
-                "--out", str(path), "--overwrite", "--no-progress"]  # fmt: skip
+        argv = ["-m", "mcm_prob.cli", "run", "estimation", "--out", str(path), "--overwrite",
+                "--no-progress"] + (["--config", args.config] if args.config else [])  # fmt: skip
         start = time.perf_counter()
         launch(argv + (["--distributed"] if multi else []), devices, multi, args.cpu, args.timeout)
         tree = files[run] = load_tree(path)
         cells = float(tree["results"].to_dataset()["cell_wall_time"].sum())
         wall = float(tree.attrs["wall_time_s"])
         print(json.dumps({
-            "study": args.config, "run": run, "processes": int(tree.attrs["process_count"]),
+            "study": args.config or "main job", "run": run, "processes": int(tree.attrs["process_count"]),
             "devices": int(tree.attrs["device_count"]), "wall_s": round(time.perf_counter() - start, 1),
             "file_wall_time_s": round(wall, 1), "cells_s": round(cells, 1),
             "analysis_s": round(wall - cells, 1),
         }), flush=True)  # fmt: skip
+    for run in shapes:  # files of earlier calls (runs split over device calls) compare too
+        if run not in files and (out / f"study_{run}.nc").exists():
+            files[run] = load_tree(out / f"study_{run}.nc")
     if "single" in files and "multi" in files:  # the same devices: the same numbers
         _compare(files["single"], files["multi"], deterministic_only=False)
         print(json.dumps({"compared": "single vs multi", "every_group_allclose": True}))
@@ -185,7 +188,7 @@ def main(argv=None):
     parser.add_argument("--models", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--per-device", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=1000)
-    parser.add_argument("--config", default="analysis/gpu_estimation.toml")
+    parser.add_argument("--config", default=None, help="study: TOML (default: the main job)")
     parser.add_argument("--out", default="scaling_runs")
     parser.add_argument("--runs", nargs="+", choices=["one", "single", "multi"],
                         default=["one", "single", "multi"], help="study: which runs")  # fmt: skip
