@@ -317,6 +317,31 @@ def _knn_log_eps(x: jax.Array, k: int) -> jax.Array:
     return _over_sets(one, x)
 
 
+# Points per call of a log-density in `kl_knn`: a mixture's log-density holds a (points,
+# components, dim) array, so a grid of sample sets in one call can need more memory than a
+# GPU has (the digits study's empirical measure: 90,000 points x 1,797 atoms x 64 pixels in
+# float64, 82 GiB); 2048 points of it are 1.9 GB.
+_LOG_P_POINTS = 2048
+
+
+def _log_density(log_p, x: np.ndarray) -> np.ndarray:
+    """`log_p` at the points x (N, dim), in calls of `_LOG_P_POINTS` points (the last call
+    padded by repeating its last point, so that every call has one shape), as float64 (N,)."""
+    out = []
+    for start in range(0, x.shape[0], _LOG_P_POINTS):
+        part = x[start : start + _LOG_P_POINTS]
+        pad = _LOG_P_POINTS - part.shape[0] if x.shape[0] > _LOG_P_POINTS else 0
+        padded = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+        value = np.asarray(log_p(jnp.asarray(padded)), np.float64)
+        if value.shape != padded.shape[:-1] or not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"`log_p` must return finite values of shape {padded.shape[:-1]} for points "
+                f"of shape {padded.shape}"
+            )
+        out.append(value[: part.shape[0]])
+    return np.concatenate(out)
+
+
 def kl_knn(samples, log_p, *, k: int = 5) -> Estimate:
     r"""KL(q || p) from samples of q and the exact log-density of p:
     $\widehat{KL} = -\hat H_{KL}(q) - \frac1n\sum_i \log p(x_i)$ with the Kozachenko-Leonenko
@@ -325,8 +350,9 @@ def kl_knn(samples, log_p, *, k: int = 5) -> Estimate:
 
     `samples`: (n, dim), or (..., n, dim) for a grid of sample sets estimated in one compiled
     program (then the Estimate holds arrays of shape ``...``). `log_p` maps (..., n, dim) to
-    (..., n), e.g. `data.marginal(delta).log_prob`. The standard error is that of the mean of
-    the per-point terms $-d\log\varepsilon_i - \log p(x_i)$ (it ignores the weak dependence
+    (..., n), e.g. `data.marginal(delta).log_prob`; it is called on at most 2048 points at a
+    time (shape (N, dim)), so a grid of sample sets fits in memory. The standard error is that
+    of the mean of the per-point terms $-d\log\varepsilon_i - \log p(x_i)$ (it ignores the weak dependence
     between neighbour distances). The estimator has an O(n^{-1/d}) bias. The neighbours are
     those of a k-d tree (scipy's, tested).
     """
@@ -340,9 +366,7 @@ def kl_knn(samples, log_p, *, k: int = 5) -> Estimate:
         raise ValueError(
             "`samples` contain duplicate points: the k-NN entropy estimate needs a density"
         )
-    logp = np.asarray(log_p(jnp.asarray(x)), np.float64)
-    if logp.shape != x.shape[:-1] or not np.all(np.isfinite(logp)):
-        raise ValueError(f"`log_p` must return finite values of shape {x.shape[:-1]}")
+    logp = _log_density(log_p, x.reshape(-1, d))
     terms = -d * log_eps - logp.reshape(-1, n)
     const = -(digamma(n) - digamma(k) + 0.5 * d * np.log(np.pi) - gammaln(0.5 * d + 1))
     return _estimate(const + terms.mean(-1), terms.std(-1, ddof=1) / np.sqrt(n), tuple(batch))

@@ -279,3 +279,23 @@ def test_steps_to_accuracy_bad_arguments():
         kl_of_steps(mp.data.DiracMixture([[0.0, 1.0]]), delta=DELTA, h=0.1)
     with pytest.raises(ValueError, match="`eps` must be"):
         smallest_steps(lambda k: 0.0, -1.0)
+
+
+def test_kl_knn_calls_log_p_on_bounded_blocks():
+    """A grid of sample sets is estimated with `log_p` called on at most 2048 points at a time
+    (all points at once made a mixture's log-density allocate 82 GiB in the digits study on an
+    H100); each set's estimate equals that of the set alone."""
+    x = np.random.default_rng(3).standard_normal((5, 700, 2))  # 3,500 points: two calls
+    seen = []
+
+    def log_p(z):
+        seen.append(z.shape)
+        return -0.5 * jnp.sum(z**2, -1) - jnp.log(2 * jnp.pi)
+
+    grid = mp.metrics.kl_knn(x, log_p)
+    assert seen == [(2048, 2), (2048, 2)]
+    for i in range(5):
+        one = mp.metrics.kl_knn(x[i], log_p)
+        np.testing.assert_allclose(grid.value[i], one.value, rtol=1e-12)
+        np.testing.assert_allclose(grid.stderr[i], one.stderr, rtol=1e-12)
+    assert np.all(np.abs(grid.value) < 4 * grid.stderr + 0.1)  # q = p: KL 0 up to the k-NN bias
