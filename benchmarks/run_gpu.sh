@@ -1,4 +1,7 @@
 # Device runs behind benchmarks/README.md (bash benchmarks/run_gpu.sh MODE on the GPU host).
+# .whl/ (git-ignored, carried): wheels the host lacks, for its Python 3.12: h5netcdf, arviz-base and
+# arviz-stats 0.x (pyproject.toml pins < 1), xarray-einstats, flatbuffers; e.g. pip download --no-deps
+# --only-binary=:all: --python-version 3.12 -d .whl h5netcdf "arviz-base<1" "arviz-stats<1" ...
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks || exit
 nvidia-smi --query-gpu=name --format=csv,noheader
 export XDG_CACHE_HOME=/tmp/xdgx
