@@ -102,6 +102,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--config", default=None, help="TOML config, as for mcm-prob run")
+    parser.add_argument("--out", default=None, help="keep the result file here")
     args = parser.parse_args()
     for module, name, phase in _PHASES:
         setattr(module, name, _timed(phase, getattr(module, name)))
@@ -109,7 +110,8 @@ def main():
     cfg = driver.load_config(args.config, study, quick=args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        tree = driver.run_study(study, cfg, Path(tmp) / "main.nc", progress=False)
+        out = Path(args.out or Path(tmp) / "main.nc")
+        tree = driver.run_study(study, cfg, out, progress=False)
         total = time.perf_counter() - start
     phases = {k: round(v, 2) for k, v in _TIMES.most_common()}
     compiles = {k: _COMPILES[k] for k in [*phases, "other"] if _COMPILES[k]}

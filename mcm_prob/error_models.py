@@ -73,6 +73,7 @@ import hashlib
 import json
 import math
 import pickle
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -95,6 +96,7 @@ from numpyro.infer.hmc_util import HMCAdaptState
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 
 from ._checks import check_size, error_array, integer, number, one_of
+from ._diagnostics import rank_diagnostics
 from .cache import lower_cached
 from .progress import progress_bar
 
@@ -578,6 +580,7 @@ def _state(flat: tuple) -> HMCState:
 
 
 _LANES = 8  # float64 lanes of a 512-bit vector
+_WARNING_FILTERS = threading.Lock()
 _STATS = ("diverging", "num_steps", "accept_prob", "energy")
 
 
@@ -815,13 +818,21 @@ def _finish(da, spec, model, groups, x, log_steps, y, samples, extra, options):
 
 def _convergence(post: xr.Dataset, groups: tuple) -> tuple:
     """Per group: the largest rank-normalised split r_hat and the smallest bulk ESS over every
-    variable and element of `post` (arviz-stats), and for each the name of the variable that
-    attains it. A quantity that is the same in every draw (a minimiser on the boundary of
-    the step range) has converged: r_hat 1, ESS the number of draws."""
+    variable and element of `post` (arviz-stats's definitions, computed for all elements at
+    once by `mcm_prob._diagnostics`), and for each the name of the variable that attains it.
+    A quantity that is the same in every draw (a minimiser on the boundary of the step
+    range) has converged: r_hat 1, ESS the number of draws."""
     n = post.sizes["chain"] * post.sizes["draw"]
     constant = post.std(("chain", "draw")) == 0
-    r_hat = post.azstats.rhat().where(~constant, 1.0)
-    ess = post.azstats.ess(method="bulk").where(~constant, float(n))
+    r_hat, ess = xr.Dataset(), xr.Dataset()
+    for name, v in post.data_vars.items():
+        v = v.transpose(..., "chain", "draw")
+        rows = v.values.reshape(-1, v.sizes["chain"], v.sizes["draw"])
+        kept = v.isel(chain=0, draw=0, drop=True)
+        r, e = (kept.copy(data=x.reshape(kept.shape)) for x in rank_diagnostics(rows))
+        r_hat[name], ess[name] = r, e
+    r_hat = r_hat.where(~constant, 1.0)
+    ess = ess.where(~constant, float(n))
 
     def reduce(ds, op):
         per_var = xr.concat(
@@ -845,7 +856,9 @@ def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
     r"""Leave-one-seed-out PIT of every observed log error, $u_{ij} = P(y^{rep}_{ij} \le y_{ij}
     \mid y_{-j})$: `arviz_stats.loo_pit` with the PSIS weights of the per-seed LOO (the unit
     left out is seed j's whole curve, so its S steps share one set of weights)."""
-    with warnings.catch_warnings():  # high Pareto k is stored beside the values
+    # high Pareto k is stored beside the values; the filters are process-global, so one
+    # thread at a time changes them (fits finish in worker threads)
+    with _WARNING_FILTERS, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         loo = arviz_stats.loo(tree, pointwise=True, var_name=_OBS)
         obs = tree["observed_data"][_OBS]
@@ -945,11 +958,9 @@ def _fit_here(errors, models, workers, refits, progress, options) -> dict:
                 bar.refresh()
             bar.set_postfix_str(("continuing " if r else "running ") + ", ".join(pending))
             with ThreadPoolExecutor(min(workers, len(pending))) as pool:
-                jobs = [pool.submit(_in_turn, runs[m], calls, bar.update) for m in pending]
-                for future in jobs:
-                    future.result()
-            for m in pending:
-                fits[m], rounds[m] = runs[m].tree(), r
+                jobs = {m: pool.submit(_in_turn, runs[m], calls, bar.update) for m in pending}
+                for m, job in jobs.items():
+                    fits[m], rounds[m] = job.result(), r
             pending = [m for m in pending if _unconverged(fits[m])]
             if not pending:
                 break
@@ -977,10 +988,12 @@ def _unconverged(tree: xr.DataTree) -> bool:
     return not bool((ok & (checks["divergences"] == 0)).all())
 
 
-def _in_turn(run: _Run, calls: list, tick) -> None:
-    """`calls` (methods of `_Run`) on `run`, one after the other (one worker thread's job)."""
+def _in_turn(run: _Run, calls: list, tick) -> xr.DataTree:
+    """`calls` (methods of `_Run`) on `run`, one after the other, then its tree (one worker
+    thread's job: a model's checks overlap the other models' NUTS runs)."""
     for call in calls:
         call(run, tick)
+    return run.tree()
 
 
 def _compiled_runs(errors, models, options: dict) -> dict:
