@@ -40,10 +40,10 @@ def rank_diagnostics(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if a.ndim != 3:
         raise ValueError(f"expected an array (element, chain, draw), got shape {a.shape}")
     e, chains, draws = a.shape
-    nan = np.isnan(a).any(axis=(1, 2)) | (draws < 4)
     r_hat, ess = np.full(e, np.nan), np.full(e, np.nan)
     if draws < 4 or e == 0:
         return r_hat, ess
+    nan = np.isnan(a).any(axis=(1, 2))
     split = _split(np.where(nan[:, None, None], 0.0, a))
     ppf = _ppf_table(split.shape[1] * split.shape[2])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -79,6 +79,7 @@ def _z_scale(a: np.ndarray, ppf: np.ndarray) -> np.ndarray:
 
 
 def _rhat(z: np.ndarray) -> np.ndarray:
+    """Split R-hat of each row of `z` (E, M chains, n draws)."""
     n = z.shape[2]
     between = n * z.mean(axis=2).var(axis=1, ddof=1)
     within = z.var(axis=2, ddof=1).mean(axis=1)
