@@ -73,7 +73,6 @@ import hashlib
 import json
 import math
 import pickle
-import threading
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -580,7 +579,6 @@ def _state(flat: tuple) -> HMCState:
 
 
 _LANES = 8  # float64 lanes of a 512-bit vector
-_WARNING_FILTERS = threading.Lock()
 _STATS = ("diverging", "num_steps", "accept_prob", "energy")
 
 
@@ -856,9 +854,7 @@ def _loo_pit(tree: xr.DataTree) -> xr.Dataset:
     r"""Leave-one-seed-out PIT of every observed log error, $u_{ij} = P(y^{rep}_{ij} \le y_{ij}
     \mid y_{-j})$: `arviz_stats.loo_pit` with the PSIS weights of the per-seed LOO (the unit
     left out is seed j's whole curve, so its S steps share one set of weights)."""
-    # high Pareto k is stored beside the values; the filters are process-global, so one
-    # thread at a time changes them (fits finish in worker threads)
-    with _WARNING_FILTERS, warnings.catch_warnings():
+    with warnings.catch_warnings():  # high Pareto k is stored beside the values
         warnings.simplefilter("ignore", UserWarning)
         loo = arviz_stats.loo(tree, pointwise=True, var_name=_OBS)
         obs = tree["observed_data"][_OBS]
@@ -958,9 +954,13 @@ def _fit_here(errors, models, workers, refits, progress, options) -> dict:
                 bar.refresh()
             bar.set_postfix_str(("continuing " if r else "running ") + ", ".join(pending))
             with ThreadPoolExecutor(min(workers, len(pending))) as pool:
-                jobs = {m: pool.submit(_in_turn, runs[m], calls, bar.update) for m in pending}
-                for m, job in jobs.items():
-                    fits[m], rounds[m] = job.result(), r
+                jobs = [pool.submit(_in_turn, runs[m], calls, bar.update) for m in pending]
+                for future in jobs:
+                    future.result()
+            # the checks in this thread: warning filters, which arviz-stats and xarray change
+            # while they run, are process-global and not thread-safe
+            for m in pending:
+                fits[m], rounds[m] = runs[m].tree(), r
             pending = [m for m in pending if _unconverged(fits[m])]
             if not pending:
                 break
@@ -988,12 +988,10 @@ def _unconverged(tree: xr.DataTree) -> bool:
     return not bool((ok & (checks["divergences"] == 0)).all())
 
 
-def _in_turn(run: _Run, calls: list, tick) -> xr.DataTree:
-    """`calls` (methods of `_Run`) on `run`, one after the other, then its tree (one worker
-    thread's job: a model's checks overlap the other models' NUTS runs)."""
+def _in_turn(run: _Run, calls: list, tick) -> None:
+    """`calls` (methods of `_Run`) on `run`, one after the other (one worker thread's job)."""
     for call in calls:
         call(run, tick)
-    return run.tree()
 
 
 def _compiled_runs(errors, models, options: dict) -> dict:
