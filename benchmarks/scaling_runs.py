@@ -12,12 +12,12 @@ joined by `jax.distributed` on localhost (docs/scaling.md). One JSON line per ru
 model-iterations per second and the efficiency = rate / (N x the one-GPU rate of the same
 grid; for weak scaling, of the per-device grid). `study`: `mcm-prob run estimation [--config
 FILE]` (default: the main job) on one GPU ("one"), on N GPUs in one process ("single") and
-as N processes of one GPU each ("multi"); prints each run's wall times (cells, analysis) and compares the files
-(timings aside): single and multi use the same devices, so every group must be allclose; one
-GPU trains with other round-off (a grid split over other devices), so against it the
-results, bootstrap and observed data must be allclose, and the error models' posterior means
-are given as the largest difference in combined Monte Carlo standard errors (NUTS turns
-round-off in its data into other draws).
+as N processes of one GPU each ("multi"); prints each run's wall times (cells, analysis) and
+compares the files (timings aside): single and multi use the same devices, so every group
+must be allclose; one GPU trains with other round-off (a grid split over other devices), so
+against it the results, bootstrap and observed data must be allclose, and the error models'
+posterior means are given as the largest difference in combined Monte Carlo standard errors
+(NUTS turns round-off in its data into other draws).
 
 ``--cpu`` runs the same on XLA host devices (``--xla_force_host_platform_device_count``)
 instead of GPUs: a check of this driver on a machine without GPUs, not a scaling figure.

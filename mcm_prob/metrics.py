@@ -353,8 +353,8 @@ def kl_knn(samples, log_p, *, k: int = 5) -> Estimate:
     (..., n), e.g. `data.marginal(delta).log_prob`; it is called on at most 2048 points at a
     time (shape (N, dim)), so a grid of sample sets fits in memory. The standard error is that
     of the mean of the per-point terms $-d\log\varepsilon_i - \log p(x_i)$ (it ignores the
-    weak dependence between neighbour distances). The estimator has an O(n^{-1/d}) bias. The neighbours are
-    those of a k-d tree (scipy's, tested).
+    weak dependence between neighbour distances). The estimator has an O(n^{-1/d}) bias. The
+    neighbours are those of a k-d tree (scipy's, tested).
     """
     from scipy.special import digamma, gammaln
 
