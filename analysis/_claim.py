@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mcm_prob.devices import use_every_cpu_core
+from mcm_prob.devices import reproducible_gpu_kernels, use_every_cpu_core
 
 use_every_cpu_core()  # as the mcm-prob command: one XLA device per core, before JAX starts
+reproducible_gpu_kernels()  # and GPU kernels chosen by fixed rules (reproducible runs)
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

@@ -29,9 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mcm_prob.devices import use_every_cpu_core
+from mcm_prob.devices import reproducible_gpu_kernels, use_every_cpu_core
 
 use_every_cpu_core()  # as the mcm-prob command does
+reproducible_gpu_kernels()
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

@@ -28,9 +28,10 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _run(args) -> int:
-    from .devices import initialize_distributed, use_every_cpu_core
+    from .devices import initialize_distributed, reproducible_gpu_kernels, use_every_cpu_core
 
     use_every_cpu_core()  # before JAX starts: fit_grid spreads its models over the cores
+    reproducible_gpu_kernels()  # and a GPU run compiled afresh repeats its numbers
     if getattr(args, "distributed", False):
         try:
             index, count = initialize_distributed(

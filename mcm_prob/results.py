@@ -77,6 +77,8 @@ def provenance(*, config_json: str, seeds, dtype: str, wall_time: float, study: 
         "device_count": int(jax.device_count()),
         "jax_x64": int(bool(jax.config.jax_enable_x64)),
         "compilation_cache": jax.config.jax_compilation_cache_dir or "off",
+        # XLA's options, e.g. whether GPU kernels were chosen by timing (mcm_prob.devices)
+        "xla_flags": os.environ.get("XLA_FLAGS") or "none",
         "python": platform.python_version(),
         "versions": json.dumps({name: _version(name) for name in PACKAGES}),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

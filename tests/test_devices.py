@@ -30,3 +30,38 @@ def test_one_cpu_device_per_core_unless_the_user_chose():
     flags = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
     set_now, _, n, *_ = _run(flags)
     assert set_now == "False" and n == "3"
+
+
+_AUTOTUNE_CHECK = """
+import os
+from mcm_prob.devices import reproducible_gpu_kernels
+first = reproducible_gpu_kernels()
+flags = os.environ.get("XLA_FLAGS", "")
+import jax
+jax.numpy.zeros(1).block_until_ready()  # XLA parsed the flags; the backends are running
+print(first, reproducible_gpu_kernels(), repr(flags))
+"""
+
+
+def test_gpu_kernels_chosen_by_fixed_rules_unless_the_user_chose():
+    """`reproducible_gpu_kernels` adds --xla_gpu_autotune_level=0 to XLA_FLAGS (keeping what
+    is there, accepted by a CPU-only XLA too), leaves a level the user set, and does nothing
+    once JAX's backends run."""
+
+    def run(env):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env
+        out = subprocess.run(
+            [sys.executable, "-c", _AUTOTUNE_CHECK],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip().split(maxsplit=2)
+
+    count = "--xla_force_host_platform_device_count=2"
+    first, again, flags = run({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": count})
+    assert (first, again) == ("True", "False")
+    assert flags == repr(f"{count} --xla_gpu_autotune_level=0")
+    first, again, flags = run({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_gpu_autotune_level=4"})
+    assert (first, again, flags) == ("False", "False", repr("--xla_gpu_autotune_level=4"))

@@ -698,12 +698,13 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
 def test_persistent_compilation_cache_on_by_default(tmp_path):
     """`mcm-prob run` fills the cache under $XDG_CACHE_HOME and records it; `off` opts out.
     The cache has a size limit, so JAX locks its entries (the lock file is there): two
-    processes sharing it no longer read each other's half-written entries."""
+    processes sharing it no longer read each other's half-written entries. The file also
+    records the XLA options the command set: GPU kernels chosen by fixed rules."""
     cfg = tmp_path / "c.toml"
     cfg.write_text("[error_injection]\nsteps = [2]\neps = [0.01, 0.1]\nfit_points = 2\n")
     cmd = [sys.executable, "-m", "mcm_prob.cli", "run", "error_injection", "--config", str(cfg)]
     for choice, out in (("", "on.nc"), ("off", "off.nc")):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMP")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMP", "XLA_"))}
         env |= {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "MCM_PROB_COMPILATION_CACHE": choice}
         done = subprocess.run(
             cmd + ["--out", str(tmp_path / out), "--no-progress"], env=env, capture_output=True
@@ -714,6 +715,7 @@ def test_persistent_compilation_cache_on_by_default(tmp_path):
     assert (cache / ".lockfile").exists()
     assert load_tree(tmp_path / "on.nc").attrs["compilation_cache"] == str(cache)
     assert load_tree(tmp_path / "off.nc").attrs["compilation_cache"] == "off"
+    assert "--xla_gpu_autotune_level=0" in load_tree(tmp_path / "on.nc").attrs["xla_flags"].split()
 
 
 def test_posterior_probability_between_fits_of_different_draw_counts():
