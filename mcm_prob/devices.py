@@ -1,4 +1,5 @@
-"""Devices: one XLA CPU device per core for the `mcm-prob` command, and how files name them.
+"""Devices: one XLA CPU device per core and reproducible GPU kernels for the `mcm-prob`
+command, and how files name them.
 
 `fit_grid` shards its model axis over every device (`jax.devices()`; with one process the
 local ones). On a GPU machine these are the GPUs. On a CPU, XLA shows one device that splits single operations over
@@ -18,7 +19,7 @@ candidates while it compiles, so the same program compiled twice can add in anot
 on one H100, two cold runs of the default main job (each with its own empty compilation
 cache) differed in 163 and 167 result variables (even float64 ones by 1e-13 relative, the
 trained models by more: 6000 iterations amplify round-off), while three cold runs with
-``--xla_gpu_autotune_level=0`` (kernels chosen by cuBLAS's fixed rules) were identical and
+``--xla_gpu_autotune_level=0`` (kernels chosen by fixed rules, not timed) were identical and
 no slower (99-115 s cold, 42 s warm, against 106-118 s and 43 s). The command asks for it
 (`reproducible_gpu_kernels`); an autotune level already in ``XLA_FLAGS`` is left as it is.
 
