@@ -479,9 +479,10 @@ def _plan(errors, model: str, options: dict, device=None) -> _Plan:
         jax.local_devices(backend="cpu")[0] if device is None else device,
     )
     fingerprint = _fingerprint(model, x, options)
-    states = jax.eval_shape(start, lane_y, keys)  # the iterate program's state argument
+    begin = lower_cached(start, (lane_y, keys), name=f"nuts_start_{model}", fingerprint=fingerprint)
+    states = begin.out_info  # the iterate program's state argument (shapes and dtypes)
     programs = (
-        lower_cached(start, (lane_y, keys), name=f"nuts_start_{model}", fingerprint=fingerprint),
+        begin,
         lower_cached(iterate, (lane_y, states), name=f"nuts_{model}", fingerprint=fingerprint),
     )
 
