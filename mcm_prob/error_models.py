@@ -1031,10 +1031,10 @@ def _compiled_runs(errors, models, options: dict) -> dict:
     for i, m in enumerate(sorted(models, key=_SLOWEST_FIRST.index)):
         device = cpus[0 if i == 0 or len(cpus) == 1 else 1 + (i - 1) % (len(cpus) - 1)]
         plans[m] = _plan(errors, m, options, device)
-    lowered = [p for plan in plans.values() for p in plan.programs]
-    with ThreadPoolExecutor(max(1, min(len(lowered), cpu_cores() // 2))) as pool:
-        compiled = iter(list(pool.map(lambda program: program.compile(), lowered)))
-    return {m: _start(plan, next(compiled), next(compiled)) for m, plan in plans.items()}
+    with ThreadPoolExecutor(max(1, min(2 * len(plans), cpu_cores() // 2))) as pool:
+        # every compilation is submitted here; each map yields its model's two in order
+        compiled = {m: pool.map(lambda p: p.compile(), plan.programs) for m, plan in plans.items()}
+        return {m: _start(plans[m], *programs) for m, programs in compiled.items()}
 
 
 def _check_same_data(fits: Mapping[str, xr.DataTree]) -> None:

@@ -1,4 +1,5 @@
-"""One XLA CPU device per core for the command line (`mcm_prob.devices`)."""
+"""One XLA CPU device per core and reproducible GPU kernels for the command line
+(`mcm_prob.devices`)."""
 
 import os
 import subprocess
@@ -13,10 +14,10 @@ print(set_now, cores, jax.local_device_count(), describe_devices(), use_every_cp
 """
 
 
-def _run(env):
+def _run(env, script=_CHECK):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env
     out = subprocess.run(
-        [sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
     return out.stdout.split()
 
@@ -39,7 +40,7 @@ first = reproducible_gpu_kernels()
 flags = os.environ.get("XLA_FLAGS", "")
 import jax
 jax.numpy.zeros(1).block_until_ready()  # XLA parsed the flags; the backends are running
-print(first, reproducible_gpu_kernels(), repr(flags))
+print(first, reproducible_gpu_kernels(), ",".join(flags.split()))
 """
 
 
@@ -47,21 +48,9 @@ def test_gpu_kernels_chosen_by_fixed_rules_unless_the_user_chose():
     """`reproducible_gpu_kernels` adds --xla_gpu_autotune_level=0 to XLA_FLAGS (keeping what
     is there, accepted by a CPU-only XLA too), leaves a level the user set, and does nothing
     once JAX's backends run."""
-
-    def run(env):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env
-        out = subprocess.run(
-            [sys.executable, "-c", _AUTOTUNE_CHECK],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip().split(maxsplit=2)
-
     count = "--xla_force_host_platform_device_count=2"
-    first, again, flags = run({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": count})
-    assert (first, again) == ("True", "False")
-    assert flags == repr(f"{count} --xla_gpu_autotune_level=0")
-    first, again, flags = run({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_gpu_autotune_level=4"})
-    assert (first, again, flags) == ("False", "False", repr("--xla_gpu_autotune_level=4"))
+    first, again, flags = _run({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": count}, _AUTOTUNE_CHECK)
+    assert (first, again, flags) == ("True", "False", f"{count},--xla_gpu_autotune_level=0")
+    user = "--xla_gpu_autotune_level=4"
+    first, again, flags = _run({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": user}, _AUTOTUNE_CHECK)
+    assert (first, again, flags) == ("False", "False", user)
