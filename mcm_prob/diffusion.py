@@ -30,7 +30,7 @@ from jaxtyping import Array
 from ._checks import finite_or_raise, integer, number, one_of, prng_key
 from .data import DataDistribution, Gaussian, check_data
 from .flow import path_ode_solve, pf_ode_step
-from .laws import EigenNormal, compose_affine, gaussian_parts
+from .laws import EigenNormal, compose_affine, gaussian_parts, on_time_grid
 from .paths import OU, AbstractPath, as_path
 from .sampling import SamplerOutput
 
@@ -203,21 +203,21 @@ def baseline_law(
     h = t_k - t_next
 
     def parts(tau):
-        a, b = np.asarray(path.a(tau)), np.asarray(path.b(tau))
+        a, b = on_time_grid(lambda t: (path.a(t), path.b(t)), tau)
         return a, b, 1.0 / (a**2 * lam + b**2)
 
     a1, b1, p1 = parts(t_k)
     q = np.zeros_like(p1)
     if method == "sde_euler_maruyama":
-        f, g2 = (np.asarray(v) for v in path.sde_coefficients(t_k))
+        f, g2 = on_time_grid(path.sde_coefficients, t_k)
         big_a, c, q = 1 - h * f - h * g2 * p1, h * g2 * p1 * a1 * m, h * g2 + q
     elif method == "sde_exponential":
-        lin, coef, std = (np.asarray(v) for v in path.exponential_step(t_k, t_next))
+        lin, coef, std = on_time_grid(path.exponential_step, t_k, t_next)
         big_a, c, q = lin - coef * p1, coef * p1 * a1 * m, std**2 + q
     else:
 
         def affine_velocity(tau, a, b, p):
-            da, db = np.asarray(path.a_dot(tau)), np.asarray(path.b_dot(tau))
+            da, db = on_time_grid(lambda t: (path.a_dot(t), path.b_dot(t)), tau)
             return (da * a * lam + b * db) * p, (da * b**2 - b * db * a) * p * m
 
         v1, w1 = affine_velocity(t_k, a1, b1, p1)

@@ -146,6 +146,39 @@ def _vp_numpy(method, lam, m, T, delta, steps, start):
     return mu, var
 
 
+def test_coefficients_on_padded_grids_equal_the_direct_ones_and_compile_once_per_size():
+    """`on_time_grid` (the laws' path coefficients, padded to a power of two) gives every path's
+    coefficients bit for bit as the direct call does (7 times, shape (7, 1) as in the laws);
+    and `baseline_law` for K = 9 ... 16 steps compiles nothing after K = 9 (one padded size,
+    16), where each K compiled its own operations before."""
+    from mcm_prob.laws import on_time_grid
+
+    def coefficients(path, t, s):
+        return (path.a(t), path.b(t), path.a_dot(t), path.b_dot(t), *path.sde_coefficients(t),
+                *path.transition_coefficients(s, t), *path.exponential_step(t, s))  # fmt: skip
+
+    rng = np.random.default_rng(3)
+    for path, _, _, top, delta in CASES.values():
+        t = np.sort(rng.uniform(2 * delta, top, (7, 1)), axis=0)[::-1]
+        s = t * rng.uniform(0.5, 1.0, (7, 1))
+        got = on_time_grid(lambda t, s: coefficients(path, t, s), t, s)  # noqa: B023
+        for a, b in zip(got, coefficients(path, t, s), strict=True):
+            assert a.shape == (7, 1)
+            np.testing.assert_array_equal(a, np.asarray(b))
+    compiled = []
+    listener = lambda event, seconds, **kw: compiled.append(event)  # noqa: E731
+    data = mp.data.Gaussian(MEAN, np.diag(LAM))
+    mp.diffusion.baseline_law(data, "sde_exponential", T=1.0, delta=0.01, steps=9, path=paths.VP())
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for k in range(10, 17):
+            mp.diffusion.baseline_law(data, "sde_exponential", T=1.0, delta=0.01, steps=k,
+                                      path=paths.VP())  # fmt: skip
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/backend_compile_duration" not in compiled
+
+
 @pytest.mark.parametrize("start", ["prior", "exact"])
 def test_baseline_laws_under_vp_at_image_scale(start, rng):
     """d = 3072 Gaussian from eigenvalues, K = 200: baseline_law of the four schemes equals the
