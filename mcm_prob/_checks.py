@@ -273,12 +273,17 @@ def finite_or_raise(x, message: str):
     Eagerly this is a Python exception; under `jax.jit` it becomes an `equinox.error_if`
     runtime error with the same message. Nothing non-finite leaves silently.
     """
-    bad = ~jnp.all(jnp.isfinite(x))
-    if isinstance(bad, jax.core.Tracer):
-        return eqx.error_if(x, bad, message)
-    if bool(bad):
+    if isinstance(x, jax.core.Tracer):
+        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), message)
+    if not bool(_all_finite(x)):
         raise FloatingPointError(message)
     return x
+
+
+@jax.jit
+def _all_finite(x):
+    """Whether every entry of x is finite: one compiled program per shape and dtype."""
+    return jnp.all(jnp.isfinite(x))
 
 
 def error_array(errors, *, along: str = "step", min_values: int = 2):

@@ -272,7 +272,7 @@ class DataDistribution(eqx.Module):
             "" if points is None else f" at points of magnitude up to {np.abs(points).max():.3g}"
         )
         return finite_or_raise(
-            self.unchecked_score(jnp.asarray(x), t, path),
+            _score(self, jnp.asarray(x), jnp.asarray(t), path),
             f"the score is not finite{where}: beyond what float64 can evaluate for "
             f"{type(self).__name__}; use points of moderate size",
         )
@@ -285,6 +285,13 @@ class DataDistribution(eqx.Module):
         return {"family": self.family} | {
             name: np.asarray(getattr(self, name), np.float64).tolist() for name in self.spec_fields
         }
+
+
+@eqx.filter_jit
+def _score(data: DataDistribution, x: Array, t: Array, path: AbstractPath) -> Array:
+    """`data.unchecked_score` as one compiled program per shape (eagerly, each of its dozens
+    of operations would compile on its own for every new shape)."""
+    return data.unchecked_score(x, t, path)
 
 
 def check_data(name: str, data) -> None:

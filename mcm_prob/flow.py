@@ -79,7 +79,10 @@ def pf_ode_velocity(
     (OU: $-x - \nabla\log p_t(x)$); x of shape (..., dim)."""
     path = as_path(path)
     data.score(x, t, path)  # validates x and t
-    return velocity(data, jnp.asarray(x), t, path)
+    return _velocity(data, jnp.asarray(x), jnp.asarray(t), path)
+
+
+_velocity = eqx.filter_jit(velocity)  # one compiled program per shape, not one per operation
 
 
 def pf_ode_step(

@@ -101,13 +101,17 @@ def test_the_declared_fixed_point_has_zero_loss(label, path_name):
     step = T / 8
     _, obj = training.objective_from_spec(label)
     model = _model(label, path, step)
-    loss = jax.jit(lambda k: obj.loss(model, model, k, _context(path, T, step)))(jax.random.key(3))
+    off = Perturbed(model, jnp.asarray(0.1))  # not a fixed point: the test can fail
+
+    @jax.jit  # one program for both losses (eagerly, every operation compiles on its own)
+    def losses(key):
+        ctx = _context(path, T, step)
+        return obj.loss(model, model, key, ctx), obj.loss(off, model, key, ctx)
+
+    loss, loss_off = (np.asarray(a) for a in losses(jax.random.key(3)))
     assert loss.shape == (256,)
-    assert np.max(np.abs(np.asarray(loss))) < 1e-18
-    # and a perturbed model is not a fixed point: the test can fail
-    off = Perturbed(model, jnp.asarray(0.1))
-    loss_off = obj.loss(off, model, jax.random.key(3), _context(path, T, step))
-    assert np.mean(np.asarray(loss_off)) > 1e-6
+    assert np.max(np.abs(loss)) < 1e-18
+    assert np.mean(loss_off) > 1e-6
 
 
 @pytest.mark.parametrize("label", PAIR)
@@ -142,19 +146,30 @@ def test_network_derivatives_and_average_velocity(form, path_name):
     net = mp.training.NetworkConfig(form=form, width=16, depth=2, dtype="float64").build(
         2, path, jax.random.key(0)
     )
-    x, t = jnp.array([0.3, -0.7]), 0.6 * T
-    df_dt = jax.jacfwd(net.single, 1)(x, t, t)
-    df_ds = jax.jacfwd(net.single, 2)(x, t, t)
-    h = 1e-5
-    fd_t = (net.single(x, t + h, t) - net.single(x, t - h, t)) / (2 * h)
-    fd_s = (net.single(x, t, t + h) - net.single(x, t, t - h)) / (2 * h)
-    np.testing.assert_allclose(df_dt, fd_t, atol=1e-7)
-    np.testing.assert_allclose(df_ds, fd_s, atol=1e-7)
-    np.testing.assert_allclose(net.average_velocity(x, t, t), df_ds, atol=1e-12)
-    assert np.max(np.abs(df_dt)) > 1e-3  # the derivative on the diagonal is not frozen at 0
-    for s in (t - 1e-3, t / 3):
-        direct = (x - net.single(x, t, s)) / (t - s)
-        np.testing.assert_allclose(net.average_velocity(x, t, s), direct, rtol=1e-8, atol=1e-10)
+    x, t, h = jnp.array([0.3, -0.7]), 0.6 * T, 1e-5
+
+    @jax.jit  # one program (eagerly, every operation compiles on its own)
+    def derivatives(x, t):
+        f = net.single
+        return {
+            "df_dt": jax.jacfwd(f, 1)(x, t, t),
+            "df_ds": jax.jacfwd(f, 2)(x, t, t),
+            "fd_t": (f(x, t + h, t) - f(x, t - h, t)) / (2 * h),
+            "fd_s": (f(x, t, t + h) - f(x, t, t - h)) / (2 * h),
+            "u_diag": net.average_velocity(x, t, t),
+            "off": [
+                (net.average_velocity(x, t, s), (x - f(x, t, s)) / (t - s))
+                for s in (t - 1e-3, t / 3)
+            ],
+        }
+
+    d = derivatives(x, jnp.asarray(t))
+    np.testing.assert_allclose(d["df_dt"], d["fd_t"], atol=1e-7)
+    np.testing.assert_allclose(d["df_ds"], d["fd_s"], atol=1e-7)
+    np.testing.assert_allclose(d["u_diag"], d["df_ds"], atol=1e-12)
+    assert np.max(np.abs(d["df_dt"])) > 1e-3  # the derivative on the diagonal is not frozen at 0
+    for u, direct in d["off"]:
+        np.testing.assert_allclose(u, direct, rtol=1e-8, atol=1e-10)
 
 
 SMALL = ["cd-euler", "cd-heun", "cd-exact", "ct", "sct", "meanflow", "shortcut"]
