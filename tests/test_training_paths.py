@@ -109,12 +109,14 @@ def test_network_derivatives_on_the_diagonal_equal_finite_differences(name):
         2, width=8, depth=1, key=jax.random.key(3), dtype=jnp.float64, path=path
     )
     x, t0, h = jnp.array([0.3, -0.7]), 0.4, 1e-5
-    for arg in (1, 2):
 
-        def f(v, arg=arg):
-            return net.single(x, v, t0) if arg == 1 else net.single(x, t0, v)
+    @jax.jit  # one program (eagerly, every operation compiles on its own)
+    def derivatives(t0):
+        out = []
+        for f in (lambda v: net.single(x, v, t0), lambda v: net.single(x, t0, v)):
+            out.append((jax.jacfwd(f)(t0), (f(t0 + h) - f(t0 - h)) / (2 * h)))
+        return out
 
-        grad = jax.jacfwd(f)(jnp.asarray(t0))
-        fd = (f(jnp.asarray(t0 + h)) - f(jnp.asarray(t0 - h))) / (2 * h)
+    for grad, fd in derivatives(jnp.asarray(t0)):
         np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
         assert np.max(np.abs(np.asarray(grad))) > 1e-3  # not frozen
