@@ -78,11 +78,14 @@ def pf_ode_velocity(
     r"""PF-ODE velocity $v(x, t) = (a'/a)x - b^2(\rho'/\rho)\nabla\log p_t(x)$ on `path`
     (OU: $-x - \nabla\log p_t(x)$); x of shape (..., dim)."""
     path = as_path(path)
-    data.score(x, t, path)  # validates x and t
-    return _velocity(data, jnp.asarray(x), jnp.asarray(t), path)
+    score = data.score(x, t, path)  # validates x and t; finite
+    return _path_velocity(path, jnp.asarray(x), jnp.asarray(t), score, _data_mean(data, path))
 
 
-_velocity = eqx.filter_jit(velocity)  # one compiled program per shape, not one per operation
+@eqx.filter_jit
+def _path_velocity(path: AbstractPath, x: Array, t: Array, score: Array, mean) -> Array:
+    """`path.velocity` as one compiled program per shape (not one per operation)."""
+    return path.velocity(x, t, score, mean)
 
 
 def pf_ode_step(
