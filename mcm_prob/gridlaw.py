@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +52,8 @@ from scipy import special, stats
 
 from ._checks import check_size, integer, prng_key, real_array
 from .data import ClosedFormCDF, DataDistribution, ProductData, UniformBox
-from .flow import pf_flow
-from .paths import AbstractPath, OrnsteinUhlenbeck, as_path
+from .flow import AbstractFlowMap, ExactFlow, pf_flow
+from .paths import AbstractPath, as_path
 from .sampling import check_range
 from .schedules import Schedule, as_schedule
 
@@ -60,6 +61,7 @@ __all__ = [
     "GridLaw",
     "grid_law_1d",
     "grid_points",
+    "law_grid",
     "grid_kl_cdf",
     "log_cdfs_1d",
     "has_closed_form_cdf",
@@ -130,8 +132,31 @@ def grid_points(
     return np.unique(np.round(x, 12))
 
 
+def law_grid(
+    data: DataDistribution,
+    schedule: Schedule,
+    n_grid: int = 4001,
+    half_width: float | None = None,
+    path: AbstractPath | None = None,
+) -> np.ndarray:
+    """The points `grid_law_1d` propagates the laws of `schedule` on (`grid_points` at the OU
+    time of its last time on `path`, default OU). Pass them as `grid=` to the laws of many
+    models, or of schedules that end at the same time: the ODE solve that places them then
+    runs once, and every law is that of the call without `grid`."""
+    _, s, *_ = _ou_schedule(as_path(path), schedule)
+    return grid_points(data, s[-1], n_grid, half_width)
+
+
 def _log_density(data: DataDistribution, x: np.ndarray, t: float) -> np.ndarray:
-    return np.asarray(data.marginal(t).log_prob(jnp.asarray(x)[:, None]), np.float64)
+    """log p_t(x) on OU at the 1-d points x (n,), t > 0 (checked by the caller)."""
+    return np.asarray(_log_marginal(data, jnp.asarray(x)[:, None], jnp.asarray(t)), np.float64)
+
+
+@eqx.filter_jit
+def _log_marginal(data: DataDistribution, x: Array, t: Array) -> Array:
+    """One compiled program per data structure and number of points (eagerly, NumPyro's
+    log-density compiles some thirty operations one by one for each new shape)."""
+    return data.marginal_law(t).log_prob(x)
 
 
 def _exact_step(data, x, q, log_p_t, log_p_s, t, s):
@@ -142,22 +167,18 @@ def _exact_step(data, x, q, log_p_t, log_p_s, t, s):
     return np.interp(back, x, q / np.exp(log_p_t)) * np.exp(log_p_s), "exact"
 
 
-def _push_step(f, x, w, q, log_p_s_of, t, s):
-    r"""Push the density q through y = f(x, t, s); returns q_s on the grid.
+def _push_step(f, x, w, q, log_p_s_of):
+    r"""Push the density q through y = f(x) (f: `_OUMap`, the step's map in OU coordinates);
+    returns q_s on the grid.
 
     Monotone f (strictly increasing on the grid, f' > 0): change of variables
     $q_s(f(x)) = q_t(x)/f'(x)$, written for the ratio $g = q_s/p_s$ at the image points and
     interpolated onto the grid (g is smooth and near 1 when f is near the exact flow, so linear
     interpolation is accurate); f' by reverse-mode autodiff. Otherwise: mass transport, each
     grid cell's mass w_i q_i moved to f(x_i) and split linearly between its two neighbours."""
-    xs = jnp.asarray(x)[:, None]
-    y = np.asarray(f(xs, t, s), np.float64)
-    if y.shape != xs.shape:
-        raise ValueError(f"`f` must return shape (n, 1) for 1-d data, got {y.shape} for {xs.shape}")
-    y = y[:, 0]
-    dy = np.asarray(jax.grad(lambda z: jnp.sum(f(z, t, s)))(xs), np.float64)[:, 0]
+    y, dy = f.image_and_slope(x)
     if not (np.all(np.isfinite(y)) and np.all(np.isfinite(dy))):
-        raise FloatingPointError(f"f(x, {t:g}, {s:g}) is not finite on the grid")
+        raise FloatingPointError(f"f(x, {f.t:g}, {f.s:g}) is not finite on the grid")
     if np.all(np.diff(y) >= 0) and np.all(dy > 0):
         with np.errstate(divide="ignore"):
             log_g = np.log(q) - np.log(dy) - log_p_s_of(y)
@@ -251,8 +272,8 @@ def grid_law_1d(
             q, how = _exact_step(data, x, q, _log_density(data, x, t[k]), log_p, t[k], s[k])
         else:
             log_p_s_of = lambda z, tk=s[k]: _log_density(data, z, tk)  # noqa: E731
-            f_k = _ou_map(f, path, c_t[k], c_s[k], sched.t[k], sched.s[k])
-            q, how = _push_step(f_k, x, w, q, log_p_s_of, t[k], s[k])
+            f_k = _OUMap(f, path, c_t[k], c_s[k], sched.t[k], sched.s[k])
+            q, how = _push_step(f_k, x, w, q, log_p_s_of)
         transport.append(how)
         if k < sched.steps - 1 and gap[k] > 0:
             if gap[k] not in kernels:  # OU transition density, columns normalised on the grid
@@ -301,12 +322,51 @@ def _ou_schedule(path: AbstractPath, sched: Schedule):
     return ou(sched.t), ou(sched.s), c_t, c_s, start
 
 
-def _ou_map(f, path: AbstractPath, c_t: float, c_s: float, t: float, s: float):
-    """f(x, t, s) of the path as a map of OU coordinates: z -> f(c_t z, t, s) / c_s (f
-    itself on OU)."""
-    if isinstance(path, OrnsteinUhlenbeck):
-        return f
-    return lambda z, _u, _v: f(c_t * z, t, s) / c_s
+class _OUMap(NamedTuple):
+    r"""A map f(x, t, s) of `path` at one step, as a map of OU coordinates on the 1-d grid:
+    $z \mapsto f(c_t z, t, s) / c_s$ ($c = 1$ on OU)."""
+
+    f: object
+    path: AbstractPath
+    c_t: float
+    c_s: float
+    t: float
+    s: float
+
+    def image_and_slope(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The images y and the slopes dy/dx at the grid points x (n,), both (n,) float64.
+        A model (`AbstractFlowMap`; not the exact flow, which validates its arguments) is
+        evaluated through its jit-traceable `single` as one compiled program per model
+        structure and grid size; any other f eagerly, batched, its slope by `jax.grad`."""
+        args = (self.t, self.s, self.c_t, self.c_s)
+        if isinstance(self.f, AbstractFlowMap) and not isinstance(self.f, ExactFlow):
+            y, dy = _image_and_slope(self.f, jnp.asarray(x), *map(jnp.asarray, args))
+            return np.asarray(y, np.float64), np.asarray(dy, np.float64)
+        xs = jnp.asarray(x)[:, None]
+
+        def g(z):
+            return self.f(self.c_t * z, self.t, self.s) / self.c_s
+
+        y = np.asarray(g(xs), np.float64)
+        if y.shape != xs.shape:
+            raise ValueError(
+                f"`f` must return shape (n, 1) for 1-d data, got {y.shape} for {xs.shape}"
+            )
+        dy = np.asarray(jax.grad(lambda z: jnp.sum(g(z)))(xs), np.float64)
+        return y[:, 0], dy[:, 0]
+
+
+@eqx.filter_jit
+def _image_and_slope(f: AbstractFlowMap, x: Array, t, s, c_t, c_s) -> tuple[Array, Array]:
+    """y = f(c_t x, t, s) / c_s and dy/dx at the points x (n,) of 1-d data."""
+
+    def image(z):
+        y = f.single(c_t * z[None], t, s)
+        if y.shape != (1,):
+            raise ValueError(f"`f` must map 1-d points to shape (1,), got {y.shape}")
+        return y[0] / c_s
+
+    return jax.vmap(jax.value_and_grad(image))(x)
 
 
 def coordinate_maps(f, dim: int, schedule: Schedule, *, key=None, rtol: float = 1e-6) -> list:

@@ -57,7 +57,7 @@ from ..error_models import (
     model_name,
 )
 from ..flow import ExactFlow
-from ..gridlaw import grid_law_1d
+from ..gridlaw import grid_law_1d, law_grid
 from ..progress import status
 from ..sampling import sample, sample_grid
 from ..schedules import Schedule
@@ -513,16 +513,26 @@ def _sampler_schedule(cfg: EstimationConfig, label: str, steps: int | None = Non
     )
 
 
-def _grid_kl(f, data, cfg: EstimationConfig, label: str, steps: int | None = None) -> float:
-    """Exact KL of the sampler law with f (None: the exact flow) from the 1-d grid law; NaN for
-    entries that are not 1-d."""
-    if data.dim != 1:
+def _grid_kl(f, data, cfg: EstimationConfig, label: str, steps: int | None, grid) -> float:
+    """Exact KL of the sampler law with f (None: the exact flow) from the 1-d grid law on the
+    entry's `grid` (`_law_grid`); NaN for entries that are not 1-d (grid None)."""
+    if grid is None:
         return np.nan
     sched = _sampler_schedule(cfg, label, steps)
     try:
-        return grid_law_1d(data, schedule=sched, f=f, n_grid=2001, path=cfg.path).kl
+        return grid_law_1d(data, schedule=sched, f=f, grid=grid, path=cfg.path).kl
     except FloatingPointError:  # a learned map put mass where p_delta underflows on the grid
         return np.nan
+
+
+def _law_grid(data, cfg: EstimationConfig, label: str) -> np.ndarray | None:
+    """The grid of a 1-d entry's grid laws (2001 uniform points and the focus points), placed
+    once for all its laws: every schedule ends at the entry's delta; None if not 1-d."""
+    return (
+        law_grid(data, _sampler_schedule(cfg, label), 2001, path=cfg.path)
+        if data.dim == 1
+        else None
+    )
 
 
 def _seed_keys(key, n_seeds: int) -> list:
@@ -560,7 +570,7 @@ def _sample_quality(f, data, cfg: EstimationConfig, label: str, key, steps=None)
     return (*_quality(x, ref, data, cfg, label), x)
 
 
-def _estimates(x, refs, ok, final, atoms, data, cfg: EstimationConfig, label: str, n_steps):
+def _estimates(x, refs, ok, final, atoms, data, cfg: EstimationConfig, label: str, n_steps, grid):
     """k-NN KL, energy distance (`_quality`), grid-law KL (`_grid_kl`) and memorisation
     against `atoms` (None without them, `_atoms`) of the trained models' draws x (models, n,
     dim), model m being the grid's model ``final[ok[m]]``; spread over the processes of a
@@ -568,7 +578,7 @@ def _estimates(x, refs, ok, final, atoms, data, cfg: EstimationConfig, label: st
 
     def rows(m):
         kl, en = _quality(x[m], refs[ok[m, 1]], data, cfg, label)
-        grid_kl = [_grid_kl(final[i, j], data, cfg, label, n_steps) for i, j in ok[m]]
+        grid_kl = [_grid_kl(final[i, j], data, cfg, label, n_steps, grid) for i, j in ok[m]]
         memo = None if atoms is None else metrics.memorisation(x[m], atoms)
         return kl, en, np.array(grid_kl), memo
 
@@ -694,12 +704,13 @@ class EstimationStudy(Study):
         data, pairs = cfg.entries[label].data, cfg.pairs(label)
         key = jax.random.fold_in(jax.random.key(cfg.seed), r)
         reference = metrics.reference_flows(data, pairs, key=key, n=cfg.eval_samples, path=cfg.path)
+        grid = _law_grid(data, cfg, label)
         if np.isnan(ds["kl_estimate_exact_flow"].values[r]):
             flow = ExactFlow(data, rtol=1e-8, atol=1e-8, path=cfg.path)
             images, atoms = image_shape(data) is not None, _atoms(data)
             kl, en, x = _sample_quality(flow, data, cfg, label, jax.random.fold_in(key, 999))
             ds["kl_estimate_exact_flow"][r], ds["kl_stderr_exact_flow"][r] = kl
-            ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label)
+            ds["kl_grid_exact_flow"][r] = _grid_kl(None, data, cfg, label, None, grid)
             ds["energy_distance_exact_flow"][r] = en.value
             if atoms is not None:
                 ds["memorisation_exact_flow"][r] = metrics.memorisation(x, atoms).value
@@ -711,13 +722,13 @@ class EstimationStudy(Study):
                     flow, data, cfg, label, jax.random.fold_in(key, 999), n_steps
                 )
                 ds["kl_estimate_k_exact_flow"][q] = kl[0]
-                ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps)
+                ds["kl_grid_k_exact_flow"][q] = _grid_kl(None, data, cfg, label, n_steps, grid)
                 if images:
                     ds["energy_distance_k_exact_flow"][q] = en.value
                     _keep_images(ds, "images_exact_flow", dict(entry=r, image_k=k_index), x)
                     if atoms is not None:
                         ds["memorisation_k_exact_flow"][q] = metrics.memorisation(x, atoms).value
-        return {"label": label, "data": data, "key": key, "reference": reference}
+        return {"label": label, "data": data, "key": key, "reference": reference, "grid": grid}
 
     def run_cell(self, cfg, ds, cell, cache, *, progress):
         """One (entry, fit_method, train_size): the whole (step x seed) grid trained as one
@@ -838,7 +849,7 @@ class EstimationStudy(Study):
                 continue
             x = np.asarray(draws, np.float64)[~failed]
             kl, en, grid_kls, memo = _estimates(
-                x, refs, ok, final, atoms, data, cfg, label, n_steps
+                x, refs, ok, final, atoms, data, cfg, label, n_steps, ctx["grid"]
             )
             if image_shape(data) is not None:
                 first = int(np.argmin(steps))  # the method's smallest step, first seed
