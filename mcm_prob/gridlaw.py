@@ -148,7 +148,7 @@ def law_grid(
 
 
 def _log_density(data: DataDistribution, x: np.ndarray, t: float) -> np.ndarray:
-    """log p_t(x) on OU at the 1-d points x (n,), t > 0 (checked by the caller)."""
+    """log p_t(x) on OU at the 1-d points x (n,); t > 0 (schedules land at delta > 0)."""
     return np.asarray(_log_marginal(data, jnp.asarray(x)[:, None], jnp.asarray(t)), np.float64)
 
 
@@ -272,7 +272,7 @@ def grid_law_1d(
             q, how = _exact_step(data, x, q, _log_density(data, x, t[k]), log_p, t[k], s[k])
         else:
             log_p_s_of = lambda z, tk=s[k]: _log_density(data, z, tk)  # noqa: E731
-            f_k = _OUMap(f, path, c_t[k], c_s[k], sched.t[k], sched.s[k])
+            f_k = _OUMap(f, c_t[k], c_s[k], sched.t[k], sched.s[k])
             q, how = _push_step(f_k, x, w, q, log_p_s_of)
         transport.append(how)
         if k < sched.steps - 1 and gap[k] > 0:
@@ -323,11 +323,10 @@ def _ou_schedule(path: AbstractPath, sched: Schedule):
 
 
 class _OUMap(NamedTuple):
-    r"""A map f(x, t, s) of `path` at one step, as a map of OU coordinates on the 1-d grid:
-    $z \mapsto f(c_t z, t, s) / c_s$ ($c = 1$ on OU)."""
+    r"""A map f(x, t, s) of a path at one step (t, s in the path's time), as a map of OU
+    coordinates on the 1-d grid: $z \mapsto f(c_t z, t, s) / c_s$ ($c = 1$ on OU)."""
 
     f: object
-    path: AbstractPath
     c_t: float
     c_s: float
     t: float
