@@ -308,6 +308,51 @@ def sharding_case():
     return mp.fit_grid(MIX, cfg, steps=[0.05, 0.1, 0.3], seeds=[1, 2], checkpoints=[20])
 
 
+def test_initial_weights_are_one_program_for_every_objective_and_setting():
+    """A fit's initial weights are one compiled program per network, path and model count
+    (`training.loop._init_networks`): a second objective (with parameters of its own) and
+    other loop settings (T, delta, iterations, optimiser) compile no new weights program. The
+    weights equal an eager build of each model from its key, bit for bit, and the objective's
+    parameters are copied to every model."""
+    from mcm_prob.training import loop
+
+    compiled = []
+
+    def listener(event, seconds, *, fun_name="", **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+
+    net = mp.NetworkConfig(width=8, depth=1)
+    first = mp.FitConfig(T=2.0, iterations=10, network=net, progress=False)
+    second = dataclasses.replace(
+        first, T=1.5, delta=0.02, iterations=20, optimizer=mp.OptimizerConfig(grad_clip=1.0)
+    )
+    keys = jax.random.split(jax.random.key(3), 3)
+    objective = mp.ContinuousConsistency("pair")
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, static, *_ = loop._init(2, first, mp.training.objective_from_spec("ct")[1], keys)
+        compiled.clear()
+        again, _, obj_static, _ = loop._init(2, second, objective, keys)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not [name for name in compiled if "init_networks" in name], compiled
+    for i, k in enumerate(keys):
+        eager = eqx.filter(net.build(2, first.path, jax.random.split(k)[0]), eqx.is_inexact_array)
+        for got in (state.params[0], again.params[0]):
+            for a, b in zip(
+                jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(eager), strict=True
+            ):
+                np.testing.assert_array_equal(a[i], b)
+    own = eqx.filter(objective, eqx.is_inexact_array)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(again.params[1]), jax.tree_util.tree_leaves(own), strict=True
+    ):
+        np.testing.assert_array_equal(a, np.broadcast_to(b, (3, *b.shape)))
+    assert jax.tree_util.tree_leaves(own)  # the objective has parameters to copy
+    assert not bool(again.failed.any()) and list(again.failed_at) == [-1] * 3
+
+
 @pytest.mark.heavy(20)
 def test_sharded_grid_equals_single_device(tmp_path):
     """`fit_grid` over 4 (forced host) devices gives the single-device models and losses."""

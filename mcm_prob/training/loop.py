@@ -176,26 +176,37 @@ def _check_data(data: DataDistribution, cfg: FitConfig) -> None:
         raise ValueError('`dtype="float64"` needs jax.config.update("jax_enable_x64", True) first')
 
 
-@eqx.filter_jit
 def _init(dim: int, cfg: FitConfig, objective: AbstractObjective, keys: jax.Array):
-    """Initial training state of len(keys) models, as one compiled program; returns (state,
-    the network's static part, the objective's static part, the per-model training keys)."""
-    init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    make = lambda k: cfg.network.build(dim, cfg.path, k)  # noqa: E731
-    params, static = eqx.partition(eqx.filter_vmap(make)(init_keys), eqx.is_inexact_array)
+    """Initial training state of len(keys) models; returns (state, the network's static part,
+    the objective's static part, the per-model training keys). The networks' weights are one
+    compiled program per network, path and model count (`_init_networks`), shared by every
+    objective and loop setting; the rest of the state is a small program of its own."""
+    params, static, train_keys = _init_networks(dim, cfg.network, cfg.path, keys)
     obj_params, obj_static = eqx.partition(objective, eqx.is_inexact_array)
-    m = keys.shape[0]
-    obj_params = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *a.shape)), obj_params)
-    opt_state = jax.vmap(cfg.optimizer.build(cfg.iterations).init)((params, obj_params))
-    state = TrainState(
-        (params, obj_params),
-        opt_state,
-        params,
-        params,
-        jnp.zeros(m, bool),
-        jnp.full(m, -1, jnp.int32),
-    )
+    state = _start_state(cfg.optimizer, cfg.iterations, params, obj_params)
     return state, static, obj_static, train_keys
+
+
+@eqx.filter_jit
+def _init_networks(dim: int, network, path, keys: jax.Array):
+    """The initial weights of len(keys) networks (inexact arrays, stacked on a leading model
+    axis), the networks' static part and the per-model training keys."""
+    init_keys, train_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    make = lambda k: network.build(dim, path, k)  # noqa: E731
+    params, static = eqx.partition(eqx.filter_vmap(make)(init_keys), eqx.is_inexact_array)
+    return params, static, train_keys
+
+
+@eqx.filter_jit
+def _start_state(optimizer, iterations: int, params, obj_params) -> TrainState:
+    """The `TrainState` of fresh networks `params` (leading model axis of m) and the
+    objective's parameters `obj_params` (copied to every model): the optimiser's initial
+    state, EMA and target equal to the weights, no model failed."""
+    m = jax.tree_util.tree_leaves(params)[0].shape[0]
+    obj_params = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *a.shape)), obj_params)
+    opt_state = jax.vmap(optimizer.build(iterations).init)((params, obj_params))
+    failed, failed_at = jnp.zeros(m, bool), jnp.full(m, -1, jnp.int32)
+    return TrainState((params, obj_params), opt_state, params, params, failed, failed_at)
 
 
 def _spread(steps: np.ndarray, keys: jax.Array):
