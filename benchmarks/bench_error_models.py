@@ -8,6 +8,11 @@ chain by as many draws again (what a refit costs).
 
     python benchmarks/bench_error_models.py                 # CPU only
     python benchmarks/bench_error_models.py --devices cpu gpu
+    python benchmarks/bench_error_models.py --together --entries 2   # as the main job calls them
+
+`--together` times `fit_error_models` of the three models at once instead (traced, compiled
+and run as the study does, one refit allowed, on this process's CPU devices) and prints one
+line: the seconds and each model's refit count.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import argparse
 import json
 import time
 
-import jax
+from mcm_prob.devices import use_every_cpu_core
+
+use_every_cpu_core()  # as the mcm-prob command does: the models spread over the CPU devices
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -51,9 +59,19 @@ def main():
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--draws", type=int, default=600)
+    parser.add_argument("--entries", type=int, default=3)
+    parser.add_argument("--together", action="store_true")
     args = parser.parse_args()
     enable_compilation_cache()  # as the study does
-    errors = synthetic_errors()
+    errors = synthetic_errors(entries=args.entries)
+    if args.together:
+        kw = dict(chains=args.chains, warmup=args.warmup, draws=args.draws, seed=0)
+        t0 = time.perf_counter()
+        fits = em.fit_error_models(errors, refits=1, **kw)
+        seconds = round(time.perf_counter() - t0, 2)
+        refits = {m: int(fit.attrs["refits"]) for m, fit in fits.items()}
+        print(json.dumps({"fit_error_models_s": seconds, "refits": refits}), flush=True)
+        return
     options = em._options(chains=args.chains, warmup=args.warmup, draws=args.draws, seed=0)
     for kind in args.devices:
         device = jax.devices(kind)[0]
