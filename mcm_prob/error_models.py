@@ -1036,7 +1036,8 @@ def _first_runs(errors, models, options: dict, pool, bar) -> dict:
     several (one program runs at a time on a device). Same programs, devices and keys as
     one model at a time, so the same draws. Measured: the six programs compiled in 3.6 s
     with six threads against 10.8 s one after the other on a 16-core host, 5 s slower with
-    six threads on 2 cores."""
+    six threads on 2 cores; on 2 cores the overlap took the main job's three models from
+    37-39 s to 34 s (`benchmarks/bench_error_models.py --together --entries 2`)."""
     cpus = jax.local_devices(backend="cpu")  # every process fits on its own devices
     jobs = {}
     with ThreadPoolExecutor(max(1, min(2 * len(models), cpu_cores() // 2))) as compiler:
