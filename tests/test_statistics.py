@@ -249,6 +249,51 @@ def test_error_models_in_threads_equal_one_by_one_and_groups_alone():
         fit_error_models(data, workers=0)
 
 
+def test_error_model_stages_overlap(monkeypatch):
+    """`fit_error_models` overlaps its stages (the draws stay those of one model at a time,
+    above): the slowest model (two-term) runs while the next one is traced, and a model's
+    checks run as soon as its run ends, while two-term still runs. Checked on the order of
+    events, with NumPyro's tracing, compiling and sampling replaced by stand-ins that wait (at
+    most 60 s) for the event that must come first."""
+    import threading
+    from types import SimpleNamespace
+
+    from mcm_prob import error_models as em
+
+    running, checked, events = threading.Event(), threading.Event(), []
+    program = SimpleNamespace(compile=lambda: None)
+
+    def plan(errors, model, options, device):
+        events.append(("traced", model))
+        assert model == "two_term" or running.wait(60), f"{model} traced before two-term ran"
+        return SimpleNamespace(programs=(program, program), model=model)
+
+    def draws(run, tick):
+        events.append(("ran", run.model))
+        if run.model == "two_term":
+            running.set()
+            assert checked.wait(60), "no model was checked while two-term ran"
+            events.append(("ended", run.model))
+
+    class Run(SimpleNamespace):
+        def tree(self):
+            events.append(("checked", self.model))
+            checked.set()
+            return SimpleNamespace(attrs={})
+
+    monkeypatch.setattr(em, "_plan", plan)
+    monkeypatch.setattr(em, "_start", lambda plan, *programs: Run(model=plan.model))
+    monkeypatch.setattr(em._Run, "draws", draws)
+    monkeypatch.setattr(em, "_unconverged", lambda fit: False)
+    fits = fit_error_models(synthetic([2.0, 1.0], rng=np.random.default_rng(5)))
+    assert list(fits) == ["power_law", "two_term", "gp"]
+    assert events.index(("ran", "two_term")) < events.index(("traced", "gp"))
+    first_check = next(e for e in events if e[0] == "checked")
+    assert first_check[1] != "two_term"
+    assert events.index(first_check) < events.index(("ended", "two_term"))
+    assert events[-1] == ("checked", "two_term")
+
+
 def test_rank_diagnostics_equal_arviz_stats_bit_for_bit():
     """`mcm_prob._diagnostics.rank_diagnostics` (all elements at once) gives arviz-stats's
     rank-normalised split R-hat and bulk ESS, element by element, to the last bit: chains
